@@ -1,0 +1,138 @@
+// The sleep allocator: one table of allocations with explicit states, driven over any DeviceBackend.
+//
+// Note [Allocation states]
+// Every piece of memory the pools hand out is one row of Allocator::table_, keyed by its address, in
+// one of three states:
+//   Mapped    - physical memory is mapped at the address; kernels see plain device memory.
+//   BackedUp  - asleep: the physical memory was released and some bytes wait in a host backup: the
+//               whole allocation when its tag was offloaded, else only its preserved ranges.
+//   Discarded - asleep: the physical memory was released and nothing was kept.
+// sleep() moves Mapped rows to BackedUp or Discarded; discard() moves Mapped and BackedUp rows to
+// Discarded; wake() moves BackedUp and Discarded rows to Mapped; free() removes a row in any state.
+// Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
+// and captured CUDA graphs stay valid across a sleep.
+//
+// Every operation is all-or-nothing. It first does everything that can fail (host memory, physical
+// memory, copies), then takes the irreversible steps (releasing physical memory, dropping backups),
+// and undoes its own work when a step before those fails. A failed sleep or wake therefore leaves
+// the table as it was, and the same call can be retried; no error outlives the call that raised it.
+//
+// Discarded bytes are never trusted: released physical memory often comes back holding its old
+// contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
+// what its backup put back; the rest is undefined. (The tests overwrite freed memory for that reason.)
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "host_arena.h"
+#include "range_set.h"
+
+namespace vse {
+
+enum class State { Mapped, BackedUp, Discarded };
+const char* state_name(State state);
+
+// Bytes of one allocation kept on the host while it sleeps, laid out in range order from `offset`.
+struct HostBackup {
+  std::shared_ptr<HostArena> arena;
+  uint64_t offset = 0;
+  RangeSet ranges;     // allocation-relative
+  bool whole = false;  // the tag was offloaded (else: preserved ranges only)
+};
+
+struct Allocation {
+  uintptr_t address = 0;
+  uint64_t size = 0;         // as asked by the caller
+  uint64_t mapped_size = 0;  // rounded up to the backend's granularity
+  int device = 0;
+  std::string tag;
+  State state = State::Mapped;
+  PhysicalHandle handle = 0;  // valid while Mapped
+  std::optional<HostBackup> backup;
+};
+
+struct AllocationInfo {
+  uintptr_t address;
+  uint64_t size;
+  int device;
+  std::string tag;
+  State state;
+  uint64_t backup_bytes;
+  uint64_t preserved_bytes;
+};
+
+struct TagStats {
+  uint64_t allocations = 0;
+  uint64_t mapped_bytes = 0;
+  uint64_t asleep_bytes = 0;
+  uint64_t backed_up_bytes = 0;  // host bytes held for this tag (whole and preserved)
+  uint64_t preserved_bytes = 0;  // of which preserved ranges of non-offloaded allocations
+};
+
+struct OpStats {
+  double seconds = 0;
+  uint64_t bytes_copied = 0;
+  uint64_t bytes_device = 0;  // released by a sleep, mapped by a wake
+  uint64_t allocations = 0;
+};
+
+struct AllocatorOptions {
+  bool keep_host_backups = true;   // keep pinned host memory across cycles for the next sleep
+  uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
+  StagingOptions staging;
+};
+
+class Allocator {
+ public:
+  explicit Allocator(std::unique_ptr<DeviceBackend> backend);
+  ~Allocator();
+  Allocator(const Allocator&) = delete;
+  Allocator& operator=(const Allocator&) = delete;
+
+  const char* backend_name() const { return backend_->name(); }
+
+  uintptr_t allocate(uint64_t size, int device, const std::string& tag);
+  void free(uintptr_t address);
+
+  // Mapped allocations whose tag is in `offload_tags` are backed up whole; of the others, the bytes in
+  // `preserve` minus `exclude` (absolute ranges) are backed up; all are then released.
+  OpStats sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
+                const std::vector<ByteRange>& exclude);
+  // Maps sleeping allocations of `tags` (all when empty optional) again and restores their backups.
+  OpStats wake(const std::optional<std::vector<std::string>>& tags);
+  void discard(const std::vector<std::string>& tags);
+
+  std::vector<AllocationInfo> allocations() const;
+  std::map<std::string, TagStats> tag_stats() const;
+  std::optional<OpStats> last_sleep() const;
+  std::optional<OpStats> last_wake() const;
+
+  uint64_t host_bytes() const;  // host memory held for backups, cached arenas included
+  void release_host_cache();
+  AllocatorOptions options() const;
+  void set_options(const AllocatorOptions& options);
+
+ private:
+  std::shared_ptr<HostArena> acquire_arena(uint64_t bytes, int device);
+  void recycle_arenas();
+  uint64_t host_bytes_locked() const;
+  void release_physical(Allocation& a);
+  void synchronize_devices(const std::vector<Allocation*>& rows);
+
+  std::unique_ptr<DeviceBackend> backend_;
+  mutable std::mutex mutex_;
+  std::map<uintptr_t, Allocation> table_;
+  std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
+  AllocatorOptions options_;
+  std::optional<OpStats> last_sleep_;
+  std::optional<OpStats> last_wake_;
+};
+
+}  // namespace vse

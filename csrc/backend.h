@@ -1,0 +1,59 @@
+// The device-memory backend interface: what the allocator needs from "a GPU", and nothing more.
+// Two implementations: CudaBackend (CUDA VMM through the driver API) and HostBackend (Linux
+// mmap/memfd with the same semantics, so the whole state machine runs and is tested without a GPU).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace vse {
+
+// Opaque physical-memory handle: a CUmemGenericAllocationHandle, or a memfd.
+using PhysicalHandle = uint64_t;
+
+struct MemoryInfo {
+  uint64_t free = 0;
+  uint64_t total = 0;
+};
+
+// One contiguous copy between device and host memory.
+struct CopySpan {
+  uintptr_t device = 0;
+  void* host = nullptr;
+  uint64_t bytes = 0;
+};
+
+enum class CopyDirection { ToHost, ToDevice };
+
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  virtual const char* name() const = 0;
+  virtual int device_count() = 0;
+  // Sizes and addresses of physical memory are multiples of this.
+  virtual uint64_t granularity(int device) = 0;
+
+  // Virtual address range: survives sleep, so tensor pointers and captured graphs stay valid.
+  virtual uintptr_t reserve(int device, uint64_t size) = 0;
+  virtual void unreserve(int device, uintptr_t address, uint64_t size) = 0;
+
+  // Physical memory: contents are lost on release. create() throws DeviceOutOfMemory when full.
+  virtual PhysicalHandle create(int device, uint64_t size) = 0;
+  virtual void release(int device, PhysicalHandle handle) = 0;
+  virtual void map(int device, uintptr_t address, uint64_t size, PhysicalHandle handle) = 0;
+  virtual void unmap(int device, uintptr_t address, uint64_t size) = 0;
+
+  virtual MemoryInfo memory_info(int device) = 0;
+  // Finish all pending work of this process on the device, so memory can be copied or unmapped.
+  virtual void synchronize(int device) = 0;
+
+  // Host memory that backups are copied into. pin() may run on several threads at once.
+  virtual void pin(int device, void* host, uint64_t bytes) = 0;
+  virtual void unpin(int device, void* host) = 0;
+  // Copies may complete asynchronously; wait_copies() returns when all enqueued ones are done.
+  virtual void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) = 0;
+  virtual void wait_copies(int device) = 0;
+};
+
+}  // namespace vse

@@ -1,0 +1,60 @@
+// CUDA VMM backend: cuMemAddressReserve / cuMemCreate / cuMemMap / cuMemSetAccess / cuMemUnmap /
+// cuMemRelease on each device's primary context (the one PyTorch uses), copies on a stream of our own.
+#pragma once
+
+#include <cuda.h>
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend.h"
+
+namespace vse {
+
+class CudaBackend final : public DeviceBackend {
+ public:
+  CudaBackend();  // throws DriverUnavailable
+
+  const char* name() const override { return "cuda"; }
+  int device_count() override { return device_count_; }
+  uint64_t granularity(int device) override;
+
+  uintptr_t reserve(int device, uint64_t size) override;
+  void unreserve(int device, uintptr_t address, uint64_t size) override;
+  PhysicalHandle create(int device, uint64_t size) override;
+  void release(int device, PhysicalHandle handle) override;
+  void map(int device, uintptr_t address, uint64_t size, PhysicalHandle handle) override;
+  void unmap(int device, uintptr_t address, uint64_t size) override;
+
+  MemoryInfo memory_info(int device) override;
+  void synchronize(int device) override;
+
+  void pin(int device, void* host, uint64_t bytes) override;
+  void unpin(int device, void* host) override;
+  void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
+  void wait_copies(int device) override;
+
+ private:
+  struct Device {
+    CUdevice handle = 0;
+    CUcontext context = nullptr;  // primary context, retained for the life of the process
+    CUstream copy_stream = nullptr;
+    uint64_t granularity = 0;
+  };
+  // Makes the device's primary context current for the scope (retaining it on first use).
+  class ContextScope {
+   public:
+    ContextScope(CudaBackend& backend, int device);
+    ~ContextScope();
+    ContextScope(const ContextScope&) = delete;
+    ContextScope& operator=(const ContextScope&) = delete;
+  };
+  Device& device(int index);
+
+  int device_count_ = 0;
+  std::mutex mutex_;  // guards lazy set-up of devices_
+  std::vector<std::unique_ptr<Device>> devices_;
+};
+
+}  // namespace vse

@@ -1,0 +1,129 @@
+#include "host_arena.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <thread>
+
+#include "errors.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace vse {
+namespace {
+
+constexpr uint64_t kHugePage = 2ull << 20;
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+}  // namespace
+
+HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
+    : backend_(backend), device_(device), capacity_(round_up(std::max<uint64_t>(capacity, 1), kHugePage)) {
+  // Over-reserve by one huge page so the arena starts on a huge-page boundary.
+  mapping_bytes_ = capacity_ + kHugePage;
+  mapping_ = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping_ == MAP_FAILED) {
+    mapping_ = nullptr;
+    throw HostOutOfMemory("cannot reserve " + format_bytes(capacity_) + " of host memory for backups: mmap: " +
+                          std::strerror(errno));
+  }
+  base_ = reinterpret_cast<uint8_t*>(round_up(reinterpret_cast<uintptr_t>(mapping_), kHugePage));
+  madvise(base_, capacity_, MADV_HUGEPAGE);  // a hint; without THP it is only slower
+}
+
+HostArena::~HostArena() {
+  for (uint8_t* p : pinned_) {
+    try {
+      backend_.unpin(device_, p);
+    } catch (...) {
+      // The driver may already be shutting down at process exit; the memory goes with munmap anyway.
+    }
+  }
+  if (mapping_) munmap(mapping_, mapping_bytes_);
+}
+
+void HostArena::prepare_piece(uint8_t* begin, uint64_t bytes) {
+  if (madvise(begin, bytes, MADV_POPULATE_WRITE) != 0) {
+    if (errno != EINVAL)  // EINVAL: kernel older than 5.14; touch the pages by hand below
+      throw HostOutOfMemory("cannot make " + format_bytes(bytes) + " of host backup memory resident: " +
+                            std::strerror(errno));
+    for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
+  }
+  backend_.pin(device_, begin, bytes);
+  std::lock_guard<std::mutex> lock(pinned_mutex_);
+  pinned_.push_back(begin);
+}
+
+void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
+                        const std::function<void(uint64_t, uint64_t)>& on_ready) {
+  bytes = std::min(bytes, capacity_);
+  if (ready_bytes_ > 0 && bytes > 0) on_ready(0, std::min(ready_bytes_, bytes));
+  if (ready_bytes_ >= bytes) return;
+
+  const uint64_t piece = round_up(std::max<uint64_t>(options.piece_bytes, kHugePage), kHugePage);
+  const uint64_t start = ready_bytes_;
+  const uint64_t end = std::min(capacity_, round_up(bytes, kHugePage));
+  const size_t count = static_cast<size_t>((end - start + piece - 1) / piece);
+  auto piece_begin = [&](size_t i) { return start + i * piece; };
+  auto piece_end = [&](size_t i) { return std::min(end, start + (i + 1) * piece); };
+
+  enum : int { kPending = 0, kReady = 1, kFailed = 2 };
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<int> state(count, kPending);
+  std::vector<std::exception_ptr> errors(count);
+  std::atomic<size_t> next{0};
+  std::atomic<bool> stop{false};
+
+  auto work = [&] {
+    for (size_t i = next++; i < count && !stop; i = next++) {
+      int outcome = kReady;
+      try {
+        prepare_piece(base_ + piece_begin(i), piece_end(i) - piece_begin(i));
+      } catch (...) {
+        errors[i] = std::current_exception();
+        outcome = kFailed;
+      }
+      std::lock_guard<std::mutex> lock(mutex);
+      state[i] = outcome;
+      changed.notify_all();
+    }
+  };
+  const unsigned threads = std::max(1u, std::min<unsigned>(options.threads, static_cast<unsigned>(count)));
+  std::vector<std::thread> workers;
+  workers.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) workers.emplace_back(work);
+  auto finish = [&] {
+    stop = true;
+    for (std::thread& w : workers) w.join();
+  };
+
+  try {
+    for (size_t i = 0; i < count; ++i) {
+      int outcome;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        changed.wait(lock, [&] { return state[i] != kPending; });
+        outcome = state[i];
+      }
+      if (outcome == kFailed) std::rethrow_exception(errors[i]);
+      ready_bytes_ = piece_end(i);
+      on_ready(piece_begin(i), std::min(piece_end(i), bytes));
+    }
+  } catch (...) {
+    finish();
+    throw;
+  }
+  finish();
+}
+
+}  // namespace vse

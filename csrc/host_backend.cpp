@@ -1,0 +1,118 @@
+#include "host_backend.h"
+
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "errors.h"
+
+namespace vse {
+namespace {
+
+constexpr uint64_t kGranularity = 2ull << 20;  // as on CUDA, so sizes round the same way
+
+std::string errno_text(const char* call) { return std::string(call) + " failed: " + std::strerror(errno); }
+
+int make_memfd() {
+#ifdef SYS_memfd_create
+  return static_cast<int>(syscall(SYS_memfd_create, "vllm_sleep_ext", 1u /* MFD_CLOEXEC */));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+}  // namespace
+
+void HostBackend::check_device(int device) const {
+  if (device != 0) throw InvalidArgument("host backend has one device (0), not " + std::to_string(device));
+}
+
+uint64_t HostBackend::granularity(int device) {
+  check_device(device);
+  return kGranularity;
+}
+
+uintptr_t HostBackend::reserve(int device, uint64_t size) {
+  check_device(device);
+  void* p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw Error(errno_text("mmap(PROT_NONE) reserving an address range"));
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void HostBackend::unreserve(int, uintptr_t address, uint64_t size) {
+  if (munmap(reinterpret_cast<void*>(address), size) != 0) throw Error(errno_text("munmap"));
+}
+
+PhysicalHandle HostBackend::create(int device, uint64_t size) {
+  check_device(device);
+  if (capacity_ != 0) {
+    uint64_t used = used_.load();
+    do {
+      if (used + size > capacity_)
+        throw DeviceOutOfMemory("host backend: " + format_bytes(size) + " asked, " +
+                                format_bytes(capacity_ - used) + " free of " + format_bytes(capacity_));
+    } while (!used_.compare_exchange_weak(used, used + size));
+  } else {
+    used_ += size;
+  }
+  int fd = make_memfd();
+  if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) {
+    std::string why = errno_text(fd < 0 ? "memfd_create" : "ftruncate");
+    if (fd >= 0) close(fd);
+    used_ -= size;
+    throw DeviceOutOfMemory("host backend: " + why);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  sizes_[fd] = size;
+  return static_cast<PhysicalHandle>(fd);
+}
+
+void HostBackend::release(int, PhysicalHandle handle) {
+  int fd = static_cast<int>(handle);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = sizes_.find(fd);
+    if (it == sizes_.end()) throw InvalidArgument("host backend: release of unknown handle " + std::to_string(fd));
+    used_ -= it->second;
+    sizes_.erase(it);
+  }
+  if (close(fd) != 0) throw Error(errno_text("close(memfd)"));
+}
+
+void HostBackend::map(int, uintptr_t address, uint64_t size, PhysicalHandle handle) {
+  int fd = static_cast<int>(handle);
+  void* p = mmap(reinterpret_cast<void*>(address), size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+  if (p == MAP_FAILED) throw Error(errno_text("mmap(MAP_FIXED) of physical memory"));
+}
+
+void HostBackend::unmap(int, uintptr_t address, uint64_t size) {
+  // Replacing the mapping (rather than munmap) keeps the address range reserved for this allocation.
+  void* p = mmap(reinterpret_cast<void*>(address), size, PROT_NONE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (p == MAP_FAILED) throw Error(errno_text("mmap(MAP_FIXED, PROT_NONE) unmapping"));
+}
+
+MemoryInfo HostBackend::memory_info(int device) {
+  check_device(device);
+  if (capacity_ != 0) return {capacity_ - used_.load(), capacity_};
+  struct sysinfo si {};
+  sysinfo(&si);
+  return {static_cast<uint64_t>(si.freeram) * si.mem_unit, static_cast<uint64_t>(si.totalram) * si.mem_unit};
+}
+
+void HostBackend::enqueue_copies(int, CopyDirection direction, const std::vector<CopySpan>& spans) {
+  for (const CopySpan& s : spans) {
+    if (direction == CopyDirection::ToHost)
+      std::memcpy(s.host, reinterpret_cast<const void*>(s.device), s.bytes);
+    else
+      std::memcpy(reinterpret_cast<void*>(s.device), s.host, s.bytes);
+  }
+}
+
+}  // namespace vse

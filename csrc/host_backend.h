@@ -1,0 +1,48 @@
+// Linux host backend: the CUDA VMM semantics on plain host memory.
+//   reserve  -> mmap(PROT_NONE)            create  -> memfd of that size
+//   map      -> mmap(MAP_FIXED, the memfd) unmap   -> mmap(MAP_FIXED, PROT_NONE) over it (address kept)
+//   release  -> close(memfd): contents gone
+// `capacity` simulates a card of that many bytes; 0 means only the host's memory limits it.
+#pragma once
+
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+
+#include "backend.h"
+
+namespace vse {
+
+class HostBackend final : public DeviceBackend {
+ public:
+  explicit HostBackend(uint64_t capacity = 0) : capacity_(capacity) {}
+
+  const char* name() const override { return "host"; }
+  int device_count() override { return 1; }
+  uint64_t granularity(int device) override;
+
+  uintptr_t reserve(int device, uint64_t size) override;
+  void unreserve(int device, uintptr_t address, uint64_t size) override;
+  PhysicalHandle create(int device, uint64_t size) override;
+  void release(int device, PhysicalHandle handle) override;
+  void map(int device, uintptr_t address, uint64_t size, PhysicalHandle handle) override;
+  void unmap(int device, uintptr_t address, uint64_t size) override;
+
+  MemoryInfo memory_info(int device) override;
+  void synchronize(int) override {}
+
+  void pin(int, void*, uint64_t) override {}
+  void unpin(int, void*) override {}
+  void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
+  void wait_copies(int) override {}
+
+ private:
+  void check_device(int device) const;
+
+  const uint64_t capacity_;
+  std::atomic<uint64_t> used_{0};
+  std::mutex mutex_;
+  std::unordered_map<int, uint64_t> sizes_;  // memfd -> bytes, to give capacity back on release
+};
+
+}  // namespace vse

@@ -1,0 +1,55 @@
+#include "process.h"
+
+#include <algorithm>
+#include <mutex>
+#include <thread>
+
+#include "cuda_backend.h"
+#include "errors.h"
+#include "host_backend.h"
+
+namespace vse {
+namespace {
+thread_local std::optional<std::string> current_tag;
+}
+
+AllocatorOptions default_options() {
+  AllocatorOptions options;
+  options.staging.threads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
+  return options;
+}
+
+Allocator& process_cuda_allocator() {
+  static std::mutex mutex;
+  static Allocator* instance = nullptr;  // never destroyed: the driver may be gone at static destruction
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!instance) {
+    instance = new Allocator(std::make_unique<CudaBackend>());
+    instance->set_options(default_options());
+  }
+  return *instance;
+}
+
+std::optional<std::string> set_thread_tag(std::optional<std::string> tag) {
+  std::optional<std::string> previous = std::move(current_tag);
+  current_tag = std::move(tag);
+  return previous;
+}
+
+std::optional<std::string> thread_tag() { return current_tag; }
+
+}  // namespace vse
+
+namespace vse {
+std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity) {
+  std::unique_ptr<Allocator> allocator;
+  if (backend == "host")
+    allocator = std::make_unique<Allocator>(std::make_unique<HostBackend>(capacity));
+  else if (backend == "cuda")
+    allocator = std::make_unique<Allocator>(std::make_unique<CudaBackend>());
+  else
+    throw InvalidArgument("unknown backend '" + backend + "': expected 'host' or 'cuda'");
+  allocator->set_options(default_options());
+  return allocator;
+}
+}  // namespace vse
