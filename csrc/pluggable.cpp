@@ -35,12 +35,8 @@ void release(void* ptr) {
 
 }  // namespace
 
-// Allocations of the pools made by CuMemAllocator.use_memory_pool: tagged with the thread's pool tag.
+// Allocations of the pools of CuMemAllocator: tagged with the pool tag of the calling thread.
 VSE_EXPORT void* my_malloc(ssize_t size, int device, CUstream) {
   return allocate(size, device, vse::thread_tag().value_or("default"));
 }
 VSE_EXPORT void my_free(void* ptr, ssize_t, int, CUstream) { release(ptr); }
-
-// Allocations of CuMemAllocator.cudagraph_pool(), made while CUDA graphs are captured into it.
-VSE_EXPORT void* cudagraph_malloc(ssize_t size, int device, CUstream) { return allocate(size, device, "cudagraph"); }
-VSE_EXPORT void cudagraph_free(void* ptr, ssize_t, int, CUstream) { release(ptr); }
