@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole GPU job, for one call of a lent GPU machine: build, the cuda tests, the demo, the benchmarks.
+# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|multi|all]...   Logs go to $OUT (default ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(all)
+want() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
+status=0
+step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+step build make build
+want tests && step tests python3 -m pytest -m cuda -v -rs tests --ignore=tests/test_multi_gpu_cuda.py
+want multi && step multi python3 -m pytest -m cuda -v -rs tests/test_multi_gpu_cuda.py
+want demo && step demo python3 -m vllm_sleep_ext demo
+want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT"
+want soak && step soak python3 benchmarks/soak.py --quick
+exit $status
