@@ -23,14 +23,14 @@ CudaDriver load_driver() {
   auto v1 = reinterpret_cast<GetProcAddressV1>(dlsym(lib, "cuGetProcAddress"));
   if (!v2 && !v1) throw DriverUnavailable("no CUDA driver found: libcuda.so.1 has no cuGetProcAddress (driver too old)");
 
-  auto lookup = [&](const char* name, void** fn) {
-    CUresult r = v2 ? v2(name, fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, nullptr)
-                    : v1(name, fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT);
+  auto lookup = [&](const char* name, int version, void** fn) {
+    CUresult r = v2 ? v2(name, fn, version, CU_GET_PROC_ADDRESS_DEFAULT, nullptr)
+                    : v1(name, fn, version, CU_GET_PROC_ADDRESS_DEFAULT);
     if (r != CUDA_SUCCESS || *fn == nullptr)
       throw DriverUnavailable(std::string("CUDA driver lacks ") + name + " (error " + std::to_string(r) + ")");
   };
   CudaDriver d;
-#define VSE_LOOKUP(name) lookup(#name, reinterpret_cast<void**>(&d.name));
+#define VSE_LOOKUP(name, version) lookup(#name, version, reinterpret_cast<void**>(&d.name));
   VSE_DRIVER_FUNCTIONS(VSE_LOOKUP)
 #undef VSE_LOOKUP
 

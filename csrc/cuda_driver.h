@@ -3,21 +3,25 @@
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <string>
 
 namespace vse {
 
 struct CudaDriver {
-// Each entry point is typed from cuda.h's own prototype and looked up under its base name.
-#define VSE_DRIVER_FUNCTIONS(X)                                                                  \
-  X(cuInit) X(cuDriverGetVersion) X(cuDeviceGetCount) X(cuDeviceGet) X(cuDevicePrimaryCtxRetain) \
-  X(cuCtxPushCurrent) X(cuCtxPopCurrent) X(cuCtxSynchronize) X(cuMemGetInfo)                     \
-  X(cuMemGetAllocationGranularity) X(cuMemAddressReserve) X(cuMemAddressFree) X(cuMemCreate)     \
-  X(cuMemRelease) X(cuMemMap) X(cuMemUnmap) X(cuMemSetAccess) X(cuMemHostRegister)               \
-  X(cuMemHostUnregister) X(cuMemcpyDtoHAsync) X(cuMemcpyHtoDAsync) X(cuStreamCreate)             \
-  X(cuStreamSynchronize) X(cuGetErrorName) X(cuGetErrorString)
-#define VSE_DECLARE(name) decltype(&::name) name = nullptr;
+// Each entry point with the ABI version we ask cuGetProcAddress for, typed by cudaTypedefs.h's PFN for
+// that version. (Asking for "the header's version" is wrong: under CUDA 13, cuCtxSynchronize resolves
+// to a variant that takes a context argument while cuda.h still declares the old one.)
+#define VSE_DRIVER_FUNCTIONS(X)                                                                          \
+  X(cuInit, 2000) X(cuDriverGetVersion, 2020) X(cuDeviceGetCount, 2000) X(cuDeviceGet, 2000)             \
+  X(cuDevicePrimaryCtxRetain, 7000) X(cuCtxPushCurrent, 4000) X(cuCtxPopCurrent, 4000)                   \
+  X(cuCtxSynchronize, 2000) X(cuMemGetInfo, 3020) X(cuMemGetAllocationGranularity, 10020)                \
+  X(cuMemAddressReserve, 10020) X(cuMemAddressFree, 10020) X(cuMemCreate, 10020) X(cuMemRelease, 10020)  \
+  X(cuMemMap, 10020) X(cuMemUnmap, 10020) X(cuMemSetAccess, 10020) X(cuMemHostRegister, 6050)            \
+  X(cuMemHostUnregister, 4000) X(cuMemcpyDtoHAsync, 3020) X(cuMemcpyHtoDAsync, 3020)                     \
+  X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)
+#define VSE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   VSE_DRIVER_FUNCTIONS(VSE_DECLARE)
 #undef VSE_DECLARE
 
