@@ -130,6 +130,16 @@ void Allocator::release_physical(Allocation& a) {
   a.handle = 0;
 }
 
+void Allocator::drain_copies(const std::set<int>& devices) noexcept {
+  for (int device : devices) {
+    try {
+      backend_->wait_copies(device);
+    } catch (...) {
+      // The copy that failed is what is being reported; the stream is idle either way.
+    }
+  }
+}
+
 void Allocator::synchronize_devices(const std::vector<Allocation*>& rows) {
   for (int device : devices_of(rows)) backend_->synchronize(device);
 }
@@ -206,6 +216,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
       for (int device : devices_of(rows)) backend_->wait_copies(device);
     }
   } catch (...) {
+    drain_copies(devices_of(rows));  // copies in flight must not land in an arena being freed
     for (Step& s : steps) s.backup.arena.reset();
     if (arena) arenas_.erase(std::find(arenas_.begin(), arenas_.end(), arena));  // may be half pinned
     throw;
@@ -262,6 +273,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
 
   // Map everything, then copy every backup back; undo all of it if any step fails.
   std::vector<std::pair<Allocation*, PhysicalHandle>> mapped;
+  std::set<int> copying;
   auto undo = [&] {
     for (auto& [a, handle] : mapped) {
       try {
@@ -292,14 +304,18 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
       if (!a->backup) continue;
       uint8_t* host = a->backup->arena->data() + a->backup->offset;
       for (const ByteRange& r : a->backup->ranges.ranges()) {
-        spans[a->device].push_back({a->address + r.begin, host, r.size()});
+        a->backup->arena->split_at_registrations({a->address + r.begin, host, r.size()}, spans[a->device]);
         host += r.size();
         stats.bytes_copied += r.size();
       }
     }
-    for (const auto& [device, list] : spans) backend_->enqueue_copies(device, CopyDirection::ToDevice, list);
+    for (const auto& [device, list] : spans) {
+      copying.insert(device);
+      backend_->enqueue_copies(device, CopyDirection::ToDevice, list);
+    }
     for (const auto& [device, list] : spans) backend_->wait_copies(device);
   } catch (...) {
+    drain_copies(copying);  // nothing may still write into memory that undo() unmaps
     undo();
     throw;
   }
@@ -336,26 +352,26 @@ void Allocator::discard(const std::vector<std::string>& tags) {
 }
 
 std::shared_ptr<HostArena> Allocator::acquire_arena(uint64_t bytes, int device) {
-  // Reuse an idle arena only if it keeps host memory within 1% (+ one huge page) of the backup.
-  std::shared_ptr<HostArena> best;
-  for (const auto& arena : arenas_) {
-    bool idle = arena.use_count() == 1;
-    bool fits = arena->capacity() >= bytes && arena->capacity() <= bytes + bytes / 100 + (2ull << 20);
-    if (idle && fits && (!best || arena->capacity() < best->capacity())) best = arena;
-  }
-  if (best) return best;
-
+  auto idle = [](const std::shared_ptr<HostArena>& a) { return a.use_count() == 1; };
   const uint64_t limit = options_.host_memory_limit;
-  if (limit != 0 && host_bytes_locked() + bytes > limit) {
-    // Idle arenas are only a cache: drop them before giving up.
-    arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), [](const auto& a) { return a.use_count() == 1; }),
-                  arenas_.end());
-    uint64_t in_use = host_bytes_locked();
+  if (limit != 0) {
+    uint64_t in_use = 0;  // idle arenas are only a cache and can be dropped
+    for (const auto& arena : arenas_)
+      if (!idle(arena)) in_use += arena->capacity();
     if (in_use + bytes > limit)
       throw HostOutOfMemory("sleep needs " + format_bytes(bytes) + " of host memory for backups, but the host " +
                             "memory limit is " + format_bytes(limit) + " with " + format_bytes(in_use) +
                             " in use. Nothing was released");
   }
+  // Reuse an idle arena only if it keeps host memory within 1% of the backup.
+  std::shared_ptr<HostArena> best;
+  for (const auto& arena : arenas_) {
+    bool fits = arena->capacity() >= bytes && arena->capacity() <= bytes + bytes / 100 + 4096;
+    if (idle(arena) && fits && (!best || arena->capacity() < best->capacity())) best = arena;
+  }
+  if (best) return best;
+  if (limit != 0 && host_bytes_locked() + bytes > limit)
+    arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
   auto arena = std::make_shared<HostArena>(*backend_, device, bytes);
   arenas_.push_back(arena);
   return arena;

@@ -27,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -125,6 +126,7 @@ class Allocator {
   uint64_t host_bytes_locked() const;
   void release_physical(Allocation& a);
   void synchronize_devices(const std::vector<Allocation*>& rows);
+  void drain_copies(const std::set<int>& devices) noexcept;
 
   std::unique_ptr<DeviceBackend> backend_;
   mutable std::mutex mutex_;

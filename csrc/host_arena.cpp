@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "errors.h"
@@ -21,13 +22,16 @@ namespace vse {
 namespace {
 
 constexpr uint64_t kHugePage = 2ull << 20;
+constexpr uint64_t kPage = 4096;
 
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 }  // namespace
 
 HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
-    : backend_(backend), device_(device), capacity_(round_up(std::max<uint64_t>(capacity, 1), kHugePage)) {
+    : backend_(backend), device_(device), capacity_(round_up(std::max<uint64_t>(capacity, 1), kPage)) {
+  // Capacity is rounded to pages only, so host memory stays within a page of the backup; the start is
+  // huge-page aligned, so all but the tail can be backed by huge pages.
   // Over-reserve by one huge page so the arena starts on a huge-page boundary.
   mapping_bytes_ = capacity_ + kHugePage;
   mapping_ = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -41,9 +45,9 @@ HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
 }
 
 HostArena::~HostArena() {
-  for (uint8_t* p : pinned_) {
+  for (const ByteRange& r : pinned_) {
     try {
-      backend_.unpin(device_, p);
+      backend_.unpin(device_, base_ + r.begin);
     } catch (...) {
       // The driver may already be shutting down at process exit; the memory goes with munmap anyway.
     }
@@ -59,14 +63,32 @@ void HostArena::prepare_piece(uint8_t* begin, uint64_t bytes) {
     for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
   }
   backend_.pin(device_, begin, bytes);
+  const uint64_t offset = static_cast<uint64_t>(begin - base_);
   std::lock_guard<std::mutex> lock(pinned_mutex_);
-  pinned_.push_back(begin);
+  pinned_.push_back({offset, offset + bytes});
+}
+
+void HostArena::split_at_registrations(const CopySpan& span, std::vector<CopySpan>& out) const {
+  const uint64_t offset = static_cast<uint64_t>(static_cast<uint8_t*>(span.host) - base_);
+  uint64_t done = 0;
+  auto it = pinned_.begin();
+  while (done < span.bytes) {
+    const uint64_t pos = offset + done;
+    while (it != pinned_.end() && it->end <= pos) ++it;
+    uint64_t take = span.bytes - done;
+    if (it != pinned_.end()) take = std::min(take, (it->begin > pos ? it->begin : it->end) - pos);
+    out.push_back({span.device + done, static_cast<uint8_t*>(span.host) + done, take});
+    done += take;
+  }
 }
 
 void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
                         const std::function<void(uint64_t, uint64_t)>& on_ready) {
   bytes = std::min(bytes, capacity_);
-  if (ready_bytes_ > 0 && bytes > 0) on_ready(0, std::min(ready_bytes_, bytes));
+  for (const ByteRange& r : pinned_) {  // already prepared: one stretch per registration
+    if (r.begin >= std::min(ready_bytes_, bytes)) break;
+    on_ready(r.begin, std::min(r.end, bytes));
+  }
   if (ready_bytes_ >= bytes) return;
 
   const uint64_t piece = round_up(std::max<uint64_t>(options.piece_bytes, kHugePage), kHugePage);
@@ -101,10 +123,20 @@ void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   const unsigned threads = std::max(1u, std::min<unsigned>(options.threads, static_cast<unsigned>(count)));
   std::vector<std::thread> workers;
   workers.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) workers.emplace_back(work);
+  for (unsigned t = 0; t < threads; ++t) {
+    try {
+      workers.emplace_back(work);
+    } catch (const std::system_error& e) {
+      // No thread (or no address space for its stack): go on with those that started. Letting the
+      // exception unwind past joinable threads would call std::terminate.
+      if (workers.empty()) throw HostOutOfMemory(std::string("cannot start a staging thread: ") + e.what());
+      break;
+    }
+  }
   auto finish = [&] {
     stop = true;
     for (std::thread& w : workers) w.join();
+    std::sort(pinned_.begin(), pinned_.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
   };
 
   try {

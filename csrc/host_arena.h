@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "range_set.h"
 
 namespace vse {
 
@@ -28,11 +29,15 @@ class HostArena {
   HostArena(const HostArena&) = delete;
   HostArena& operator=(const HostArena&) = delete;
 
+  // Cuts `span` (its host side in this arena) where one pinned registration ends and the next begins:
+  // the driver rejects an asynchronous copy whose host range crosses registrations.
+  void split_at_registrations(const CopySpan& span, std::vector<CopySpan>& out) const;
+
   uint8_t* data() const { return base_; }
   uint64_t capacity() const { return capacity_; }
 
   // Makes [0, bytes) resident and pinned. `on_ready(begin, end)` runs on the calling thread, in address
-  // order, for each stretch as it becomes ready. Throws HostOutOfMemory or Error, after which the arena
+  // order, for each stretch as it becomes ready; a stretch never crosses two pinned registrations. Throws HostOutOfMemory or Error, after which the arena
   // is only fit to be destroyed (pieces past the failed one may be pinned already).
   void prepare(uint64_t bytes, const StagingOptions& options,
                const std::function<void(uint64_t, uint64_t)>& on_ready);
@@ -49,7 +54,7 @@ class HostArena {
   uint64_t ready_bytes_ = 0;  // this prefix is resident and pinned
 
   std::mutex pinned_mutex_;
-  std::vector<uint8_t*> pinned_;  // start of each registration, for unpin
+  std::vector<ByteRange> pinned_;  // offsets of each registration; sorted whenever prepare() returns
 };
 
 }  // namespace vse
