@@ -1,0 +1,160 @@
+"""Helpers shared by the GPU test suites (no pytest fixtures, no GPU work at import).
+
+- `scribble_free_gpu_memory()` overwrites the GPU memory a sleep gave back, so that a wake which fails to
+  restore something shows garbage instead of the old bytes by luck.
+- `param_snapshot()` / `load_params()` play the trainer of an RLHF loop: parameters only, the way
+  `load_weights` sends them. Never use them for buffers: restoring buffers is the allocator's job.
+- `buffer_snapshot()` / `assert_tensors_match()` are for *checking* buffers after a wake.
+- `find_allocation()` / `assert_in_pool()` check that a tensor really lives in a tagged pool, so that a
+  test cannot pass because its tensors were never put to sleep.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from collections.abc import Iterable, Mapping
+
+import torch
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+NAN_BYTE = 0xFF  # every float dtype reads 0xFF.. as NaN, every signed int as -1
+HUGE_BYTE = 0x7F  # fp32 / bf16 read 0x7F.. as ~3.4e38, fp16 as NaN, int64 as a huge index
+
+
+def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYTE), *,
+                             leave_free_bytes: int = 0, max_bytes: int | None = None,
+                             device: torch.device | str | int | None = None) -> int:
+    """Fill the device's free memory with non-zero byte patterns through the ordinary caching allocator,
+    then free it all again and return it to the driver. Returns the number of bytes written.
+
+    Call it outside any `use_memory_pool(...)` context (or it would fill a pool instead), typically while
+    tagged pools are asleep: the physical memory they released is then overwritten, and whatever a wake
+    maps again is not the old content. Chunks go from 1 GiB down to 2 MiB, so after it nearly nothing
+    free is left unwritten. `patterns` are byte values used in turn, chunk by chunk.
+    """
+    if isinstance(patterns, int):
+        patterns = (patterns,)
+    pattern_cycle = itertools.cycle(tuple(patterns))
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # cached but unused segments become free memory that we overwrite too
+    # Deterministic mode would fill every chunk with NaN first; we fill it ourselves.
+    deterministic = torch.utils.deterministic
+    fill_uninitialized = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
+    chunks: list[torch.Tensor] = []
+    written = 0
+    chunk = GiB
+    try:
+        while chunk >= 2 * MiB:
+            budget = torch.cuda.mem_get_info(device)[0] - leave_free_bytes
+            if max_bytes is not None:
+                budget = min(budget, max_bytes - written)
+            if budget < chunk:
+                chunk //= 2
+                continue
+            try:
+                t = torch.empty(chunk, dtype=torch.uint8, device=device)
+            except torch.cuda.OutOfMemoryError:
+                chunk //= 2
+                continue
+            t.fill_(next(pattern_cycle))
+            chunks.append(t)
+            written += chunk
+        torch.cuda.synchronize(device)
+    finally:
+        deterministic.fill_uninitialized_memory = fill_uninitialized
+        chunks.clear()
+        torch.cuda.empty_cache()
+    return written
+
+
+def param_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the model's parameters (only `named_parameters()`, never buffers)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
+def load_params(model: torch.nn.Module, snapshot: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Copy a `param_snapshot()` back into the model's parameters in place (same storage, same address),
+    as an RLHF trainer does after a level-2 wake. Buffers are not touched."""
+    params = dict(model.named_parameters())
+    if strict and params.keys() != snapshot.keys():
+        missing = sorted(params.keys() - snapshot.keys())
+        extra = sorted(snapshot.keys() - params.keys())
+        raise KeyError(f"parameter names differ: missing from snapshot {missing}, not in model {extra}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in snapshot:
+                p.data.copy_(snapshot[name])
+    if any(p.is_cuda for p in params.values()):
+        torch.cuda.synchronize()
+
+
+def buffer_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of `named_buffers()`, for checking them after a wake (never for restoring them)."""
+    return {name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers()}
+
+
+def tensors_differing(current: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors are not bit-identical (dtype, shape and bytes; NaN never matches)."""
+    bad = []
+    for name, want in expected.items():
+        got = current.get(name)
+        if got is None or got.dtype != want.dtype or got.shape != want.shape \
+                or not torch.equal(got.detach().cpu(), want):
+            bad.append(name)
+    return bad
+
+
+def assert_tensors_match(current: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                         what: str = "tensors") -> None:
+    bad = tensors_differing(current, expected)
+    assert not bad, f"{what} changed: {bad}"
+
+
+def find_allocation(alloc, tensor: torch.Tensor):
+    """The allocator's AllocationData whose range holds the whole storage of `tensor`, or None."""
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr()
+    end = start + max(storage.nbytes(), 1)
+    for data in alloc.pointer_to_data.values():
+        if data.ptr <= start and end <= data.ptr + data.size:
+            return data
+    return None
+
+
+def assert_in_pool(alloc, named_tensors: Iterable[tuple[str, torch.Tensor]], tag: str) -> None:
+    """Every tensor's storage lies in one allocation of `tag` (a test precondition)."""
+    outside = []
+    for name, t in named_tensors:
+        data = find_allocation(alloc, t)
+        if data is None or data.tag != tag:
+            outside.append((name, None if data is None else data.tag))
+    assert not outside, f"test setup: expected these tensors in the {tag!r} pool: {outside}"
+
+
+def tag_sleep_states(alloc, tags: Iterable[str]) -> dict[str, set[bool]]:
+    """{tag: {is_asleep values of its allocations}}; a tag with no allocation maps to an empty set."""
+    states: dict[str, set[bool]] = {tag: set() for tag in tags}
+    for data in alloc.pointer_to_data.values():
+        if data.tag in states:
+            states[data.tag].add(bool(data.is_asleep))
+    return states
+
+
+def anything_asleep(alloc) -> bool:
+    return any(data.is_asleep for data in alloc.pointer_to_data.values())
+
+
+def release_cuda_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the driver."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
