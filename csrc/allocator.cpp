@@ -73,6 +73,7 @@ const char* state_name(State state) {
     case State::Mapped: return "mapped";
     case State::BackedUp: return "backed_up";
     case State::Discarded: return "discarded";
+    case State::Unused: return "unused";
   }
   return "?";
 }
@@ -251,7 +252,8 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   std::map<int, uint64_t> needed;  // device -> bytes
   std::map<int, std::set<std::string>> tags_on;
   for (auto& [address, a] : table_) {
-    if (a.state == State::Mapped || (tags && !contains(*tags, a.tag))) continue;
+    bool asleep = a.state == State::BackedUp || a.state == State::Discarded;
+    if (!asleep || (tags && !contains(*tags, a.tag))) continue;
     rows.push_back(&a);
     needed[a.device] += a.mapped_size;
     tags_on[a.device].insert(a.tag);
@@ -351,6 +353,20 @@ void Allocator::discard(const std::vector<std::string>& tags) {
   recycle_arenas();
 }
 
+void Allocator::trim(uintptr_t address) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = table_.find(address);
+  if (it == table_.end()) throw InvalidArgument("trim of " + hex(address) + ", which this allocator did not allocate");
+  Allocation& a = it->second;
+  if (a.state == State::Mapped) {
+    backend_->synchronize(a.device);
+    release_physical(a);
+  }
+  a.backup.reset();
+  a.state = State::Unused;
+  recycle_arenas();
+}
+
 std::shared_ptr<HostArena> Allocator::acquire_arena(uint64_t bytes, int device) {
   auto idle = [](const std::shared_ptr<HostArena>& a) { return a.use_count() == 1; };
   const uint64_t limit = options_.host_memory_limit;
@@ -424,6 +440,7 @@ std::vector<AllocationInfo> Allocator::allocations() const {
 std::map<std::string, TagStats> Allocator::tag_stats() const {
   std::map<std::string, TagStats> out;
   for (const AllocationInfo& a : allocations()) {
+    if (a.state == State::Unused) continue;
     TagStats& s = out[a.tag];
     s.allocations += 1;
     (a.state == State::Mapped ? s.mapped_bytes : s.asleep_bytes) += a.size;

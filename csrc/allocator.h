@@ -2,13 +2,17 @@
 //
 // Note [Allocation states]
 // Every piece of memory the pools hand out is one row of Allocator::table_, keyed by its address, in
-// one of three states:
+// one of four states:
 //   Mapped    - physical memory is mapped at the address; kernels see plain device memory.
 //   BackedUp  - asleep: the physical memory was released and some bytes wait in a host backup: the
 //               whole allocation when its tag was offloaded, else only its preserved ranges.
 //   Discarded - asleep: the physical memory was released and nothing was kept.
+//   Unused    - PyTorch keeps the segment cached in a pool that is never allocated from again, with
+//               nothing in it: its physical memory is released for good and it is never woken.
 // sleep() moves Mapped rows to BackedUp or Discarded; discard() moves Mapped and BackedUp rows to
-// Discarded; wake() moves BackedUp and Discarded rows to Mapped; free() removes a row in any state.
+// Discarded; wake() moves BackedUp and Discarded rows to Mapped; trim() moves any row to Unused;
+// free() removes a row in any state. (Unused rows keep their address reserved until PyTorch frees
+// them, so a late free can never hit a newer allocation at a reused address.)
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
@@ -37,7 +41,7 @@
 
 namespace vse {
 
-enum class State { Mapped, BackedUp, Discarded };
+enum class State { Mapped, BackedUp, Discarded, Unused };
 const char* state_name(State state);
 
 // Bytes of one allocation kept on the host while it sleeps, laid out in range order from `offset`.
@@ -109,6 +113,8 @@ class Allocator {
   // Maps sleeping allocations of `tags` (all when empty optional) again and restores their backups.
   OpStats wake(const std::optional<std::vector<std::string>>& tags);
   void discard(const std::vector<std::string>& tags);
+  // The allocation at `address` holds nothing and never will again: release it for good.
+  void trim(uintptr_t address);
 
   std::vector<AllocationInfo> allocations() const;
   std::map<std::string, TagStats> tag_stats() const;

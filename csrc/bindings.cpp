@@ -109,6 +109,7 @@ PYBIND11_MODULE(_core, m) {
            "exclude"_a = std::vector<std::pair<uintptr_t, uint64_t>>{})
       .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("discard", &vse::Allocator::discard, "tags"_a, py::call_guard<py::gil_scoped_release>())
+      .def("trim", &vse::Allocator::trim, "ptr"_a, py::call_guard<py::gil_scoped_release>())
       .def("allocations", &vse::Allocator::allocations)
       .def("tag_stats", &vse::Allocator::tag_stats)
       .def_property_readonly("last_sleep", &vse::Allocator::last_sleep)

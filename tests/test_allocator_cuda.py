@@ -119,11 +119,13 @@ def test_tensor_freed_while_asleep_gives_its_allocation_back(alloc: CuMemAllocat
     ptr = t.data_ptr()
     assert allocation_of(alloc, t) is not None
     alloc.sleep(offload_tags=("weights",))
+    free_asleep, _ = torch.cuda.mem_get_info()
     del t
     gc.collect()
-    torch.cuda.empty_cache()  # the pool is gone, so torch hands the unused segment back while asleep
+    alloc.wake_up()  # the empty segment is released for good instead of being mapped again
     assert all(not (d.ptr <= ptr < d.ptr + d.size) for d in alloc.pointer_to_data.values())
-    alloc.wake_up()
+    free_awake, _ = torch.cuda.mem_get_info()
+    assert free_asleep - free_awake < 48 * MiB, "the freed tensor's memory was mapped again"
 
 
 def test_sleep_returns_at_least_999_per_mille_of_pool_memory(alloc: CuMemAllocator) -> None:

@@ -41,7 +41,7 @@ class AllocationData:
     size: int
     device: int
     tag: str
-    state: str  # "mapped", "backed_up" or "discarded"
+    state: str  # "mapped", "backed_up" or "discarded" (rows released for good are not listed)
 
     @property
     def is_asleep(self) -> bool:
@@ -104,6 +104,7 @@ class CuMemAllocator:
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
         self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
+        self._closed_pools: list[torch.cuda.MemPool] = []
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
@@ -129,9 +130,6 @@ class CuMemAllocator:
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
-        # The pool is dropped on exit, as no one allocates from it again: torch then hands its unused
-        # segments back (vLLM trims them by hand), and live tensors keep theirs. The pluggable
-        # allocator itself lives as long as the process, so no pool can outlive it (pytorch#145168).
         pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
         # Expandable segments do not work with pluggable-allocator pools (pytorch#147851).
         expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
@@ -143,7 +141,18 @@ class CuMemAllocator:
         finally:
             if expandable:
                 torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-            del pool
+            # Kept alive: destroying a pool while other threads use theirs aborts in PyTorch, and
+            # vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its empty
+            # segments can go now and whatever empties later goes at the next sleep or wake.
+            self._closed_pools.append(pool)
+            self._trim([pool])
+
+    def _trim(self, pools: Sequence[torch.cuda.MemPool]) -> None:
+        """Releases segments with nothing allocated in them from pools no one allocates from again."""
+        for pool in pools:
+            for segment in pool.snapshot():
+                if segment["allocated_size"] == 0:
+                    self._core.trim(segment["address"])
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
@@ -166,7 +175,8 @@ class CuMemAllocator:
             _core.set_thread_tag(previous)
 
     def release_pools(self) -> None:
-        """Drops the pools this allocator still holds; their unused segments go back to the driver."""
+        """Drops every pool; PyTorch then frees their empty segments. Call it with no pool in use."""
+        self._closed_pools.clear()
         self._cudagraph_pool = None
         gc.collect()
         if self.backend == "cuda":
@@ -183,6 +193,7 @@ class CuMemAllocator:
         only preserved bytes are (see ``preserve_mode``). Pending GPU work finishes first.
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
+        self._trim(self._closed_pools)
         preserve, exclude = self._preserved_ranges()
         stats = self._core.sleep(list(tags), preserve, exclude)
         if self.backend == "cuda":
@@ -203,6 +214,7 @@ class CuMemAllocator:
         """
         if self.backend == "cuda":
             torch.cuda.empty_cache()  # memory torch caches outside the pools is room for the wake
+        self._trim(self._closed_pools)
         if tags is None:
             stats = self._core.wake(None)
         else:
@@ -288,11 +300,12 @@ class CuMemAllocator:
         return {
             a.ptr: AllocationData(ptr=a.ptr, size=a.size, device=a.device, tag=a.tag, state=a.state)
             for a in self._core.allocations()
+            if a.state != "unused"
         }
 
     def get_current_usage(self) -> int:
         """Bytes of every allocation in the pools, awake or asleep."""
-        return sum(a.size for a in self._core.allocations())
+        return sum(a.size for a in self._core.allocations() if a.state != "unused")
 
     def stats(self) -> AllocatorStats:
         def op(s: Optional[_core.OpStats]) -> Optional[OpStats]:
