@@ -35,7 +35,8 @@ class SpanFeeder {
   SpanFeeder(const std::vector<std::pair<int, CopySpan>>& spans, uint8_t* host_base)
       : spans_(spans), host_base_(host_base) {}
 
-  void feed(DeviceBackend& backend, CopyDirection direction, uint64_t begin, uint64_t end) {
+  // Returns the devices that got copies.
+  std::set<int> feed(DeviceBackend& backend, CopyDirection direction, uint64_t begin, uint64_t end) {
     std::map<int, std::vector<CopySpan>> by_device;
     while (next_ < spans_.size()) {
       const auto& [device, span] = spans_[next_];
@@ -50,7 +51,12 @@ class SpanFeeder {
       ++next_;
       done_ = 0;
     }
-    for (const auto& [device, parts] : by_device) backend.enqueue_copies(device, direction, parts);
+    std::set<int> devices;
+    for (const auto& [device, parts] : by_device) {
+      backend.enqueue_copies(device, direction, parts);
+      devices.insert(device);
+    }
+    return devices;
   }
 
  private:
@@ -196,6 +202,16 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
 
   // Everything that can fail comes before the first release: host memory, the wait for pending
   // work, the copies. A throw from here leaves every allocation mapped and untouched.
+  struct Mark {
+    uint64_t host_end;  // the copies of host bytes [0, host_end) precede the mark
+    uint64_t handle;
+  };
+  std::map<int, std::vector<Mark>> marks;
+  std::map<int, size_t> marks_waited;
+  auto release_marks = [&] {
+    for (auto& [device, list] : marks)
+      for (const Mark& m : list) backend_->release_mark(device, m.handle);
+  };
   std::shared_ptr<HostArena> arena;
   if (backup_bytes > 0) arena = acquire_arena(backup_bytes, steps.front().row->device);
   try {
@@ -211,20 +227,36 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
         s.backup.arena = arena;
       }
       SpanFeeder feeder(spans, arena->data());
-      arena->prepare(backup_bytes, options_.staging, [&](uint64_t begin, uint64_t end) {
-        feeder.feed(*backend_, CopyDirection::ToHost, begin, end);
+      stats.staging = arena->prepare(backup_bytes, options_.staging, [&](uint64_t begin, uint64_t end) {
+        for (int device : feeder.feed(*backend_, CopyDirection::ToHost, begin, end))
+          marks[device].push_back({end, backend_->record_mark(device)});
       });
-      for (int device : devices_of(rows)) backend_->wait_copies(device);
     }
   } catch (...) {
     drain_copies(devices_of(rows));  // copies in flight must not land in an arena being freed
+    release_marks();
     for (Step& s : steps) s.backup.arena.reset();
     if (arena) arenas_.erase(std::find(arenas_.begin(), arenas_.end(), arena));  // may be half pinned
     throw;
   }
 
-  // Irreversible part. A driver failure here leaves the rows before it asleep and the rest mapped.
-  for (Step& s : steps) {
+  // Release each allocation once the copies of its bytes are done, while later copies still run;
+  // allocations with nothing to keep go first. A failure here (a copy the device reports failed, a
+  // driver error) leaves the allocations released so far asleep with complete backups and the rest
+  // mapped: nothing is lost, and the same sleep can be retried.
+  auto copied = [&](const Step& s) {
+    const uint64_t host_end = s.backup.offset + s.backup.ranges.bytes();
+    std::vector<Mark>& list = marks[s.row->device];
+    size_t& waited = marks_waited[s.row->device];
+    if (waited > 0 && list[waited - 1].host_end >= host_end) return;  // done with an earlier wait
+    size_t k = waited;
+    while (k < list.size() && list[k].host_end < host_end) ++k;
+    if (k < list.size()) {
+      backend_->wait_mark(s.row->device, list[k].handle);
+      waited = k + 1;
+    }
+  };
+  auto release = [&](Step& s) {
     Allocation& a = *s.row;
     backend_->unmap(a.device, a.address, a.mapped_size);
     PhysicalHandle handle = a.handle;
@@ -237,7 +269,21 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     }
     stats.bytes_device += a.mapped_size;
     backend_->release(a.device, handle);
+  };
+  try {
+    for (Step& s : steps)
+      if (s.backup.ranges.empty()) release(s);
+    for (Step& s : steps) {
+      if (s.backup.ranges.empty()) continue;
+      copied(s);
+      release(s);
+    }
+  } catch (...) {
+    drain_copies(devices_of(rows));
+    release_marks();
+    throw;
   }
+  release_marks();
   stats.bytes_copied = backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
@@ -286,6 +332,8 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     }
   };
   try {
+    // Each allocation's copies start as soon as it is mapped, so mapping the next overlaps them.
+    std::vector<CopySpan> spans;
     for (Allocation* a : rows) {
       PhysicalHandle handle = 0;
       try {
@@ -300,22 +348,18 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
         throw;
       }
       mapped.emplace_back(a, handle);
-    }
-    std::map<int, std::vector<CopySpan>> spans;
-    for (Allocation* a : rows) {
       if (!a->backup) continue;
+      spans.clear();
       uint8_t* host = a->backup->arena->data() + a->backup->offset;
       for (const ByteRange& r : a->backup->ranges.ranges()) {
-        a->backup->arena->split_at_registrations({a->address + r.begin, host, r.size()}, spans[a->device]);
+        a->backup->arena->split_at_registrations({a->address + r.begin, host, r.size()}, spans);
         host += r.size();
         stats.bytes_copied += r.size();
       }
+      copying.insert(a->device);
+      backend_->enqueue_copies(a->device, CopyDirection::ToDevice, spans);
     }
-    for (const auto& [device, list] : spans) {
-      copying.insert(device);
-      backend_->enqueue_copies(device, CopyDirection::ToDevice, list);
-    }
-    for (const auto& [device, list] : spans) backend_->wait_copies(device);
+    for (int device : copying) backend_->wait_copies(device);
   } catch (...) {
     drain_copies(copying);  // nothing may still write into memory that undo() unmaps
     undo();

@@ -86,6 +86,7 @@ struct OpStats {
   uint64_t bytes_copied = 0;
   uint64_t bytes_device = 0;  // released by a sleep, mapped by a wake
   uint64_t allocations = 0;
+  StagingTimes staging;       // sleep: making new host memory resident and pinned (0 when reused)
 };
 
 struct AllocatorOptions {

@@ -54,6 +54,11 @@ class DeviceBackend {
   // Copies may complete asynchronously; wait_copies() returns when all enqueued ones are done.
   virtual void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) = 0;
   virtual void wait_copies(int device) = 0;
+  // A mark after the copies enqueued so far, so a caller can wait for a prefix of them and release
+  // memory while later copies still run. Every mark is released once, waited for or not.
+  virtual uint64_t record_mark(int device) = 0;
+  virtual void wait_mark(int device, uint64_t mark) = 0;
+  virtual void release_mark(int device, uint64_t mark) noexcept = 0;
 };
 
 }  // namespace vse

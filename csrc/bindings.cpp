@@ -82,7 +82,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("seconds", &vse::OpStats::seconds)
       .def_readonly("bytes_copied", &vse::OpStats::bytes_copied)
       .def_readonly("bytes_device", &vse::OpStats::bytes_device)
-      .def_readonly("allocations", &vse::OpStats::allocations);
+      .def_readonly("allocations", &vse::OpStats::allocations)
+      .def_property_readonly("populate_seconds", [](const vse::OpStats& s) { return s.staging.populate_seconds; })
+      .def_property_readonly("pin_seconds", [](const vse::OpStats& s) { return s.staging.pin_seconds; });
 
   auto option = [](auto member) {
     return py::cpp_function([member](const vse::Allocator& a) { return a.options().*member; });

@@ -142,6 +142,35 @@ void CudaBackend::enqueue_copies(int device_index, CopyDirection direction, cons
   }
 }
 
+uint64_t CudaBackend::record_mark(int device_index) {
+  ContextScope scope(*this, device_index);
+  Device& dev = device(device_index);
+  CUevent event = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!dev.spare_events.empty()) {
+      event = dev.spare_events.back();
+      dev.spare_events.pop_back();
+    }
+  }
+  const CudaDriver& d = cuda_driver();
+  if (!event) VSE_CUDA_CHECK(d.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+  CUresult r = d.cuEventRecord(event, dev.copy_stream);
+  if (r != CUDA_SUCCESS) release_mark(device_index, reinterpret_cast<uint64_t>(event));
+  VSE_CUDA_CHECK(r);
+  return reinterpret_cast<uint64_t>(event);
+}
+
+void CudaBackend::wait_mark(int device_index, uint64_t mark) {
+  ContextScope scope(*this, device_index);
+  VSE_CUDA_CHECK(cuda_driver().cuEventSynchronize(reinterpret_cast<CUevent>(mark)));
+}
+
+void CudaBackend::release_mark(int device_index, uint64_t mark) noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  devices_[device_index]->spare_events.push_back(reinterpret_cast<CUevent>(mark));
+}
+
 void CudaBackend::wait_copies(int device_index) {
   ContextScope scope(*this, device_index);
   VSE_CUDA_CHECK(cuda_driver().cuStreamSynchronize(device(device_index).copy_stream));

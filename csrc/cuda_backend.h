@@ -34,6 +34,9 @@ class CudaBackend final : public DeviceBackend {
   void unpin(int device, void* host) override;
   void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
   void wait_copies(int device) override;
+  uint64_t record_mark(int device) override;
+  void wait_mark(int device, uint64_t mark) override;
+  void release_mark(int device, uint64_t mark) noexcept override;
 
  private:
   struct Device {
@@ -41,6 +44,7 @@ class CudaBackend final : public DeviceBackend {
     CUcontext context = nullptr;  // primary context, retained for the life of the process
     CUstream copy_stream = nullptr;
     uint64_t granularity = 0;
+    std::vector<CUevent> spare_events;  // guarded by CudaBackend::mutex_
   };
   // Makes the device's primary context current for the scope (retaining it on first use).
   class ContextScope {

@@ -20,7 +20,8 @@ struct CudaDriver {
   X(cuMemAddressReserve, 10020) X(cuMemAddressFree, 10020) X(cuMemCreate, 10020) X(cuMemRelease, 10020)  \
   X(cuMemMap, 10020) X(cuMemUnmap, 10020) X(cuMemSetAccess, 10020) X(cuMemHostRegister, 6050)            \
   X(cuMemHostUnregister, 4000) X(cuMemcpyDtoHAsync, 3020) X(cuMemcpyHtoDAsync, 3020)                     \
-  X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)
+  X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuEventCreate, 2000) X(cuEventRecord, 2000)       \
+  X(cuEventSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)
 #define VSE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   VSE_DRIVER_FUNCTIONS(VSE_DECLARE)
 #undef VSE_DECLARE

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <exception>
@@ -55,14 +56,19 @@ HostArena::~HostArena() {
   if (mapping_) munmap(mapping_, mapping_bytes_);
 }
 
-void HostArena::prepare_piece(uint8_t* begin, uint64_t bytes) {
+void HostArena::prepare_piece(uint8_t* begin, uint64_t bytes, StagingTimes& times) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
   if (madvise(begin, bytes, MADV_POPULATE_WRITE) != 0) {
     if (errno != EINVAL)  // EINVAL: kernel older than 5.14; touch the pages by hand below
       throw HostOutOfMemory("cannot make " + format_bytes(bytes) + " of host backup memory resident: " +
                             std::strerror(errno));
     for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
   }
+  const auto populated = clock::now();
   backend_.pin(device_, begin, bytes);
+  times.populate_seconds += std::chrono::duration<double>(populated - start).count();
+  times.pin_seconds += std::chrono::duration<double>(clock::now() - populated).count();
   const uint64_t offset = static_cast<uint64_t>(begin - base_);
   std::lock_guard<std::mutex> lock(pinned_mutex_);
   pinned_.push_back({offset, offset + bytes});
@@ -82,14 +88,15 @@ void HostArena::split_at_registrations(const CopySpan& span, std::vector<CopySpa
   }
 }
 
-void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
-                        const std::function<void(uint64_t, uint64_t)>& on_ready) {
+StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
+                                const std::function<void(uint64_t, uint64_t)>& on_ready) {
+  StagingTimes total;
   bytes = std::min(bytes, capacity_);
   for (const ByteRange& r : pinned_) {  // already prepared: one stretch per registration
     if (r.begin >= std::min(ready_bytes_, bytes)) break;
     on_ready(r.begin, std::min(r.end, bytes));
   }
-  if (ready_bytes_ >= bytes) return;
+  if (ready_bytes_ >= bytes) return total;
 
   const uint64_t piece = round_up(std::max<uint64_t>(options.piece_bytes, kHugePage), kHugePage);
   const uint64_t start = ready_bytes_;
@@ -107,10 +114,11 @@ void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   std::atomic<bool> stop{false};
 
   auto work = [&] {
+    StagingTimes mine;
     for (size_t i = next++; i < count && !stop; i = next++) {
       int outcome = kReady;
       try {
-        prepare_piece(base_ + piece_begin(i), piece_end(i) - piece_begin(i));
+        prepare_piece(base_ + piece_begin(i), piece_end(i) - piece_begin(i), mine);
       } catch (...) {
         errors[i] = std::current_exception();
         outcome = kFailed;
@@ -119,6 +127,9 @@ void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
       state[i] = outcome;
       changed.notify_all();
     }
+    std::lock_guard<std::mutex> lock(mutex);
+    total.populate_seconds += mine.populate_seconds;
+    total.pin_seconds += mine.pin_seconds;
   };
   const unsigned threads = std::max(1u, std::min<unsigned>(options.threads, static_cast<unsigned>(count)));
   std::vector<std::thread> workers;
@@ -156,6 +167,7 @@ void HostArena::prepare(uint64_t bytes, const StagingOptions& options,
     throw;
   }
   finish();
+  return total;
 }
 
 }  // namespace vse

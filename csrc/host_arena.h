@@ -21,6 +21,12 @@ struct StagingOptions {
   uint64_t piece_bytes = 64ull << 20;
 };
 
+// Where the time of making host memory ready went, summed over the staging threads.
+struct StagingTimes {
+  double populate_seconds = 0;
+  double pin_seconds = 0;
+};
+
 class HostArena {
  public:
   // Reserves `capacity` bytes (throws HostOutOfMemory); nothing is resident or pinned yet.
@@ -39,11 +45,11 @@ class HostArena {
   // Makes [0, bytes) resident and pinned. `on_ready(begin, end)` runs on the calling thread, in address
   // order, for each stretch as it becomes ready; a stretch never crosses two pinned registrations. Throws HostOutOfMemory or Error, after which the arena
   // is only fit to be destroyed (pieces past the failed one may be pinned already).
-  void prepare(uint64_t bytes, const StagingOptions& options,
-               const std::function<void(uint64_t, uint64_t)>& on_ready);
+  StagingTimes prepare(uint64_t bytes, const StagingOptions& options,
+                       const std::function<void(uint64_t, uint64_t)>& on_ready);
 
  private:
-  void prepare_piece(uint8_t* begin, uint64_t bytes);
+  void prepare_piece(uint8_t* begin, uint64_t bytes, StagingTimes& times);
 
   DeviceBackend& backend_;
   const int device_;

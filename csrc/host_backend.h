@@ -35,6 +35,9 @@ class HostBackend final : public DeviceBackend {
   void unpin(int, void*) override {}
   void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
   void wait_copies(int) override {}
+  uint64_t record_mark(int) override { return 0; }  // copies are synchronous here
+  void wait_mark(int, uint64_t) override {}
+  void release_mark(int, uint64_t) noexcept override {}
 
  private:
   void check_device(int device) const;

@@ -63,6 +63,8 @@ class OpStats:
     bytes_copied: int
     bytes_device: int  # released by a sleep, mapped by a wake
     allocations: int
+    populate_seconds: float  # sleep: faulting in new host backup memory, summed over staging threads
+    pin_seconds: float  # sleep: pinning it (cuMemHostRegister), summed over staging threads
 
 
 @dataclasses.dataclass(frozen=True)
