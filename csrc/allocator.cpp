@@ -194,11 +194,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   }
   OpStats stats;
   stats.allocations = steps.size();
-  if (steps.empty()) {
-    stats.seconds = seconds_since(start);
-    last_sleep_ = stats;
-    return stats;
-  }
+  if (steps.empty()) return stats;  // nothing mapped: last_sleep_ keeps the last real sleep
 
   // Everything that can fail comes before the first release: host memory, the wait for pending
   // work, the copies. A throw from here leaves every allocation mapped and untouched.
@@ -306,6 +302,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   }
   OpStats stats;
   stats.allocations = rows.size();
+  if (rows.empty()) return stats;  // nothing asleep: last_wake_ keeps the last real wake
 
   auto no_room = [&](int device, const std::string& why) {
     std::string names;
@@ -414,6 +411,7 @@ void Allocator::trim(uintptr_t address) {
 std::shared_ptr<HostArena> Allocator::acquire_arena(uint64_t bytes, int device) {
   auto idle = [](const std::shared_ptr<HostArena>& a) { return a.use_count() == 1; };
   const uint64_t limit = options_.host_memory_limit;
+  bytes = round_up(bytes, 4096);  // what the arena will hold
   if (limit != 0) {
     uint64_t in_use = 0;  // idle arenas are only a cache and can be dropped
     for (const auto& arena : arenas_)

@@ -16,10 +16,13 @@
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
-// Every operation is all-or-nothing. It first does everything that can fail (host memory, physical
-// memory, copies), then takes the irreversible steps (releasing physical memory, dropping backups),
-// and undoes its own work when a step before those fails. A failed sleep or wake therefore leaves
-// the table as it was, and the same call can be retried; no error outlives the call that raised it.
+// Nothing is ever lost, and no error outlives the call that raised it. Each operation first does
+// everything that can fail (host memory, physical memory, copies), then takes the irreversible steps
+// (releasing physical memory, dropping backups), and undoes its own work when a step before those
+// fails: a failed wake, or a sleep that fails before releasing, leaves the table as it was. Sleep
+// releases each allocation as soon as its copies are done, so a failure found only then (a copy the
+// device reports failed, a driver error) leaves the allocations released so far asleep with complete
+// backups and the rest mapped. Either way the same call can be retried.
 //
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only

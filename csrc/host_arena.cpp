@@ -56,22 +56,12 @@ HostArena::~HostArena() {
   if (mapping_) munmap(mapping_, mapping_bytes_);
 }
 
-void HostArena::prepare_piece(uint8_t* begin, uint64_t bytes, StagingTimes& times) {
-  using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
-  if (madvise(begin, bytes, MADV_POPULATE_WRITE) != 0) {
-    if (errno != EINVAL)  // EINVAL: kernel older than 5.14; touch the pages by hand below
-      throw HostOutOfMemory("cannot make " + format_bytes(bytes) + " of host backup memory resident: " +
-                            std::strerror(errno));
-    for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
-  }
-  const auto populated = clock::now();
-  backend_.pin(device_, begin, bytes);
-  times.populate_seconds += std::chrono::duration<double>(populated - start).count();
-  times.pin_seconds += std::chrono::duration<double>(clock::now() - populated).count();
-  const uint64_t offset = static_cast<uint64_t>(begin - base_);
-  std::lock_guard<std::mutex> lock(pinned_mutex_);
-  pinned_.push_back({offset, offset + bytes});
+void HostArena::populate(uint8_t* begin, uint64_t bytes) {
+  if (madvise(begin, bytes, MADV_POPULATE_WRITE) == 0) return;
+  if (errno != EINVAL)  // EINVAL: kernel older than 5.14; touch the pages by hand
+    throw HostOutOfMemory("cannot make " + format_bytes(bytes) + " of host backup memory resident: " +
+                          std::strerror(errno));
+  for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
 }
 
 void HostArena::split_at_registrations(const CopySpan& span, std::vector<CopySpan>& out) const {
@@ -105,31 +95,35 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   auto piece_begin = [&](size_t i) { return start + i * piece; };
   auto piece_end = [&](size_t i) { return std::min(end, start + (i + 1) * piece); };
 
-  enum : int { kPending = 0, kReady = 1, kFailed = 2 };
+  // Worker threads fault pieces in; this thread pins them in order and hands each to on_ready.
+  // (Pinning from many threads at once contends in the driver and gets slower than one thread.)
+  enum : int { kPending = 0, kResident = 1, kFailed = 2 };
   std::mutex mutex;
   std::condition_variable changed;
   std::vector<int> state(count, kPending);
   std::vector<std::exception_ptr> errors(count);
   std::atomic<size_t> next{0};
   std::atomic<bool> stop{false};
+  using clock = std::chrono::steady_clock;
 
   auto work = [&] {
-    StagingTimes mine;
+    double seconds = 0;
     for (size_t i = next++; i < count && !stop; i = next++) {
-      int outcome = kReady;
+      int outcome = kResident;
+      const auto t0 = clock::now();
       try {
-        prepare_piece(base_ + piece_begin(i), piece_end(i) - piece_begin(i), mine);
+        populate(base_ + piece_begin(i), piece_end(i) - piece_begin(i));
       } catch (...) {
         errors[i] = std::current_exception();
         outcome = kFailed;
       }
+      seconds += std::chrono::duration<double>(clock::now() - t0).count();
       std::lock_guard<std::mutex> lock(mutex);
       state[i] = outcome;
       changed.notify_all();
     }
     std::lock_guard<std::mutex> lock(mutex);
-    total.populate_seconds += mine.populate_seconds;
-    total.pin_seconds += mine.pin_seconds;
+    total.populate_seconds += seconds;
   };
   const unsigned threads = std::max(1u, std::min<unsigned>(options.threads, static_cast<unsigned>(count)));
   std::vector<std::thread> workers;
@@ -147,7 +141,6 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   auto finish = [&] {
     stop = true;
     for (std::thread& w : workers) w.join();
-    std::sort(pinned_.begin(), pinned_.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
   };
 
   try {
@@ -159,6 +152,10 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
         outcome = state[i];
       }
       if (outcome == kFailed) std::rethrow_exception(errors[i]);
+      const auto t0 = clock::now();
+      backend_.pin(device_, base_ + piece_begin(i), piece_end(i) - piece_begin(i));
+      pinned_.push_back({piece_begin(i), piece_end(i)});
+      total.pin_seconds += std::chrono::duration<double>(clock::now() - t0).count();
       ready_bytes_ = piece_end(i);
       on_ready(piece_begin(i), std::min(piece_end(i), bytes));
     }

@@ -8,7 +8,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <vector>
 
 #include "backend.h"
@@ -21,10 +20,10 @@ struct StagingOptions {
   uint64_t piece_bytes = 64ull << 20;
 };
 
-// Where the time of making host memory ready went, summed over the staging threads.
+// Where the time of making host memory ready went.
 struct StagingTimes {
-  double populate_seconds = 0;
-  double pin_seconds = 0;
+  double populate_seconds = 0;  // faulting pages in, summed over the staging threads
+  double pin_seconds = 0;       // pinning them, on the calling thread
 };
 
 class HostArena {
@@ -49,7 +48,7 @@ class HostArena {
                        const std::function<void(uint64_t, uint64_t)>& on_ready);
 
  private:
-  void prepare_piece(uint8_t* begin, uint64_t bytes, StagingTimes& times);
+  static void populate(uint8_t* begin, uint64_t bytes);
 
   DeviceBackend& backend_;
   const int device_;
@@ -59,8 +58,7 @@ class HostArena {
   uint64_t capacity_ = 0;
   uint64_t ready_bytes_ = 0;  // this prefix is resident and pinned
 
-  std::mutex pinned_mutex_;
-  std::vector<ByteRange> pinned_;  // offsets of each registration; sorted whenever prepare() returns
+  std::vector<ByteRange> pinned_;  // offsets of each registration, in address order
 };
 
 }  // namespace vse

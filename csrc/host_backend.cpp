@@ -2,10 +2,10 @@
 
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -101,9 +101,18 @@ void HostBackend::unmap(int, uintptr_t address, uint64_t size) {
 MemoryInfo HostBackend::memory_info(int device) {
   check_device(device);
   if (capacity_ != 0) return {capacity_ - used_.load(), capacity_};
-  struct sysinfo si {};
-  sysinfo(&si);
-  return {static_cast<uint64_t>(si.freeram) * si.mem_unit, static_cast<uint64_t>(si.totalram) * si.mem_unit};
+  // Page cache can be reclaimed, so "free" is MemAvailable, as the kernel estimates it.
+  uint64_t available = 0, total = 0;
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kib = 0;
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1) available = kib << 10;
+      if (std::sscanf(line, "MemTotal: %llu kB", &kib) == 1) total = kib << 10;
+    }
+    std::fclose(f);
+  }
+  return {available, total};
 }
 
 void HostBackend::enqueue_copies(int, CopyDirection direction, const std::vector<CopySpan>& spans) {

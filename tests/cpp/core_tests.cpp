@@ -1,0 +1,1193 @@
+// Self-contained tests of the C++ core over the Linux host backend (no GPU, no framework).
+// Built as target `core_tests` with -DVSE_BUILD_TESTS=ON; tests/cpp/run_sanitizers.sh runs it under
+// ASan, UBSan and TSan. Exit status is non-zero when any check fails; the last line of output is
+// "N passed, M failed".
+//
+// Usage: core_tests [substring]   -- runs only the tests whose name contains the substring.
+#include <algorithm>
+#include <atomic>
+#include <cinttypes>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "allocator.h"
+#include "errors.h"
+#include "host_backend.h"
+#include "range_set.h"
+
+namespace {
+
+std::atomic<long> g_passed{0};
+std::atomic<long> g_failed{0};
+
+void report(bool ok, const char* file, int line, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, what.c_str());
+  }
+}
+
+#define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
+
+// Checks that `expr` throws exactly `Type` (or a subclass); any other outcome is a failure.
+#define CHECK_THROWS(expr, Type)                                                                  \
+  do {                                                                                            \
+    bool vse_thrown_ = false;                                                                     \
+    std::string vse_other_;                                                                       \
+    try {                                                                                         \
+      (void)(expr);                                                                               \
+    } catch (const Type&) {                                                                       \
+      vse_thrown_ = true;                                                                         \
+    } catch (const std::exception& e) {                                                           \
+      vse_other_ = std::string(" (threw another exception: ") + e.what() + ")";                  \
+    } catch (...) {                                                                               \
+      vse_other_ = " (threw a non-std exception)";                                                \
+    }                                                                                             \
+    report(vse_thrown_, __FILE__, __LINE__, std::string(#expr " throws " #Type) + vse_other_);    \
+  } while (0)
+
+// Returns the message of the `Type` that `expr` throws ("" when it does not throw one).
+template <typename Type, typename F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const Type& e) {
+    return e.what();
+  } catch (...) {
+  }
+  return "";
+}
+
+constexpr uint64_t KiB = 1ull << 10;
+constexpr uint64_t MiB = 1ull << 20;
+constexpr uint64_t kGranularity = 2 * MiB;
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+using vse::Allocator;
+using vse::ByteRange;
+using vse::RangeSet;
+using vse::State;
+using Tags = std::optional<std::vector<std::string>>;
+
+// ---------------------------------------------------------------------------------------------
+// Byte patterns: never zero, so a region that was discarded (and reads zero on this backend) never
+// matches by luck; different seeds give different bytes.
+
+uint8_t pattern_byte(uint64_t seed, uint64_t i) {
+  uint64_t x = (seed + 1) * 0x9E3779B97F4A7C15ull ^ (i / 8 + 1) * 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 31;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 29;
+  return static_cast<uint8_t>(((x >> ((i % 8) * 8)) & 0xFF) % 255 + 1);
+}
+
+void fill(uintptr_t address, uint64_t bytes, uint64_t seed, uint64_t from = 0) {
+  auto* p = reinterpret_cast<uint8_t*>(address);
+  for (uint64_t i = from; i < from + bytes; ++i) p[i - from] = pattern_byte(seed, i);
+}
+
+// True when [address, address+bytes) holds the pattern `seed` at pattern offsets [from, from+bytes).
+bool matches(uintptr_t address, uint64_t bytes, uint64_t seed, uint64_t from = 0) {
+  const auto* p = reinterpret_cast<const uint8_t*>(address);
+  for (uint64_t i = from; i < from + bytes; ++i)
+    if (p[i - from] != pattern_byte(seed, i)) return false;
+  return true;
+}
+
+// True when no byte of the range equals the pattern at its offset (what a discarded range must show:
+// on the host backend it reads zero, and the pattern is never zero).
+bool differs_everywhere(uintptr_t address, uint64_t bytes, uint64_t seed, uint64_t from = 0) {
+  const auto* p = reinterpret_cast<const uint8_t*>(address);
+  for (uint64_t i = from; i < from + bytes; ++i)
+    if (p[i - from] == pattern_byte(seed, i)) return false;
+  return true;
+}
+
+// Word-wise pattern for the concurrency test (fast under TSan).
+void fill_words(uintptr_t address, uint64_t bytes, uint64_t seed) {
+  auto* p = reinterpret_cast<uint64_t*>(address);
+  for (uint64_t i = 0; i < bytes / 8; ++i) p[i] = (seed << 32) ^ (i * 0x9E3779B97F4A7C15ull) ^ 0x5555;
+}
+
+bool words_match(uintptr_t address, uint64_t bytes, uint64_t seed) {
+  const auto* p = reinterpret_cast<const uint64_t*>(address);
+  for (uint64_t i = 0; i < bytes / 8; ++i)
+    if (p[i] != ((seed << 32) ^ (i * 0x9E3779B97F4A7C15ull) ^ 0x5555)) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A backend over HostBackend that fails chosen calls, to test that every failed operation undoes
+// its own work. Each fault is a countdown: n >= 0 fails the (n+1)-th call from now, once.
+
+class Fault {
+ public:
+  void arm(int calls_before_failure) { countdown_ = calls_before_failure; }
+  void disarm() { countdown_ = -1; }
+  bool fire() {
+    int c = countdown_.load();
+    while (c >= 0)
+      if (countdown_.compare_exchange_weak(c, c - 1)) return c == 0;
+    return false;
+  }
+
+ private:
+  std::atomic<int> countdown_{-1};
+};
+
+class FaultyBackend final : public vse::DeviceBackend {
+ public:
+  explicit FaultyBackend(uint64_t capacity) : inner_(capacity) {}
+
+  Fault create_fault, map_fault, pin_fault, synchronize_fault, to_host_fault, to_device_fault, wait_fault,
+      wait_mark_fault;
+  bool lie_about_free_memory = false;  // report lots of free memory, so only create() can say "full"
+
+  const char* name() const override { return "faulty-host"; }
+  int device_count() override { return inner_.device_count(); }
+  uint64_t granularity(int device) override { return inner_.granularity(device); }
+  uintptr_t reserve(int device, uint64_t size) override { return inner_.reserve(device, size); }
+  void unreserve(int device, uintptr_t address, uint64_t size) override { inner_.unreserve(device, address, size); }
+  vse::PhysicalHandle create(int device, uint64_t size) override {
+    if (create_fault.fire()) throw vse::DeviceOutOfMemory("injected: create");
+    return inner_.create(device, size);
+  }
+  void release(int device, vse::PhysicalHandle handle) override { inner_.release(device, handle); }
+  void map(int device, uintptr_t address, uint64_t size, vse::PhysicalHandle handle) override {
+    if (map_fault.fire()) throw vse::Error("injected: map");
+    inner_.map(device, address, size, handle);
+  }
+  void unmap(int device, uintptr_t address, uint64_t size) override { inner_.unmap(device, address, size); }
+  vse::MemoryInfo memory_info(int device) override {
+    vse::MemoryInfo info = inner_.memory_info(device);
+    if (lie_about_free_memory) info.free = info.total;
+    return info;
+  }
+  // The real free memory, whatever memory_info() says.
+  uint64_t real_free() { return inner_.memory_info(0).free; }
+  void synchronize(int device) override {
+    if (synchronize_fault.fire()) throw vse::Error("injected: synchronize");
+    inner_.synchronize(device);
+  }
+  void pin(int device, void* host, uint64_t bytes) override {
+    if (pin_fault.fire()) throw vse::HostOutOfMemory("injected: pin");
+    pinned_ += 1;
+    inner_.pin(device, host, bytes);
+  }
+  void unpin(int device, void* host) override {
+    pinned_ -= 1;
+    inner_.unpin(device, host);
+  }
+  void enqueue_copies(int device, vse::CopyDirection direction, const std::vector<vse::CopySpan>& spans) override {
+    Fault& f = direction == vse::CopyDirection::ToHost ? to_host_fault : to_device_fault;
+    if (f.fire()) throw vse::Error("injected: copy");
+    inner_.enqueue_copies(device, direction, spans);
+  }
+  void wait_copies(int device) override {
+    if (wait_fault.fire()) throw vse::Error("injected: wait_copies");
+    inner_.wait_copies(device);
+  }
+  uint64_t record_mark(int device) override {
+    ++marks_recorded_;
+    return inner_.record_mark(device);
+  }
+  void wait_mark(int device, uint64_t mark) override {
+    if (wait_mark_fault.fire()) throw vse::Error("injected: wait_mark");
+    inner_.wait_mark(device, mark);
+  }
+  void release_mark(int device, uint64_t mark) noexcept override {
+    ++marks_released_;
+    inner_.release_mark(device, mark);
+  }
+
+  long pinned() const { return pinned_.load(); }
+  // Every mark must be released once, waited for or not.
+  bool marks_balanced() const { return marks_recorded_.load() == marks_released_.load(); }
+
+ private:
+  vse::HostBackend inner_;
+  std::atomic<long> pinned_{0};
+  std::atomic<long> marks_recorded_{0}, marks_released_{0};
+};
+
+vse::AllocatorOptions small_pieces(unsigned threads = 2) {
+  vse::AllocatorOptions o;
+  o.staging.threads = threads;
+  o.staging.piece_bytes = 2 * MiB;  // the smallest piece: big backups are staged in many pieces
+  return o;
+}
+
+std::unique_ptr<Allocator> host_allocator(uint64_t capacity, vse::AllocatorOptions options = small_pieces()) {
+  auto a = std::make_unique<Allocator>(std::make_unique<vse::HostBackend>(capacity));
+  a->set_options(options);
+  return a;
+}
+
+std::unique_ptr<Allocator> faulty_allocator(uint64_t capacity, FaultyBackend** backend,
+                                            vse::AllocatorOptions options = small_pieces()) {
+  auto b = std::make_unique<FaultyBackend>(capacity);
+  *backend = b.get();
+  auto a = std::make_unique<Allocator>(std::move(b));
+  a->set_options(options);
+  return a;
+}
+
+const vse::AllocationInfo* find(const std::vector<vse::AllocationInfo>& infos, uintptr_t address) {
+  for (const auto& i : infos)
+    if (i.address == address) return &i;
+  return nullptr;
+}
+
+State state_of(const Allocator& a, uintptr_t address) {
+  auto infos = a.allocations();
+  const vse::AllocationInfo* i = find(infos, address);
+  return i ? i->state : static_cast<State>(-1);
+}
+
+// Everything observable about the table, to check that a failed call changed nothing.
+std::string snapshot(const Allocator& a) {
+  std::string s;
+  char buf[256];
+  for (const auto& i : a.allocations()) {
+    std::snprintf(buf, sizeof buf, "%" PRIxPTR " %" PRIu64 " %d %s %s %" PRIu64 " %" PRIu64 "\n", i.address, i.size,
+                  i.device, i.tag.c_str(), vse::state_name(i.state), i.backup_bytes, i.preserved_bytes);
+    s += buf;
+  }
+  return s;
+}
+
+std::string ranges_text(const RangeSet& s) {
+  std::string out;
+  for (const ByteRange& r : s.ranges()) out += "[" + std::to_string(r.begin) + "," + std::to_string(r.end) + ")";
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RangeSet
+
+void test_range_set_add() {
+  RangeSet s;
+  CHECK(s.empty());
+  CHECK(s.bytes() == 0);
+  s.add({5, 5});  // empty range: nothing
+  s.add({9, 3});  // inverted range: nothing
+  CHECK(s.empty());
+
+  s.add({20, 30});
+  s.add({0, 10});  // before, disjoint: sorted
+  CHECK(ranges_text(s) == "[0,10)[20,30)");
+  s.add({10, 12});  // touches the end of [0,10): merged
+  CHECK(ranges_text(s) == "[0,12)[20,30)");
+  s.add({18, 20});  // touches the start of [20,30): merged
+  CHECK(ranges_text(s) == "[0,12)[18,30)");
+  s.add({12, 18});  // fills the gap exactly: one range
+  CHECK(ranges_text(s) == "[0,30)");
+  CHECK(s.bytes() == 30);
+  s.add({3, 7});  // inside: nothing changes
+  CHECK(ranges_text(s) == "[0,30)");
+
+  RangeSet t;
+  t.add({10, 20});
+  t.add({30, 40});
+  t.add({50, 60});
+  t.add({15, 55});  // overlaps three: one range
+  CHECK(ranges_text(t) == "[10,60)");
+  t.add({0, 100});  // covers all
+  CHECK(ranges_text(t) == "[0,100)");
+
+  RangeSet u;
+  u.add({100, 110});
+  u.add({50, 60});
+  u.add({70, 80});
+  u.add({0, 1});
+  u.add({61, 69});  // between, touching neither
+  CHECK(ranges_text(u) == "[0,1)[50,60)[61,69)[70,80)[100,110)");
+  CHECK(u.bytes() == 1 + 10 + 8 + 10 + 10);
+  u.add({60, 61});
+  CHECK(ranges_text(u) == "[0,1)[50,69)[70,80)[100,110)");
+
+  RangeSet big(ByteRange{UINT64_MAX - 10, UINT64_MAX});
+  CHECK(big.bytes() == 10);
+  RangeSet none(ByteRange{7, 7});
+  CHECK(none.empty());
+}
+
+void test_range_set_subtract() {
+  RangeSet s(ByteRange{0, 100});
+  s.subtract({40, 60});  // middle: split in two
+  CHECK(ranges_text(s) == "[0,40)[60,100)");
+  s.subtract({0, 10});  // the start
+  CHECK(ranges_text(s) == "[10,40)[60,100)");
+  s.subtract({90, 200});  // the end and beyond
+  CHECK(ranges_text(s) == "[10,40)[60,90)");
+  s.subtract({40, 60});  // exactly the gap: nothing
+  CHECK(ranges_text(s) == "[10,40)[60,90)");
+  s.subtract({50, 50});  // empty: nothing
+  CHECK(ranges_text(s) == "[10,40)[60,90)");
+  s.subtract({39, 61});  // one byte of each
+  CHECK(ranges_text(s) == "[10,39)[61,90)");
+  s.subtract({0, 1000});  // all
+  CHECK(s.empty());
+
+  RangeSet t;
+  t.add({0, 10});
+  t.add({20, 30});
+  t.add({40, 50});
+  RangeSet holes;
+  holes.add({5, 25});
+  holes.add({45, 46});
+  t.subtract(holes);
+  CHECK(ranges_text(t) == "[0,5)[25,30)[40,45)[46,50)");
+  CHECK(t.bytes() == 5 + 5 + 5 + 4);
+
+  RangeSet empty;
+  empty.subtract({0, 10});
+  CHECK(empty.empty());
+}
+
+void test_range_set_clip() {
+  RangeSet s;
+  s.add({100, 200});
+  s.add({300, 400});
+  CHECK(ranges_text(s.clipped_relative({0, 1000})) == "[100,200)[300,400)");
+  CHECK(ranges_text(s.clipped_relative({150, 350})) == "[0,50)[150,200)");
+  CHECK(ranges_text(s.clipped_relative({120, 130})) == "[0,10)");  // inside one range
+  CHECK(s.clipped_relative({200, 300}).empty());                   // exactly the gap
+  CHECK(s.clipped_relative({0, 100}).empty());                     // ends where the first begins
+  CHECK(s.clipped_relative({400, 500}).empty());                   // begins where the last ends
+  CHECK(s.clipped_relative({150, 150}).empty());                   // empty window
+  CHECK(ranges_text(s.clipped_relative({199, 301})) == "[0,1)[101,102)");
+  CHECK(ranges_text(s.clipped_relative({100, 400})) == "[0,100)[200,300)");
+  CHECK(RangeSet().clipped_relative({0, 10}).empty());
+}
+
+// RangeSet against a bitmap over a small universe, random operations.
+void test_range_set_random_against_bitmap() {
+  constexpr int kUniverse = 96;
+  std::mt19937 rng(12345);
+  for (int round = 0; round < 300; ++round) {
+    RangeSet s;
+    std::vector<bool> bits(kUniverse, false);
+    for (int op = 0; op < 12; ++op) {
+      uint64_t a = rng() % kUniverse, b = rng() % (kUniverse + 1);
+      bool add = rng() % 3 != 0;
+      if (add) {
+        s.add({a, b});
+        for (uint64_t i = a; i < b; ++i) bits[i] = true;
+      } else {
+        s.subtract({a, b});
+        for (uint64_t i = a; i < b; ++i) bits[i] = false;
+      }
+    }
+    // Same bytes, and kept as sorted, disjoint, non-touching ranges.
+    std::vector<bool> from_set(kUniverse, false);
+    bool canonical = true;
+    uint64_t prev_end = 0;
+    bool first = true;
+    for (const ByteRange& r : s.ranges()) {
+      if (r.empty() || (!first && r.begin <= prev_end)) canonical = false;
+      for (uint64_t i = r.begin; i < r.end && i < kUniverse; ++i) from_set[i] = true;
+      prev_end = r.end;
+      first = false;
+    }
+    CHECK(canonical);
+    CHECK(from_set == bits);
+    uint64_t count = 0;
+    for (bool bit : bits) count += bit;
+    CHECK(s.bytes() == count);
+
+    uint64_t w0 = rng() % kUniverse, w1 = w0 + rng() % (kUniverse - w0 + 1);
+    RangeSet c = s.clipped_relative({w0, w1});
+    std::vector<bool> clipped(kUniverse, false);
+    for (const ByteRange& r : c.ranges())
+      for (uint64_t i = r.begin; i < r.end; ++i) clipped[i] = true;
+    bool same = true;
+    for (uint64_t i = 0; i < kUniverse; ++i) {
+      bool want = i < w1 - w0 && bits[w0 + i];
+      if (clipped[i] != want) same = false;
+    }
+    CHECK(same);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Allocator over the host backend
+
+void test_allocate_and_free() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t p = a->allocate(100, 0, "weights");
+  CHECK(p != 0);
+  fill(p, 100, 1);
+  CHECK(matches(p, 100, 1));
+  auto infos = a->allocations();
+  CHECK(infos.size() == 1);
+  CHECK(infos[0].address == p && infos[0].size == 100 && infos[0].tag == "weights");
+  CHECK(infos[0].state == State::Mapped && infos[0].backup_bytes == 0 && infos[0].preserved_bytes == 0);
+  a->free(p);
+  CHECK(a->allocations().empty());
+  CHECK_THROWS(a->free(p), vse::InvalidArgument);
+  CHECK_THROWS(a->free(0), vse::InvalidArgument);
+  CHECK_THROWS(a->allocate(0, 0, "weights"), vse::InvalidArgument);
+  CHECK_THROWS(a->allocate(10, 0, ""), vse::InvalidArgument);
+  CHECK_THROWS(a->allocate(10, 1, "weights"), vse::InvalidArgument);  // the host backend has device 0 only
+  CHECK(a->allocations().empty());
+}
+
+void test_offloaded_tag_survives_every_byte() {
+  // Sizes off and on the granularity, and backups spanning many 2 MiB staging pieces.
+  for (unsigned threads : {1u, 3u}) {
+    auto a = host_allocator(256 * MiB, small_pieces(threads));
+    const std::vector<uint64_t> sizes = {1, 4095, kGranularity, kGranularity + 1, 5 * MiB + 3, 9 * MiB};
+    std::vector<uintptr_t> ptrs;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      ptrs.push_back(a->allocate(sizes[i], 0, "weights"));
+      fill(ptrs[i], sizes[i], 100 + i);
+    }
+    for (int cycle = 0; cycle < 3; ++cycle) {
+      vse::OpStats s = a->sleep({"weights"}, {}, {});
+      CHECK(s.allocations == sizes.size());
+      for (uintptr_t p : ptrs) CHECK(state_of(*a, p) == State::BackedUp);
+      vse::OpStats w = a->wake(std::nullopt);
+      CHECK(w.allocations == sizes.size());
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        CHECK(state_of(*a, ptrs[i]) == State::Mapped);
+        CHECK(matches(ptrs[i], sizes[i], 100 + i));
+      }
+    }
+    for (uintptr_t p : ptrs) a->free(p);
+  }
+}
+
+void test_other_tags_are_discarded() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t w = a->allocate(3 * MiB, 0, "weights");
+  uintptr_t kv = a->allocate(1 * MiB, 0, "kv_cache");
+  fill(w, 3 * MiB, 1);
+  fill(kv, 1 * MiB, 2);
+  a->sleep({"weights"}, {}, {});
+  CHECK(state_of(*a, w) == State::BackedUp);
+  CHECK(state_of(*a, kv) == State::Discarded);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 1));
+  CHECK(differs_everywhere(kv, 1 * MiB, 2));
+  // A woken discarded allocation is ordinary memory again.
+  fill(kv, 1 * MiB, 3);
+  CHECK(matches(kv, 1 * MiB, 3));
+}
+
+void test_preserved_ranges() {
+  auto a = host_allocator(64 * MiB);
+  const uint64_t n = 1 * MiB;
+  // Three allocations in address order: one range spans the first two (and the gap between them,
+  // which belongs to no allocation's bytes); the third gets ranges of its own.
+  std::vector<uintptr_t> addr = {a->allocate(n, 0, "weights"), a->allocate(n, 0, "weights"),
+                                 a->allocate(n, 0, "weights")};
+  std::sort(addr.begin(), addr.end());
+  const uintptr_t lo = addr[0], hi = addr[1], z = addr[2], x = lo;
+  const uint64_t lo_seed = 1, hi_seed = 2;
+  fill(lo, n, lo_seed);
+  fill(hi, n, hi_seed);
+  fill(z, n, 3);
+  std::vector<ByteRange> preserve = {
+      {lo + n - 100, hi + 200},           // the last 100 bytes of one and the first 200 of the other
+      {z + 1000, z + 2000},               // z: [1000, 2000) ...
+      {z + 1500, z + 3000},               // ... overlapping: [1000, 3000)
+      {z + 3000, z + 4000},               // ... adjacent: [1000, 4000)
+      {z + 10000, z + 20000},             // z: [10000, 20000) minus [12000, 13000) below
+  };
+  std::vector<ByteRange> exclude = {{z + 12000, z + 13000}, {z + 3500, z + 5000}};  // -> [1000, 3500)
+  vse::OpStats s = a->sleep({}, preserve, exclude);
+  CHECK(s.allocations == 3);
+  CHECK(s.bytes_copied == 100 + 200 + 2500 + 9000);
+  auto infos = a->allocations();
+  CHECK(find(infos, lo)->preserved_bytes == 100);
+  CHECK(find(infos, hi)->preserved_bytes == 200);
+  CHECK(find(infos, z)->preserved_bytes == 2500 + 9000);
+  CHECK(find(infos, z)->state == State::BackedUp);
+  auto stats = a->tag_stats();
+  CHECK(stats["weights"].preserved_bytes == 100 + 200 + 11500);
+  CHECK(stats["weights"].backed_up_bytes == 100 + 200 + 11500);
+  a->wake(std::nullopt);
+  CHECK(matches(lo + n - 100, 100, lo_seed, n - 100));
+  CHECK(differs_everywhere(lo, n - 100, lo_seed));
+  CHECK(matches(hi, 200, hi_seed));
+  CHECK(differs_everywhere(hi + 200, n - 200, hi_seed, 200));
+  CHECK(differs_everywhere(z, 1000, 3));
+  CHECK(matches(z + 1000, 2500, 3, 1000));
+  CHECK(differs_everywhere(z + 3500, 10000 - 3500, 3, 3500));
+  CHECK(matches(z + 10000, 2000, 3, 10000));
+  CHECK(differs_everywhere(z + 12000, 1000, 3, 12000));
+  CHECK(matches(z + 13000, 7000, 3, 13000));
+  CHECK(differs_everywhere(z + 20000, n - 20000, 3, 20000));
+
+  // A range preserved in an offloaded allocation changes nothing: the whole of it is kept.
+  fill(x, n, 4);
+  a->sleep({"weights"}, {{x + 10, x + 20}}, {{x, x + n}});
+  infos = a->allocations();
+  CHECK(find(infos, x)->backup_bytes == n);
+  CHECK(find(infos, x)->preserved_bytes == 0);
+  a->wake(std::nullopt);
+  CHECK(matches(x, n, 4));
+
+  // Ranges outside every allocation, and all-excluded ranges, keep nothing.
+  a->sleep({}, {{0, 4096}, {x + 5, x + 50}}, {{x, x + 100}});
+  CHECK(state_of(*a, x) == State::Discarded);
+  a->wake(std::nullopt);
+}
+
+void test_selective_wake_and_noops() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t p = a->allocate(MiB, 0, "a");
+  uintptr_t q = a->allocate(MiB, 0, "b");
+  fill(p, MiB, 1);
+  fill(q, MiB, 2);
+  a->sleep({"a", "b"}, {}, {});
+  std::string asleep = snapshot(*a);
+  uint64_t host = a->host_bytes();
+
+  // Sleep when everything sleeps: nothing changes.
+  vse::OpStats again = a->sleep({}, {}, {});
+  CHECK(again.allocations == 0 && again.bytes_copied == 0 && again.bytes_device == 0);
+  CHECK(snapshot(*a) == asleep);
+  CHECK(a->host_bytes() == host);
+
+  // Wake of an unknown tag, and of no tag: nothing.
+  CHECK(a->wake(std::vector<std::string>{"nope"}).allocations == 0);
+  CHECK(a->wake(std::vector<std::string>{}).allocations == 0);
+  CHECK(snapshot(*a) == asleep);
+
+  vse::OpStats w = a->wake(std::vector<std::string>{"a"});
+  CHECK(w.allocations == 1 && w.bytes_copied == MiB && w.bytes_device == kGranularity);
+  CHECK(state_of(*a, p) == State::Mapped);
+  CHECK(state_of(*a, q) == State::BackedUp);
+  CHECK(matches(p, MiB, 1));
+
+  // Wake of an awake tag: nothing, and its bytes stay as they are.
+  fill(p, MiB, 3);
+  CHECK(a->wake(std::vector<std::string>{"a"}).allocations == 0);
+  CHECK(matches(p, MiB, 3));
+
+  a->wake(std::vector<std::string>{"b"});
+  CHECK(matches(q, MiB, 2));
+  CHECK(a->wake(std::nullopt).allocations == 0);
+
+  // An allocation made while others sleep is mapped, and usable at once.
+  a->sleep({"a"}, {}, {});
+  uintptr_t r = a->allocate(1000, 0, "b");
+  CHECK(state_of(*a, r) == State::Mapped);
+  fill(r, 1000, 9);
+  CHECK(matches(r, 1000, 9));
+  a->free(r);
+  a->wake(std::nullopt);
+  CHECK(matches(p, MiB, 3));
+}
+
+void test_discard() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t p = a->allocate(MiB, 0, "a");
+  uintptr_t q = a->allocate(MiB, 0, "b");
+  uintptr_t r = a->allocate(MiB, 0, "c");
+  fill(p, MiB, 1);
+  fill(q, MiB, 2);
+  fill(r, MiB, 3);
+  a->sleep({"a"}, {{q, q + 100}}, {});
+  CHECK(state_of(*a, p) == State::BackedUp);
+  CHECK(state_of(*a, q) == State::BackedUp);  // preserved range only
+  a->discard({"a", "b", "nope"});             // drops backups, whole and preserved
+  CHECK(state_of(*a, p) == State::Discarded);
+  CHECK(state_of(*a, q) == State::Discarded);
+  CHECK(state_of(*a, r) == State::Discarded);
+  auto stats = a->tag_stats();
+  CHECK(stats["a"].backed_up_bytes == 0 && stats["b"].backed_up_bytes == 0 && stats["b"].preserved_bytes == 0);
+  a->wake(std::nullopt);
+  CHECK(differs_everywhere(p, MiB, 1));
+  CHECK(differs_everywhere(q, MiB, 2));
+
+  // Discard of mapped allocations releases their memory; other tags stay mapped.
+  fill(p, MiB, 4);
+  fill(r, MiB, 5);
+  a->discard({"a"});
+  CHECK(state_of(*a, p) == State::Discarded);
+  CHECK(state_of(*a, r) == State::Mapped);
+  CHECK(matches(r, MiB, 5));
+  a->discard({"a"});  // again: nothing
+  a->wake(std::vector<std::string>{"a"});
+  CHECK(state_of(*a, p) == State::Mapped);
+  CHECK(differs_everywhere(p, MiB, 4));
+}
+
+void test_free_returns_capacity_in_every_state() {
+  const uint64_t cap = 8 * MiB;
+  auto a = host_allocator(cap);
+  uintptr_t p = a->allocate(2 * MiB, 0, "a");      // will be backed up
+  uintptr_t q = a->allocate(2 * MiB, 0, "b");      // will be discarded
+  uintptr_t r = a->allocate(2 * MiB, 0, "c");      // will keep a preserved range
+  uintptr_t s = a->allocate(2 * MiB - 1, 0, "d");  // will be discarded
+  CHECK_THROWS(a->allocate(1, 0, "e"), vse::DeviceOutOfMemory);
+  a->sleep({"a"}, {{r, r + 10}}, {});
+  uintptr_t t = a->allocate(2 * MiB, 0, "d");  // while asleep: mapped (into memory the sleep gave back)
+  fill(t, 2 * MiB, 7);
+  CHECK(state_of(*a, p) == State::BackedUp);
+  CHECK(state_of(*a, q) == State::Discarded);
+  CHECK(state_of(*a, r) == State::BackedUp);
+  a->free(p);
+  a->free(q);
+  a->free(r);
+  a->free(s);
+  a->free(t);
+  CHECK(a->allocations().empty());
+  CHECK(a->tag_stats().empty());
+  uintptr_t all = a->allocate(cap, 0, "x");  // the whole capacity is free again
+  fill(all, cap, 8);
+  CHECK(matches(all, cap, 8));
+  a->free(all);
+}
+
+// trim(): PyTorch keeps a segment cached that it will never allocate from again.
+void test_trim() {
+  const uint64_t cap = 4 * MiB;
+  auto a = host_allocator(cap);
+  uintptr_t p = a->allocate(2 * MiB, 0, "weights");
+  uintptr_t q = a->allocate(MiB, 0, "weights");
+  fill(q, MiB, 2);
+  a->trim(p);
+  CHECK(state_of(*a, p) == State::Unused);
+  CHECK(std::string(vse::state_name(State::Unused)) == "unused");
+  auto st = a->tag_stats();
+  CHECK(st["weights"].allocations == 1 && st["weights"].mapped_bytes == MiB);  // not counted
+  uintptr_t extra = a->allocate(2 * MiB, 0, "x");  // its memory is free again
+  a->free(extra);
+  // Never slept, woken or discarded again.
+  CHECK(a->sleep({"weights"}, {{p, p + 100}}, {}).allocations == 1);
+  CHECK(a->wake(std::nullopt).allocations == 1);
+  CHECK(matches(q, MiB, 2));
+  a->discard({"weights"});
+  CHECK(state_of(*a, p) == State::Unused && state_of(*a, q) == State::Discarded);
+  a->wake(std::nullopt);
+  CHECK(state_of(*a, p) == State::Unused && state_of(*a, q) == State::Mapped);
+  a->trim(p);  // again: nothing
+  // A sleeping allocation's backup goes with it.
+  fill(q, MiB, 3);
+  vse::AllocatorOptions o = a->options();
+  o.keep_host_backups = false;
+  a->set_options(o);
+  a->sleep({"weights"}, {}, {});
+  CHECK(a->host_bytes() >= MiB);
+  a->trim(q);
+  CHECK(state_of(*a, q) == State::Unused);
+  CHECK(a->host_bytes() == 0);
+  CHECK(a->tag_stats().empty());
+  a->free(p);
+  a->free(q);
+  CHECK(a->allocations().empty());
+  CHECK_THROWS(a->trim(p), vse::InvalidArgument);
+  uintptr_t all = a->allocate(cap, 0, "x");
+  a->free(all);
+}
+
+void test_stats_exact() {
+  auto a = host_allocator(64 * MiB);
+  CHECK(!a->last_sleep() && !a->last_wake());
+  uintptr_t w1 = a->allocate(MiB + 5, 0, "weights");       // mapped 2 MiB
+  uintptr_t w2 = a->allocate(3 * MiB, 0, "weights");       // mapped 4 MiB
+  uintptr_t kv = a->allocate(2 * MiB, 0, "kv_cache");      // mapped 2 MiB
+  uintptr_t other = a->allocate(7, 0, "other");            // mapped 2 MiB
+  (void)w1;
+  (void)w2;
+  (void)other;
+  auto s0 = a->tag_stats();
+  CHECK(s0.size() == 3);
+  CHECK(s0["weights"].allocations == 2 && s0["weights"].mapped_bytes == 4 * MiB + 5);
+  CHECK(s0["weights"].asleep_bytes == 0 && s0["weights"].backed_up_bytes == 0);
+
+  vse::OpStats s = a->sleep({"weights"}, {{kv + 100, kv + 400}}, {});
+  CHECK(s.allocations == 4);
+  CHECK(s.bytes_copied == 4 * MiB + 5 + 300);
+  CHECK(s.bytes_device == 10 * MiB);
+  CHECK(s.seconds >= 0);
+  CHECK(a->last_sleep() && a->last_sleep()->bytes_copied == s.bytes_copied);
+  auto st = a->tag_stats();
+  CHECK(st["weights"].allocations == 2 && st["weights"].mapped_bytes == 0);
+  CHECK(st["weights"].asleep_bytes == 4 * MiB + 5);
+  CHECK(st["weights"].backed_up_bytes == 4 * MiB + 5 && st["weights"].preserved_bytes == 0);
+  CHECK(st["kv_cache"].asleep_bytes == 2 * MiB && st["kv_cache"].backed_up_bytes == 300);
+  CHECK(st["kv_cache"].preserved_bytes == 300);
+  CHECK(st["other"].asleep_bytes == 7 && st["other"].backed_up_bytes == 0);
+  CHECK(a->host_bytes() >= 4 * MiB + 305);
+
+  vse::OpStats w = a->wake(std::vector<std::string>{"weights"});
+  CHECK(w.allocations == 2 && w.bytes_copied == 4 * MiB + 5 && w.bytes_device == 6 * MiB);
+  w = a->wake(std::nullopt);
+  CHECK(w.allocations == 2 && w.bytes_copied == 300 && w.bytes_device == 4 * MiB);
+  CHECK(a->last_wake()->allocations == 2);
+  auto st2 = a->tag_stats();
+  CHECK(st2["kv_cache"].mapped_bytes == 2 * MiB && st2["kv_cache"].backed_up_bytes == 0);
+}
+
+void test_host_cache() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t p = a->allocate(3 * MiB, 0, "w");
+  fill(p, 3 * MiB, 1);
+  a->sleep({"w"}, {}, {});
+  const uint64_t held = a->host_bytes();
+  CHECK(held >= 3 * MiB && held <= 3 * MiB + 3 * MiB / 100);  // within 1% of the bytes backed up
+  a->wake(std::nullopt);
+  CHECK(a->host_bytes() == held);  // kept for the next sleep
+  for (int i = 0; i < 5; ++i) {
+    fill(p, 3 * MiB, 10 + i);
+    a->sleep({"w"}, {}, {});
+    CHECK(a->host_bytes() == held);  // reused, not grown
+    a->wake(std::nullopt);
+    CHECK(matches(p, 3 * MiB, 10 + i));
+  }
+  a->release_host_cache();
+  CHECK(a->host_bytes() == 0);
+
+  // release_host_cache() leaves backups in use alone.
+  a->sleep({"w"}, {}, {});
+  a->release_host_cache();
+  CHECK(a->host_bytes() == held);
+  a->wake(std::nullopt);
+  CHECK(matches(p, 3 * MiB, 14));
+
+  vse::AllocatorOptions o = a->options();
+  o.keep_host_backups = false;
+  a->set_options(o);  // drops the idle cache at once
+  CHECK(a->host_bytes() == 0);
+  a->sleep({"w"}, {}, {});
+  CHECK(a->host_bytes() == held);
+  a->wake(std::nullopt);
+  CHECK(a->host_bytes() == 0);
+  CHECK(matches(p, 3 * MiB, 14));
+}
+
+void test_wake_out_of_memory_then_retry() {
+  const uint64_t cap = 8 * MiB;
+  auto a = host_allocator(cap);
+  uintptr_t w = a->allocate(4 * MiB, 0, "weights");
+  uintptr_t kv = a->allocate(2 * MiB, 0, "kv_cache");
+  fill(w, 4 * MiB, 1);
+  fill(kv, 2 * MiB, 2);
+  a->sleep({"weights"}, {{kv, kv + 1000}}, {});
+  uintptr_t hog = a->allocate(6 * MiB, 0, "trainer");  // made while asleep: leaves 2 MiB free
+  const std::string before = snapshot(*a);
+  const uint64_t host = a->host_bytes();
+  std::string msg = message_of<vse::DeviceOutOfMemory>([&] { a->wake(std::nullopt); });
+  CHECK(!msg.empty());
+  CHECK(msg.find("'weights'") != std::string::npos);
+  CHECK(msg.find("'kv_cache'") != std::string::npos);
+  CHECK(msg.find("6291456 bytes") != std::string::npos);  // needed
+  CHECK(msg.find("2097152 bytes") != std::string::npos);  // free
+  CHECK(snapshot(*a) == before);
+  CHECK(a->host_bytes() == host);
+  CHECK_THROWS(a->wake(std::vector<std::string>{"weights"}), vse::DeviceOutOfMemory);
+  CHECK(snapshot(*a) == before);
+  // Part of it fits: kv_cache needs 2 MiB.
+  a->wake(std::vector<std::string>{"kv_cache"});
+  CHECK(matches(kv, 1000, 2));
+  CHECK_THROWS(a->wake(std::nullopt), vse::DeviceOutOfMemory);
+  a->free(hog);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 4 * MiB, 1));
+  CHECK(matches(kv, 1000, 2));
+}
+
+void test_host_memory_limit_then_retry() {
+  auto a = host_allocator(64 * MiB);
+  uintptr_t w = a->allocate(3 * MiB, 0, "weights");
+  uintptr_t kv = a->allocate(MiB, 0, "kv_cache");
+  fill(w, 3 * MiB, 1);
+  fill(kv, MiB, 2);
+  vse::AllocatorOptions o = a->options();
+  o.host_memory_limit = 2 * MiB;
+  a->set_options(o);
+  const std::string before = snapshot(*a);
+  std::string msg = message_of<vse::HostOutOfMemory>([&] { a->sleep({"weights"}, {}, {}); });
+  CHECK(!msg.empty());
+  CHECK(msg.find("Nothing was released") != std::string::npos);
+  CHECK(snapshot(*a) == before);  // all mapped
+  CHECK(a->host_bytes() == 0);
+  CHECK(!a->last_sleep());
+  CHECK(matches(w, 3 * MiB, 1) && matches(kv, MiB, 2));
+  fill(w, 3 * MiB, 3);  // still ordinary memory
+  o.host_memory_limit = 4 * MiB;
+  a->set_options(o);
+  a->sleep({"weights"}, {}, {});
+  CHECK(state_of(*a, w) == State::BackedUp);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 3));
+  // The cached arena is reused under the same limit.
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 3));
+  // A backup held by sleeping allocations counts against the limit.
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::vector<std::string>{"kv_cache"});
+  uintptr_t extra = a->allocate(3 * MiB, 0, "more");
+  CHECK_THROWS(a->sleep({"more"}, {}, {}), vse::HostOutOfMemory);
+  CHECK(state_of(*a, extra) == State::Mapped && state_of(*a, kv) == State::Mapped);
+  a->free(extra);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 3));
+}
+
+// Every failure injected into sleep and wake leaves the table as it was; the retry succeeds.
+void test_injected_faults_roll_back() {
+  FaultyBackend* b = nullptr;
+  auto a = faulty_allocator(64 * MiB, &b, small_pieces(3));
+  const uint64_t n1 = 5 * MiB + 11, n2 = 3 * MiB, n3 = MiB;
+  uintptr_t p1 = a->allocate(n1, 0, "weights");
+  uintptr_t p2 = a->allocate(n2, 0, "weights");
+  uintptr_t p3 = a->allocate(n3, 0, "kv_cache");
+  auto refill = [&](uint64_t seed) {
+    fill(p1, n1, seed);
+    fill(p2, n2, seed + 1);
+    fill(p3, n3, seed + 2);
+  };
+  auto intact = [&](uint64_t seed) {
+    return matches(p1, n1, seed) && matches(p2, n2, seed + 1) && matches(p3 + 64, 4096, seed + 2, 64);
+  };
+  const std::vector<ByteRange> keep = {{p3 + 64, p3 + 64 + 4096}};
+  uint64_t seed = 10;
+  refill(seed);
+  const std::string awake = snapshot(*a);
+  const uint64_t free_awake = b->real_free();
+
+  // Sleep: failures before anything is released.
+  struct SleepFault {
+    const char* name;
+    Fault* fault;
+    int after;
+  };
+  std::vector<SleepFault> sleep_faults = {
+      {"pin, first piece", &b->pin_fault, 0},     {"pin, a later piece", &b->pin_fault, 2},
+      {"synchronize", &b->synchronize_fault, 0},  {"copy to host, first", &b->to_host_fault, 0},
+      {"copy to host, later", &b->to_host_fault, 3},
+  };
+  for (const SleepFault& f : sleep_faults) {
+    a->release_host_cache();
+    f.fault->arm(f.after);
+    bool threw = false;
+    try {
+      a->sleep({"weights"}, keep, {});
+    } catch (const vse::Error&) {
+      threw = true;
+    }
+    f.fault->disarm();
+    if (!threw) std::fprintf(stderr, "  injected fault did not fire: %s\n", f.name);
+    CHECK(threw);
+    CHECK(snapshot(*a) == awake);
+    CHECK(b->real_free() == free_awake);
+    CHECK(a->host_bytes() == 0);
+    CHECK(b->pinned() == 0);
+    CHECK(b->marks_balanced());
+    CHECK(intact(seed));
+    refill(++seed);  // still plain memory
+  }
+
+  // Wake: failures after some memory was created, mapped or copied.
+  a->sleep({"weights"}, keep, {});
+  const std::string asleep = snapshot(*a);
+  const uint64_t free_asleep = b->real_free();
+  CHECK(free_asleep == 64 * MiB);
+  b->lie_about_free_memory = true;  // so that the failure comes from create(), past the free-memory check
+  struct WakeFault {
+    const char* name;
+    Fault* fault;
+    int after;
+    bool device_oom;
+  };
+  std::vector<WakeFault> wake_faults = {
+      {"create, first", &b->create_fault, 0, true},  {"create, last", &b->create_fault, 2, true},
+      {"map, first", &b->map_fault, 0, false},       {"map, last", &b->map_fault, 2, false},
+      {"copy to device", &b->to_device_fault, 0, false}, {"wait for copies", &b->wait_fault, 0, false},
+  };
+  for (const WakeFault& f : wake_faults) {
+    f.fault->arm(f.after);
+    std::string kind;
+    try {
+      a->wake(std::nullopt);
+      kind = "none";
+    } catch (const vse::DeviceOutOfMemory& e) {
+      kind = "oom";
+      CHECK(std::string(e.what()).find("'weights'") != std::string::npos);
+    } catch (const vse::Error&) {
+      kind = "error";
+    }
+    f.fault->disarm();
+    if (kind == "none") std::fprintf(stderr, "  injected fault did not fire: %s\n", f.name);
+    CHECK(kind == (f.device_oom ? "oom" : "error"));
+    CHECK(snapshot(*a) == asleep);
+    CHECK(b->real_free() == free_asleep);
+  }
+  b->lie_about_free_memory = false;
+  a->wake(std::nullopt);
+  CHECK(intact(seed));
+  CHECK(b->real_free() == free_awake);
+  CHECK(b->marks_balanced());
+}
+
+// Sleep releases each allocation as soon as the copies of its bytes are done. When waiting for a copy
+// fails there, the allocations released so far are asleep with complete backups, the rest are still
+// mapped, nothing is lost, and the same sleep, retried, puts the rest to sleep.
+void test_sleep_failing_while_releasing_loses_nothing() {
+  int failed_sleeps = 0;
+  for (int after = 0; after < 4; ++after) {
+    FaultyBackend* b = nullptr;
+    const uint64_t cap = 64 * MiB;
+    auto a = faulty_allocator(cap, &b, small_pieces(2));
+    struct Row {
+      uintptr_t p;
+      uint64_t n;
+      const char* tag;
+      uint64_t seed;
+    };
+    std::vector<Row> rows = {{0, 5 * MiB + 11, "weights", 1}, {0, 3 * MiB, "weights", 2},
+                             {0, MiB, "kv_cache", 3},         {0, 2 * MiB + 5, "weights", 4},
+                             {0, MiB, "scratch", 5}};
+    for (Row& r : rows) {
+      r.p = a->allocate(r.n, 0, r.tag);
+      fill(r.p, r.n, r.seed);
+    }
+    const uintptr_t kv = rows[2].p, scratch = rows[4].p;
+    const std::vector<ByteRange> keep = {{kv + 64, kv + 64 + 4096}};
+    b->wait_mark_fault.arm(after);
+    bool threw = false;
+    try {
+      a->sleep({"weights"}, keep, {});
+    } catch (const vse::Error&) {
+      threw = true;
+    }
+    b->wait_mark_fault.disarm();
+    if (!threw) {
+      // Fewer waits than `after`+1 (one wait can cover several allocations): nothing to check.
+      a->wake(std::nullopt);
+      continue;
+    }
+    ++failed_sleeps;
+    CHECK(b->marks_balanced());
+    uint64_t mapped = 0;
+    bool consistent = true;
+    for (const auto& i : a->allocations()) {
+      const bool weights = i.tag == "weights";
+      if (i.state == State::Mapped) {
+        mapped += round_up(i.size, kGranularity);
+      } else if (i.state == State::BackedUp) {
+        if (i.backup_bytes != (weights ? i.size : 4096)) consistent = false;  // complete backups only
+      } else if (i.address != scratch) {
+        consistent = false;  // only the allocation with nothing to keep may be discarded
+      }
+    }
+    CHECK(consistent);
+    CHECK(state_of(*a, scratch) == State::Discarded);  // nothing to keep: released before any wait
+    CHECK(b->real_free() == cap - mapped);
+    for (const Row& r : rows)  // what is still mapped is still intact
+      if (state_of(*a, r.p) == State::Mapped && r.p != kv) CHECK(matches(r.p, r.n, r.seed));
+    a->sleep({"weights"}, keep, {});  // the retry puts the rest to sleep
+    for (const Row& r : rows) CHECK(state_of(*a, r.p) != State::Mapped);
+    a->wake(std::nullopt);
+    for (const Row& r : rows)
+      if (std::string(r.tag) == "weights") CHECK(matches(r.p, r.n, r.seed));
+    CHECK(matches(kv + 64, 4096, 3, 64));
+    CHECK(b->marks_balanced());
+    CHECK(b->real_free() == cap - 6 * MiB - 4 * MiB - 2 * MiB - 4 * MiB - 2 * MiB);
+  }
+  std::printf("  (%d of 4 sleeps failed part way)\n", failed_sleeps);
+  CHECK(failed_sleeps >= 2);
+}
+
+void test_destructor_releases_everything() {
+  // Under ASan/LSan this checks that an allocator dropped in any state leaks nothing.
+  for (int mode = 0; mode < 3; ++mode) {
+    auto a = host_allocator(16 * MiB);
+    uintptr_t p = a->allocate(MiB, 0, "w");
+    uintptr_t q = a->allocate(MiB, 0, "k");
+    fill(p, MiB, 1);
+    fill(q, MiB, 2);
+    if (mode >= 1) a->sleep({"w"}, {{q, q + 10}}, {});
+    if (mode == 2) a->wake(std::vector<std::string>{"w"});
+  }
+  CHECK(true);
+}
+
+// Worker threads allocate, write, check and free memory of tag "w" while a sleeper thread puts
+// everything to sleep (offloading "w", keeping a preserved range of its own tag "s") and wakes it.
+// Allocation and free run unsynchronized against sleep/wake, so they also free sleeping allocations
+// and allocate while others sleep. Touching memory while a sleep may unmap it is a caller error, as
+// with kernels on a GPU: an access gate (shared for workers, exclusive around the sleeper's cycle)
+// keeps memory accesses out of the sleep-wake window, but not the allocator calls.
+void test_concurrent_alloc_free_during_sleep_wake() {
+  auto a = host_allocator(512 * MiB, small_pieces(2));
+  std::shared_mutex gate;
+  std::atomic<bool> done{false};
+  std::atomic<long> bad_data{0}, errors{0}, cycles{0}, worker_iterations{0};
+  constexpr int kWorkers = 4;
+  constexpr int kIterations = 150;
+
+  auto worker = [&](int id) {
+    std::mt19937_64 rng(1000 + id);
+    struct Live {
+      uintptr_t p;
+      uint64_t n;
+      uint64_t seed;
+    };
+    std::vector<Live> live;
+    try {
+      for (int it = 0; it < kIterations; ++it) {
+        uint64_t n = 8 * (1 + rng() % (96 * KiB / 8));
+        uint64_t seed = (static_cast<uint64_t>(id) << 20) + it;
+        uintptr_t p = a->allocate(n, 0, "w");
+        {
+          std::shared_lock<std::shared_mutex> access(gate);
+          fill_words(p, n, seed);
+        }
+        live.push_back({p, n, seed});
+        std::this_thread::yield();
+        if (live.size() > 3 || rng() % 2 == 0) {
+          size_t k = rng() % live.size();
+          {
+            std::shared_lock<std::shared_mutex> access(gate);
+            if (!words_match(live[k].p, live[k].n, live[k].seed)) ++bad_data;
+          }
+          if (rng() % 4 == 0) a->trim(live[k].p);  // released for good first, in whatever state
+          a->free(live[k].p);
+          live.erase(live.begin() + static_cast<long>(k));
+        }
+        ++worker_iterations;
+      }
+      std::shared_lock<std::shared_mutex> access(gate);
+      for (const Live& l : live) {
+        if (!words_match(l.p, l.n, l.seed)) ++bad_data;
+        a->free(l.p);
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  worker %d: %s\n", id, e.what());
+      ++errors;
+    }
+  };
+
+  auto sleeper = [&] {
+    try {
+      const uint64_t n = 64 * KiB;
+      uintptr_t s = a->allocate(n, 0, "s");
+      uint64_t seed = 1;
+      while (!done) {
+        std::unique_lock<std::shared_mutex> exclusive(gate);
+        fill(s, n, seed);
+        a->sleep({"w"}, {{s + 1000, s + 9000}}, {});
+        if (state_of(*a, s) != State::BackedUp) ++bad_data;
+        a->wake(std::vector<std::string>{"s"});  // "w" sleeps on while workers allocate and free
+        if (!matches(s + 1000, 8000, seed, 1000)) ++bad_data;
+        a->wake(std::nullopt);
+        ++seed;
+        ++cycles;
+        exclusive.unlock();
+        std::this_thread::yield();
+      }
+      a->free(s);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  sleeper: %s\n", e.what());
+      ++errors;
+    }
+  };
+
+  auto reader = [&] {
+    try {
+      while (!done) {
+        // Each call takes its own snapshot; what is checked is that they are safe at any moment.
+        auto stats = a->tag_stats();
+        auto infos = a->allocations();
+        for (const auto& i : infos)
+          if (i.state == State::BackedUp && i.backup_bytes == 0) ++bad_data;  // a row caught half-moved
+        (void)stats;
+        (void)a->host_bytes();
+        (void)a->last_sleep();
+        std::this_thread::yield();
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  reader: %s\n", e.what());
+      ++errors;
+    }
+  };
+
+  std::thread sleep_thread(sleeper);
+  std::thread read_thread(reader);
+  std::vector<std::thread> workers;
+  for (int i = 0; i < kWorkers; ++i) workers.emplace_back(worker, i);
+  for (auto& t : workers) t.join();
+  done = true;
+  sleep_thread.join();
+  read_thread.join();
+  CHECK(errors == 0);
+  CHECK(bad_data == 0);
+  CHECK(worker_iterations == kWorkers * kIterations);
+  CHECK(cycles > 0);
+  CHECK(a->allocations().empty());
+  std::printf("  (%ld sleep/wake cycles during %ld worker iterations)\n", cycles.load(), worker_iterations.load());
+}
+
+struct Test {
+  const char* name;
+  void (*fn)();
+};
+
+const Test kTests[] = {
+    {"range_set_add", test_range_set_add},
+    {"range_set_subtract", test_range_set_subtract},
+    {"range_set_clip", test_range_set_clip},
+    {"range_set_random_against_bitmap", test_range_set_random_against_bitmap},
+    {"allocate_and_free", test_allocate_and_free},
+    {"offloaded_tag_survives_every_byte", test_offloaded_tag_survives_every_byte},
+    {"other_tags_are_discarded", test_other_tags_are_discarded},
+    {"preserved_ranges", test_preserved_ranges},
+    {"selective_wake_and_noops", test_selective_wake_and_noops},
+    {"discard", test_discard},
+    {"free_returns_capacity_in_every_state", test_free_returns_capacity_in_every_state},
+    {"trim", test_trim},
+    {"stats_exact", test_stats_exact},
+    {"host_cache", test_host_cache},
+    {"wake_out_of_memory_then_retry", test_wake_out_of_memory_then_retry},
+    {"host_memory_limit_then_retry", test_host_memory_limit_then_retry},
+    {"injected_faults_roll_back", test_injected_faults_roll_back},
+    {"sleep_failing_while_releasing_loses_nothing", test_sleep_failing_while_releasing_loses_nothing},
+    {"destructor_releases_everything", test_destructor_releases_everything},
+    {"concurrent_alloc_free_during_sleep_wake", test_concurrent_alloc_free_during_sleep_wake},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  for (const Test& t : kTests) {
+    if (filter && !std::strstr(t.name, filter)) continue;
+    std::printf("[ RUN  ] %s\n", t.name);
+    std::fflush(stdout);
+    const long failed_before = g_failed;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      report(false, __FILE__, __LINE__, std::string(t.name) + " threw: " + e.what());
+    } catch (...) {
+      report(false, __FILE__, __LINE__, std::string(t.name) + " threw a non-std exception");
+    }
+    std::printf("[ %s ] %s\n", g_failed == failed_before ? " OK " : "FAIL", t.name);
+    std::fflush(stdout);
+  }
+  std::printf("%ld passed, %ld failed\n", g_passed.load(), g_failed.load());
+  return g_failed == 0 ? 0 : 1;
+}
