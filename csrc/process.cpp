@@ -15,7 +15,10 @@ thread_local std::optional<std::string> current_tag;
 
 AllocatorOptions default_options() {
   AllocatorOptions options;
-  options.staging.threads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
+  // Measured on a 16-core H200 host (benchmarks/probe_staging.py, RESULTS.md): page population
+  // stops scaling past ~8 threads, and 32 MiB pieces start copies early without many small pins.
+  options.staging.threads = std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u);
+  options.staging.piece_bytes = 32ull << 20;
   return options;
 }
 
