@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU job, for one call of a lent GPU machine: build, the cuda tests, the demo, the benchmarks.
-# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|multi|all]...   Logs go to $OUT (default ./gpu-out).
+# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|multi|all]...   Logs go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Wheels carried to a machine with no registry (e.g. torch_memory_saver for the peer comparison).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 want() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
@@ -28,5 +32,6 @@ want tests && step tests python3 -m pytest -m cuda -v -rs tests --ignore=tests/t
 want multi && step multi python3 -m pytest -m cuda -v -rs tests/test_multi_gpu_cuda.py
 want demo && step demo python3 -m vllm_sleep_ext demo
 want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT"
-want soak && step soak python3 benchmarks/soak.py --quick
+want soak && step soak python3 benchmarks/soak.py
+want probe && step probe python3 benchmarks/probe_staging.py --gib 8 --threads 4 8 12 --piece-mib 32 64
 exit $status
