@@ -11,7 +11,7 @@ import dataclasses
 import gc
 import logging
 import os
-import time
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Optional, Union
@@ -106,7 +106,9 @@ class CuMemAllocator:
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
         self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
-        self._closed_pools: list[torch.cuda.MemPool] = []
+        self._closed_pools: list[torch.cuda.MemPool] = []  # may still hold tensors
+        self._retired_pools: list[torch.cuda.MemPool] = []  # empty for good; kept alive only
+        self._trim_lock = threading.Lock()
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
@@ -150,11 +152,20 @@ class CuMemAllocator:
             self._trim([pool])
 
     def _trim(self, pools: Sequence[torch.cuda.MemPool]) -> None:
-        """Releases segments with nothing allocated in them from pools no one allocates from again."""
-        for pool in pools:
-            for segment in pool.snapshot():
-                if segment["allocated_size"] == 0:
-                    self._core.trim(segment["address"])
+        """Releases segments with nothing allocated in them from pools no one allocates from again.
+
+        A pool left with no allocated byte can never change again: it is retired (kept alive, not
+        looked at). One thread at a time: two concurrent snapshots crash inside PyTorch.
+        """
+        with self._trim_lock:
+            for pool in list(pools):
+                segments = pool.snapshot()
+                for segment in segments:
+                    if segment["allocated_size"] == 0:
+                        self._core.trim(segment["address"])
+                if all(segment["allocated_size"] == 0 for segment in segments) and pool in self._closed_pools:
+                    self._closed_pools.remove(pool)
+                    self._retired_pools.append(pool)
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
@@ -179,6 +190,7 @@ class CuMemAllocator:
     def release_pools(self) -> None:
         """Drops every pool; PyTorch then frees their empty segments. Call it with no pool in use."""
         self._closed_pools.clear()
+        self._retired_pools.clear()
         self._cudagraph_pool = None
         gc.collect()
         if self.backend == "cuda":
