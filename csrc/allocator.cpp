@@ -1,12 +1,14 @@
 #include "allocator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <set>
 
 #include "errors.h"
+#include "parallel.h"
 
 namespace vse {
 namespace {
@@ -252,6 +254,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
       waited = k + 1;
     }
   };
+  std::atomic<uint64_t> released_bytes{0};
   auto release = [&](Step& s) {
     Allocation& a = *s.row;
     backend_->unmap(a.device, a.address, a.mapped_size);
@@ -263,12 +266,14 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
       a.state = State::BackedUp;
       a.backup = std::move(s.backup);
     }
-    stats.bytes_device += a.mapped_size;
+    released_bytes += a.mapped_size;
     backend_->release(a.device, handle);
   };
   try {
+    std::vector<Step*> discarded;
     for (Step& s : steps)
-      if (s.backup.ranges.empty()) release(s);
+      if (s.backup.ranges.empty()) discarded.push_back(&s);
+    parallel_for(discarded.size(), options_.vmm_threads, [&](size_t i) { release(*discarded[i]); });
     for (Step& s : steps) {
       if (s.backup.ranges.empty()) continue;
       copied(s);
@@ -280,6 +285,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     throw;
   }
   release_marks();
+  stats.bytes_device = released_bytes;
   stats.bytes_copied = backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
@@ -316,35 +322,42 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   for (const auto& [device, bytes] : needed)
     if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
 
-  // Map everything, then copy every backup back; undo all of it if any step fails.
-  std::vector<std::pair<Allocation*, PhysicalHandle>> mapped;
+  // Map everything (driver costs are per call, so on several threads), then copy every backup
+  // back; undo all of it if any step fails.
+  std::vector<PhysicalHandle> handles(rows.size());
+  std::vector<char> is_mapped(rows.size(), 0);
   std::set<int> copying;
   auto undo = [&] {
-    for (auto& [a, handle] : mapped) {
+    drain_copies(copying);  // nothing may still write into memory that is unmapped here
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (!is_mapped[i]) continue;
       try {
-        backend_->unmap(a->device, a->address, a->mapped_size);
-        backend_->release(a->device, handle);
+        backend_->unmap(rows[i]->device, rows[i]->address, rows[i]->mapped_size);
+        backend_->release(rows[i]->device, handles[i]);
       } catch (...) {
       }
     }
   };
+  std::atomic<size_t> out_of_memory_at{rows.size()};
   try {
-    // Each allocation's copies start as soon as it is mapped, so mapping the next overlaps them.
-    std::vector<CopySpan> spans;
-    for (Allocation* a : rows) {
-      PhysicalHandle handle = 0;
+    parallel_for(rows.size(), options_.vmm_threads, [&](size_t i) {
+      Allocation& a = *rows[i];
       try {
-        handle = backend_->create(a->device, a->mapped_size);
-      } catch (const DeviceOutOfMemory& e) {
-        throw no_room(a->device, e.what());
-      }
-      try {
-        backend_->map(a->device, a->address, a->mapped_size, handle);
-      } catch (...) {
-        backend_->release(a->device, handle);
+        handles[i] = backend_->create(a.device, a.mapped_size);
+      } catch (const DeviceOutOfMemory&) {
+        out_of_memory_at = i;
         throw;
       }
-      mapped.emplace_back(a, handle);
+      try {
+        backend_->map(a.device, a.address, a.mapped_size, handles[i]);
+      } catch (...) {
+        backend_->release(a.device, handles[i]);
+        throw;
+      }
+      is_mapped[i] = 1;
+    });
+    std::vector<CopySpan> spans;
+    for (Allocation* a : rows) {
       if (!a->backup) continue;
       spans.clear();
       uint8_t* host = a->backup->arena->data() + a->backup->offset;
@@ -357,17 +370,19 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
       backend_->enqueue_copies(a->device, CopyDirection::ToDevice, spans);
     }
     for (int device : copying) backend_->wait_copies(device);
+  } catch (const DeviceOutOfMemory& e) {
+    undo();
+    throw no_room(rows[std::min(out_of_memory_at.load(), rows.size() - 1)]->device, e.what());
   } catch (...) {
-    drain_copies(copying);  // nothing may still write into memory that undo() unmaps
     undo();
     throw;
   }
 
-  for (auto& [a, handle] : mapped) {
-    a->state = State::Mapped;
-    a->handle = handle;
-    a->backup.reset();
-    stats.bytes_device += a->mapped_size;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i]->state = State::Mapped;
+    rows[i]->handle = handles[i];
+    rows[i]->backup.reset();
+    stats.bytes_device += rows[i]->mapped_size;
   }
   recycle_arenas();
   stats.seconds = seconds_since(start);
@@ -509,6 +524,7 @@ AllocatorOptions Allocator::options() const {
 
 void Allocator::set_options(const AllocatorOptions& options) {
   if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
+  if (options.vmm_threads == 0) throw InvalidArgument("vmm threads must be at least 1");
   std::lock_guard<std::mutex> lock(mutex_);
   options_ = options;
   recycle_arenas();

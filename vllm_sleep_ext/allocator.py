@@ -108,7 +108,8 @@ class CuMemAllocator:
         self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
         self._closed_pools: list[torch.cuda.MemPool] = []  # may still hold tensors
         self._retired_pools: list[torch.cuda.MemPool] = []  # empty for good; kept alive only
-        self._trim_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._pools_in_use = 0  # use_memory_pool contexts open, in any thread
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
@@ -134,30 +135,40 @@ class CuMemAllocator:
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
-        pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
+        # Pools are created, entered and left under _pool_lock, and snapshots are taken only while no
+        # thread is inside a pool: PyTorch crashes when a pool snapshot races with those.
+        with self._pool_lock:
+            pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
+            routing = torch.cuda.use_mem_pool(pool)
+            routing.__enter__()
+            self._pools_in_use += 1
         # Expandable segments do not work with pluggable-allocator pools (pytorch#147851).
         expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         if expandable:
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         try:
-            with torch.cuda.use_mem_pool(pool):
-                yield
+            yield
         finally:
             if expandable:
                 torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-            # Kept alive: destroying a pool while other threads use theirs aborts in PyTorch, and
-            # vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its empty
-            # segments can go now and whatever empties later goes at the next sleep or wake.
-            self._closed_pools.append(pool)
+            with self._pool_lock:
+                routing.__exit__(None, None, None)
+                self._pools_in_use -= 1
+                # Kept alive: destroying a pool while other threads use theirs aborts in PyTorch,
+                # and vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its
+                # empty segments can go now; what empties later goes at the next sleep or wake.
+                self._closed_pools.append(pool)
             self._trim([pool])
 
     def _trim(self, pools: Sequence[torch.cuda.MemPool]) -> None:
         """Releases segments with nothing allocated in them from pools no one allocates from again.
 
         A pool left with no allocated byte can never change again: it is retired (kept alive, not
-        looked at). One thread at a time: two concurrent snapshots crash inside PyTorch.
+        looked at). Skipped while a thread is inside a pool (see _cuda_pool); the next call does it.
         """
-        with self._trim_lock:
+        with self._pool_lock:
+            if self._pools_in_use:
+                return
             for pool in list(pools):
                 segments = pool.snapshot()
                 for segment in segments:
