@@ -1,0 +1,96 @@
+"""Cost of each CUDA VMM driver call, per call, for many 2 MiB allocations (what level 2 is made of).
+
+Times cuMemCreate, cuMemMap, cuMemSetAccess, cuMemUnmap and cuMemRelease one allocation at a time,
+then the same with the allocations laid out back to back in one address reservation, where
+cuMemSetAccess and cuMemUnmap can each cover the whole range in one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+
+CU_MEM_ALLOCATION_TYPE_PINNED = 1
+CU_MEM_LOCATION_TYPE_DEVICE = 1
+CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
+
+
+class Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class AllocFlags(ctypes.Structure):
+    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
+                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
+
+
+class Prop(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", Location),
+                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", AllocFlags)]
+
+
+class AccessDesc(ctypes.Structure):
+    _fields_ = [("location", Location), ("flags", ctypes.c_int)]
+
+
+def main(n: int = 600, size: int = 2 << 20) -> int:
+    import torch
+
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # the primary context is current from here on
+    cu = ctypes.CDLL("libcuda.so.1")
+    prop = Prop(CU_MEM_ALLOCATION_TYPE_PINNED, 0, Location(CU_MEM_LOCATION_TYPE_DEVICE, 0))
+    access = AccessDesc(Location(CU_MEM_LOCATION_TYPE_DEVICE, 0), CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+
+    def check(r: int, what: str) -> None:
+        if r != 0:
+            raise RuntimeError(f"{what} failed: {r}")
+
+    def timed(label: str, fn, count: int) -> None:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        print(f"{label:48} {dt * 1e3:8.2f} ms  {dt / count * 1e6:7.1f} us/allocation", flush=True)
+
+    for layout in ("separate reservations", "one reservation, back to back"):
+        print(f"-- {n} allocations of {size >> 20} MiB, {layout}")
+        handles = [ctypes.c_ulonglong() for _ in range(n)]
+        if layout.startswith("separate"):
+            ptrs = []
+            for _ in range(n):
+                p = ctypes.c_ulonglong()
+                check(cu.cuMemAddressReserve(ctypes.byref(p), ctypes.c_size_t(size), ctypes.c_size_t(size),
+                                             ctypes.c_ulonglong(0), ctypes.c_ulonglong(0)), "reserve")
+                ptrs.append(p.value)
+        else:
+            base = ctypes.c_ulonglong()
+            check(cu.cuMemAddressReserve(ctypes.byref(base), ctypes.c_size_t(size * n), ctypes.c_size_t(size),
+                                         ctypes.c_ulonglong(0), ctypes.c_ulonglong(0)), "reserve")
+            ptrs = [base.value + i * size for i in range(n)]
+        for cycle in range(2):
+            timed("cuMemCreate", lambda: [check(cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size),
+                                                               ctypes.byref(prop), ctypes.c_ulonglong(0)), "create")
+                                          for h in handles], n)
+            timed("cuMemMap", lambda: [check(cu.cuMemMap(ctypes.c_ulonglong(p), ctypes.c_size_t(size),
+                                                         ctypes.c_size_t(0), h, ctypes.c_ulonglong(0)), "map")
+                                       for p, h in zip(ptrs, handles)], n)
+            if layout.startswith("separate"):
+                timed("cuMemSetAccess, one call each", lambda: [check(cu.cuMemSetAccess(
+                    ctypes.c_ulonglong(p), ctypes.c_size_t(size), ctypes.byref(access), ctypes.c_size_t(1)), "access")
+                    for p in ptrs], n)
+                timed("cuMemUnmap, one call each", lambda: [check(cu.cuMemUnmap(
+                    ctypes.c_ulonglong(p), ctypes.c_size_t(size)), "unmap") for p in ptrs], n)
+            else:
+                timed("cuMemSetAccess, one call for all", lambda: check(cu.cuMemSetAccess(
+                    ctypes.c_ulonglong(ptrs[0]), ctypes.c_size_t(size * n), ctypes.byref(access),
+                    ctypes.c_size_t(1)), "access"), n)
+                torch.cuda.synchronize()
+                timed("cuMemUnmap, one call for all", lambda: check(cu.cuMemUnmap(
+                    ctypes.c_ulonglong(ptrs[0]), ctypes.c_size_t(size * n)), "unmap"), n)
+            timed("cuMemRelease", lambda: [check(cu.cuMemRelease(h), "release") for h in handles], n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
