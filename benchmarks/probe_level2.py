@@ -62,7 +62,7 @@ def main() -> int:
             k = timed(lambda: alloc.wake_up(["kv_cache"]))
             rows.append((s, s_core, w, w_core, k))
         med = [statistics.median(col) * 1e3 for col in zip(*rows)]
-        trim = timed(lambda: alloc._trim(alloc._closed_pools)) * 1e3
+        trim = timed(lambda: alloc.trim()) * 1e3
         ranges = timed(alloc._preserved_ranges) * 1e3
         empty = timed(torch.cuda.empty_cache) * 1e3
         print(f"{threads:7} {med[0]:9.1f} {med[1]:7.1f} {med[2]:9.1f} {med[3]:7.1f} {med[4]:10.1f} "

@@ -422,8 +422,9 @@ def test_freeing_a_tensor_while_asleep(alloc, held):
     assert alloc.pointer_to_data[victim_ptr].is_asleep
     held.pop("victim")  # the last reference: the tensor dies while asleep
     gc.collect()
-    # PyTorch keeps the empty segment cached in its (closed) pool; the allocator releases it for
-    # good at the next wake_up instead of mapping it again.
+    # PyTorch keeps the empty segment cached in its (closed) pool; trim() releases it for good, so
+    # wake_up does not map it again. (wake_up trims by itself only in a single-threaded process.)
+    alloc.trim()
     scribble_free_gpu_memory()
     alloc.wake_up()
     assert not anything_asleep(alloc)

@@ -109,7 +109,6 @@ class CuMemAllocator:
         self._closed_pools: list[torch.cuda.MemPool] = []  # may still hold tensors
         self._retired_pools: list[torch.cuda.MemPool] = []  # empty for good; kept alive only
         self._pool_lock = threading.Lock()
-        self._pools_in_use = 0  # use_memory_pool contexts open, in any thread
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
@@ -135,46 +134,45 @@ class CuMemAllocator:
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
-        # Pools are created, entered and left under _pool_lock, and snapshots are taken only while no
-        # thread is inside a pool: PyTorch crashes when a pool snapshot races with those.
-        with self._pool_lock:
-            pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
-            routing = torch.cuda.use_mem_pool(pool)
-            routing.__enter__()
-            self._pools_in_use += 1
+        pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
         # Expandable segments do not work with pluggable-allocator pools (pytorch#147851).
         expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         if expandable:
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         try:
-            yield
+            with torch.cuda.use_mem_pool(pool):
+                yield
         finally:
             if expandable:
                 torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            # Kept alive: destroying a pool while other threads allocate aborts in PyTorch, and
+            # vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its empty
+            # segments can go; what empties later goes at the next sleep or wake.
             with self._pool_lock:
-                routing.__exit__(None, None, None)
-                self._pools_in_use -= 1
-                # Kept alive: destroying a pool while other threads use theirs aborts in PyTorch,
-                # and vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its
-                # empty segments can go now; what empties later goes at the next sleep or wake.
                 self._closed_pools.append(pool)
-            self._trim([pool])
+            self._trim(automatic=True)
 
-    def _trim(self, pools: Sequence[torch.cuda.MemPool]) -> None:
-        """Releases segments with nothing allocated in them from pools no one allocates from again.
+    def trim(self) -> None:
+        """Releases, for good, pool segments in which PyTorch holds nothing (tensors freed since).
 
-        A pool left with no allocated byte can never change again: it is retired (kept alive, not
-        looked at). Skipped while a thread is inside a pool (see _cuda_pool); the next call does it.
+        sleep(), wake_up() and leaving use_memory_pool() do this by themselves when this process
+        runs a single Python thread. With more threads they leave it to an explicit call, made when
+        no other thread uses CUDA memory: PyTorch's pool snapshot, which tells which segments are
+        empty, crashes when another thread allocates or frees at the same time.
         """
+        self._trim(automatic=False)
+
+    def _trim(self, automatic: bool) -> None:
+        if self.backend != "cuda" or (automatic and threading.active_count() > 1):
+            return
         with self._pool_lock:
-            if self._pools_in_use:
-                return
-            for pool in list(pools):
+            for pool in list(self._closed_pools):
                 segments = pool.snapshot()
                 for segment in segments:
                     if segment["allocated_size"] == 0:
                         self._core.trim(segment["address"])
-                if all(segment["allocated_size"] == 0 for segment in segments) and pool in self._closed_pools:
+                if all(segment["allocated_size"] == 0 for segment in segments):
+                    # Nothing can ever be allocated in it again: no need to look at it again.
                     self._closed_pools.remove(pool)
                     self._retired_pools.append(pool)
 
@@ -218,7 +216,7 @@ class CuMemAllocator:
         only preserved bytes are (see ``preserve_mode``). Pending GPU work finishes first.
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
-        self._trim(self._closed_pools)
+        self._trim(automatic=True)
         preserve, exclude = self._preserved_ranges()
         stats = self._core.sleep(list(tags), preserve, exclude)
         if self.backend == "cuda":
@@ -239,7 +237,7 @@ class CuMemAllocator:
         """
         if self.backend == "cuda":
             torch.cuda.empty_cache()  # memory torch caches outside the pools is room for the wake
-        self._trim(self._closed_pools)
+        self._trim(automatic=True)
         if tags is None:
             stats = self._core.wake(None)
         else:
