@@ -75,6 +75,13 @@ class AllocatorStats:
     host_bytes: int  # host memory held for backups, the kept cache included
 
 
+def _memory_snapshot() -> list[dict]:
+    try:
+        return torch.cuda.memory_snapshot(include_traces=False)
+    except TypeError:  # PyTorch before include_traces
+        return torch.cuda.memory_snapshot()
+
+
 def _fields(obj: object, cls: type) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
 
@@ -106,8 +113,7 @@ class CuMemAllocator:
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
         self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
-        self._closed_pools: list[torch.cuda.MemPool] = []  # may still hold tensors
-        self._retired_pools: list[torch.cuda.MemPool] = []  # empty for good; kept alive only
+        self._closed_pools: list[torch.cuda.MemPool] = []  # no one allocates from these again
         self._pool_lock = threading.Lock()
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
@@ -157,8 +163,8 @@ class CuMemAllocator:
 
         sleep(), wake_up() and leaving use_memory_pool() do this by themselves when this process
         runs a single Python thread. With more threads they leave it to an explicit call, made when
-        no other thread uses CUDA memory: PyTorch's pool snapshot, which tells which segments are
-        empty, crashes when another thread allocates or frees at the same time.
+        no other thread uses CUDA memory: PyTorch's memory snapshot, which tells which segments are
+        empty, is not safe against another thread allocating or freeing at the same time.
         """
         self._trim(automatic=False)
 
@@ -166,15 +172,14 @@ class CuMemAllocator:
         if self.backend != "cuda" or (automatic and threading.active_count() > 1):
             return
         with self._pool_lock:
-            for pool in list(self._closed_pools):
-                segments = pool.snapshot()
-                for segment in segments:
-                    if segment["allocated_size"] == 0:
-                        self._core.trim(segment["address"])
-                if all(segment["allocated_size"] == 0 for segment in segments):
-                    # Nothing can ever be allocated in it again: no need to look at it again.
-                    self._closed_pools.remove(pool)
-                    self._retired_pools.append(pool)
+            closed = {tuple(pool.id) for pool in self._closed_pools}
+            live = {a.ptr for a in self._core.allocations() if a.state != "unused"}
+            # The whole-process snapshot: the per-pool one (MemPool.snapshot) crashed here on pools
+            # whose tensors had all been freed.
+            for segment in _memory_snapshot():
+                in_closed_pool = tuple(segment.get("segment_pool_id", ())) in closed
+                if segment["allocated_size"] == 0 and in_closed_pool and segment["address"] in live:
+                    self._core.trim(segment["address"])
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
@@ -199,7 +204,6 @@ class CuMemAllocator:
     def release_pools(self) -> None:
         """Drops every pool; PyTorch then frees their empty segments. Call it with no pool in use."""
         self._closed_pools.clear()
-        self._retired_pools.clear()
         self._cudagraph_pool = None
         gc.collect()
         if self.backend == "cuda":
@@ -284,7 +288,7 @@ class CuMemAllocator:
         if self.backend != "cuda":
             return [(a.ptr, a.size) for a in self._core.allocations()]  # host tensors die with their memory
         ranges = []
-        for segment in torch.cuda.memory_snapshot():  # every pool; the core keeps only pool memory
+        for segment in _memory_snapshot():  # every pool; the core keeps only pool memory
             address = segment["address"]
             for block in segment["blocks"]:
                 if block["state"].startswith("active"):
