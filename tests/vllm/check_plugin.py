@@ -1,10 +1,25 @@
 """Run inside an environment with vLLM and vllm_sleep_ext installed: does vLLM pick us up by itself?"""
 
+import ctypes
 import importlib.metadata
 import sys
 
 
+def libcuda_loads() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
 def main() -> int:
+    if not libcuda_loads():
+        # vLLM's own allocator extension links libcuda, so without a driver its cumem module fails to
+        # import. Tell vLLM what a platform without that extension says (ModuleNotFoundError, which
+        # its cumem.py handles) so the module imports and the swap can be checked here too.
+        sys.modules["vllm.cumem_allocator"] = None
+        print("no CUDA driver here: vllm.cumem_allocator marked absent, as on a platform without it")
     import vllm
     from vllm.plugins import load_general_plugins
 
