@@ -225,6 +225,8 @@ class CuMemAllocator:
         stats = self._core.sleep(list(tags), preserve, exclude)
         if self.backend == "cuda":
             torch.cuda.empty_cache()  # as vLLM does: hand memory freed meanwhile back to the driver
+        if not logger.isEnabledFor(logging.INFO):
+            return
         preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
         logger.info(
             "sleep: released %.2f GiB in %d allocations; %.2f GiB to host (%.2f MiB of it preserved buffers) "
