@@ -1,5 +1,4 @@
-"""Where does a level-2 sleep + wake's time go? Splits it into the core's part and the Python layer's,
-for several numbers of threads doing the per-allocation driver calls (map, unmap, create, release).
+"""Where does a level-2 sleep + wake's time go? Splits it into the core's part and the Python layer's.
 
 One process: model-like weights (large matrices and thousands of small tensors, with registered
 buffers) and a KV cache, then level-2 cycles at each thread count.
@@ -23,7 +22,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights-gib", type=float, default=16)
     parser.add_argument("--kv-gib", type=float, default=48)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--cycles", type=int, default=4)
     args = parser.parse_args()
 
@@ -49,10 +47,9 @@ def main() -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    print(f"{'threads':>7} {'sleep ms':>9} {'(core)':>7} {'wake w ms':>9} {'(core)':>7} {'wake kv ms':>10} "
+    print(f"{'round':>7} {'sleep ms':>9} {'(core)':>7} {'wake w ms':>9} {'(core)':>7} {'wake kv ms':>10} "
           f"{'total ms':>9}   python parts (ms): trim / ranges / empty_cache")
-    for threads in args.threads:
-        alloc._core.vmm_threads = threads
+    for round_ in range(2):
         rows = []
         for _ in range(args.cycles):
             s = timed(lambda: alloc.sleep(offload_tags=()))
@@ -65,7 +62,7 @@ def main() -> int:
         trim = timed(lambda: alloc.trim()) * 1e3
         ranges = timed(alloc._preserved_ranges) * 1e3
         empty = timed(torch.cuda.empty_cache) * 1e3
-        print(f"{threads:7} {med[0]:9.1f} {med[1]:7.1f} {med[2]:9.1f} {med[3]:7.1f} {med[4]:10.1f} "
+        print(f"{round_:7} {med[0]:9.1f} {med[1]:7.1f} {med[2]:9.1f} {med[3]:7.1f} {med[4]:10.1f} "
               f"{med[0] + med[2] + med[4]:9.1f}   {trim:.2f} / {ranges:.2f} / {empty:.2f}", flush=True)
     intact = all(torch.equal(b.cpu(), r) for b, r in zip(bench.module_buffers(mods), reference))
     print("buffers intact after all cycles" if intact else "BUFFERS CHANGED")

@@ -1,14 +1,12 @@
 #include "allocator.h"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <set>
 
 #include "errors.h"
-#include "parallel.h"
 
 namespace vse {
 namespace {
@@ -254,7 +252,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
       waited = k + 1;
     }
   };
-  std::atomic<uint64_t> released_bytes{0};
+  uint64_t released_bytes = 0;
   auto release = [&](Step& s) {
     Allocation& a = *s.row;
     backend_->unmap(a.device, a.address, a.mapped_size);
@@ -270,10 +268,8 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     backend_->release(a.device, handle);
   };
   try {
-    std::vector<Step*> discarded;
     for (Step& s : steps)
-      if (s.backup.ranges.empty()) discarded.push_back(&s);
-    parallel_for(discarded.size(), options_.vmm_threads, [&](size_t i) { release(*discarded[i]); });
+      if (s.backup.ranges.empty()) release(s);
     for (Step& s : steps) {
       if (s.backup.ranges.empty()) continue;
       copied(s);
@@ -322,8 +318,8 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   for (const auto& [device, bytes] : needed)
     if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
 
-  // Map everything (driver costs are per call, so on several threads), then copy every backup
-  // back; undo all of it if any step fails.
+  // Map each allocation and start its copies at once, so mapping the next overlaps them; undo all
+  // of it if any step fails. (Driver calls on several threads were measured slower, not faster.)
   std::vector<PhysicalHandle> handles(rows.size());
   std::vector<char> is_mapped(rows.size(), 0);
   std::set<int> copying;
@@ -338,15 +334,14 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
       }
     }
   };
-  std::atomic<size_t> out_of_memory_at{rows.size()};
   try {
-    parallel_for(rows.size(), options_.vmm_threads, [&](size_t i) {
+    std::vector<CopySpan> spans;
+    for (size_t i = 0; i < rows.size(); ++i) {
       Allocation& a = *rows[i];
       try {
         handles[i] = backend_->create(a.device, a.mapped_size);
-      } catch (const DeviceOutOfMemory&) {
-        out_of_memory_at = i;
-        throw;
+      } catch (const DeviceOutOfMemory& e) {
+        throw no_room(a.device, e.what());
       }
       try {
         backend_->map(a.device, a.address, a.mapped_size, handles[i]);
@@ -355,24 +350,18 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
         throw;
       }
       is_mapped[i] = 1;
-    });
-    std::vector<CopySpan> spans;
-    for (Allocation* a : rows) {
-      if (!a->backup) continue;
+      if (!a.backup) continue;
       spans.clear();
-      uint8_t* host = a->backup->arena->data() + a->backup->offset;
-      for (const ByteRange& r : a->backup->ranges.ranges()) {
-        a->backup->arena->split_at_registrations({a->address + r.begin, host, r.size()}, spans);
+      uint8_t* host = a.backup->arena->data() + a.backup->offset;
+      for (const ByteRange& r : a.backup->ranges.ranges()) {
+        a.backup->arena->split_at_registrations({a.address + r.begin, host, r.size()}, spans);
         host += r.size();
         stats.bytes_copied += r.size();
       }
-      copying.insert(a->device);
-      backend_->enqueue_copies(a->device, CopyDirection::ToDevice, spans);
+      copying.insert(a.device);
+      backend_->enqueue_copies(a.device, CopyDirection::ToDevice, spans);
     }
     for (int device : copying) backend_->wait_copies(device);
-  } catch (const DeviceOutOfMemory& e) {
-    undo();
-    throw no_room(rows[std::min(out_of_memory_at.load(), rows.size() - 1)]->device, e.what());
   } catch (...) {
     undo();
     throw;
@@ -524,7 +513,6 @@ AllocatorOptions Allocator::options() const {
 
 void Allocator::set_options(const AllocatorOptions& options) {
   if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
-  if (options.vmm_threads == 0) throw InvalidArgument("vmm threads must be at least 1");
   std::lock_guard<std::mutex> lock(mutex_);
   options_ = options;
   recycle_arenas();

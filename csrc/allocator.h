@@ -96,7 +96,6 @@ struct AllocatorOptions {
   bool keep_host_backups = true;   // keep pinned host memory across cycles for the next sleep
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
-  unsigned vmm_threads = 1;        // threads for creating, mapping and releasing many allocations
 };
 
 class Allocator {

@@ -136,12 +136,6 @@ PYBIND11_MODULE(_core, m) {
                       o.staging.threads = v;
                       a.set_options(o);
                     })
-      .def_property("vmm_threads", [](const vse::Allocator& a) { return a.options().vmm_threads; },
-                    [](vse::Allocator& a, unsigned v) {
-                      auto o = a.options();
-                      o.vmm_threads = v;
-                      a.set_options(o);
-                    })
       .def_property("staging_piece_bytes", [](const vse::Allocator& a) { return a.options().staging.piece_bytes; },
                     [](vse::Allocator& a, uint64_t v) {
                       auto o = a.options();
