@@ -24,7 +24,7 @@ step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a fa
   [ "$rc" -eq 0 ] || status=1
 }
 
-{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } \
+{ date -u; git rev-parse --verify -q HEAD || echo "commit: not a git checkout here (RESULTS.md names it)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } \
   > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 step build make build
