@@ -158,3 +158,39 @@ def release_cuda_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+# Memory held by "someone else" (the trainer), outside the pools, to make a wake run out of room.
+def _device(device: int | torch.device | None = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None = None,
+                      pattern: int = 0x5A) -> list[torch.Tensor]:
+    """Allocates (outside any pool) and fills chunks until less than `leave_free_bytes` + 16 MiB is free.
+
+    Chunks go from 1 GiB down to 16 MiB (above 10 MiB the caching allocator maps exactly the size
+    asked). Returns the chunks; drop them and call torch.cuda.empty_cache() to give the memory back.
+    """
+    device = _device(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    chunks: list[torch.Tensor] = []
+    chunk = GiB
+    while chunk >= 16 * MiB:
+        if torch.cuda.mem_get_info(device)[0] - leave_free_bytes < chunk:
+            chunk //= 2
+            continue
+        try:
+            t = torch.empty(chunk, dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:
+            chunk //= 2
+            continue
+        t.fill_(pattern)
+        chunks.append(t)
+    torch.cuda.synchronize(device)
+    return chunks

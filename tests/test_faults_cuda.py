@@ -33,18 +33,17 @@ from torch import nn
 from vllm_sleep_ext import (CuMemAllocator, DeviceOutOfMemoryError, HostOutOfMemoryError, SleepExtError)
 
 try:
-    from gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, release_cuda_memory,
-                             scribble_free_gpu_memory, tag_sleep_states)
+    from gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, hog_device_memory,
+                             release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states)
 except ImportError:  # tests/ collected as a package
-    from tests.gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, release_cuda_memory,
-                                   scribble_free_gpu_memory, tag_sleep_states)
+    from tests.gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, hog_device_memory,
+                                   release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states)
 
 pytestmark = pytest.mark.cuda
 
 WEIGHTS = "weights"
 MiB = 1 << 20
 GiB = 1 << 30
-HOG_PATTERN = 0x5A
 CHILD_TIMEOUT_S = 180
 
 
@@ -86,41 +85,6 @@ def alloc(held):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-def _device(device: int | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device)
-
-
-def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None = None,
-                      pattern: int = HOG_PATTERN) -> list[torch.Tensor]:
-    """Allocates (outside any pool) and fills chunks until less than `leave_free_bytes` + 16 MiB is free.
-
-    Chunks go from 1 GiB down to 16 MiB (above 10 MiB the caching allocator maps exactly the size
-    asked). Returns the chunks; drop them and call torch.cuda.empty_cache() to give the memory back.
-    """
-    device = _device(device)
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    chunks: list[torch.Tensor] = []
-    chunk = GiB
-    while chunk >= 16 * MiB:
-        if torch.cuda.mem_get_info(device)[0] - leave_free_bytes < chunk:
-            chunk //= 2
-            continue
-        try:
-            t = torch.empty(chunk, dtype=torch.uint8, device=device)
-        except torch.cuda.OutOfMemoryError:
-            chunk //= 2
-            continue
-        t.fill_(pattern)
-        chunks.append(t)
-    torch.cuda.synchronize(device)
-    return chunks
-
 
 def make_random_weights(alloc: CuMemAllocator, total_bytes: int, pieces: int, *, seed: int,
                         tag: str = WEIGHTS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

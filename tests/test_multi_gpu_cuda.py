@@ -35,12 +35,13 @@ from vllm_sleep_ext import CuMemAllocator, DeviceOutOfMemoryError, SleepExtError
 
 try:
     from gpu_helpers import (anything_asleep, assert_in_pool, assert_tensors_match, buffer_snapshot,
-                             find_allocation, load_params, param_snapshot, release_cuda_memory,
-                             scribble_free_gpu_memory, tag_sleep_states, tensors_differing)
+                             find_allocation, hog_device_memory, load_params, param_snapshot,
+                             release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing)
 except ImportError:  # tests/ collected as a package
     from tests.gpu_helpers import (anything_asleep, assert_in_pool, assert_tensors_match, buffer_snapshot,
-                                   find_allocation, load_params, param_snapshot, release_cuda_memory,
-                                   scribble_free_gpu_memory, tag_sleep_states, tensors_differing)
+                                   find_allocation, hog_device_memory, load_params, param_snapshot,
+                                   release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states,
+                                   tensors_differing)
 
 pytestmark = pytest.mark.cuda
 
@@ -390,28 +391,6 @@ def rows_on(alloc: CuMemAllocator, device: int) -> list:
 def free_on(device: int) -> int:
     torch.cuda.synchronize(device)
     return torch.cuda.mem_get_info(device)[0]
-
-
-def hog_device_memory(leave_free_bytes: int, device: int, pattern: int = 0x5A) -> list[torch.Tensor]:
-    """Allocates (outside any pool) and fills chunks until less than `leave_free_bytes` + 16 MiB is free."""
-    dev = torch.device("cuda", device)
-    torch.cuda.synchronize(dev)
-    torch.cuda.empty_cache()
-    chunks: list[torch.Tensor] = []
-    chunk = GiB
-    while chunk >= 16 * MiB:  # above 10 MiB the caching allocator maps exactly the size asked
-        if torch.cuda.mem_get_info(dev)[0] - leave_free_bytes < chunk:
-            chunk //= 2
-            continue
-        try:
-            t = torch.empty(chunk, dtype=torch.uint8, device=dev)
-        except torch.cuda.OutOfMemoryError:
-            chunk //= 2
-            continue
-        t.fill_(pattern)
-        chunks.append(t)
-    torch.cuda.synchronize(dev)
-    return chunks
 
 
 def test_pools_on_two_devices_sleep_and_wake_together(alloc, held):
