@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -22,6 +22,40 @@ GiB = 1 << 30
 
 NAN_BYTE = 0xFF  # every float dtype reads 0xFF.. as NaN, every signed int as -1
 HUGE_BYTE = 0x7F  # fp32 / bf16 read 0x7F.. as ~3.4e38, fp16 as NaN, int64 as a huge index
+
+
+def _device(device: int | torch.device | str | None = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+def _fill_free_memory(device: torch.device, leave_free_bytes: int, smallest_chunk: int,
+                      patterns: Iterator[int], max_bytes: int | None = None) -> list[torch.Tensor]:
+    """Allocates (outside any pool) and fills chunks, from 1 GiB halving down to `smallest_chunk`, until
+    less than `leave_free_bytes` + `smallest_chunk` is free or `max_bytes` are written."""
+    chunks: list[torch.Tensor] = []
+    written = 0
+    chunk = GiB
+    while chunk >= smallest_chunk:
+        budget = torch.cuda.mem_get_info(device)[0] - leave_free_bytes
+        if max_bytes is not None:
+            budget = min(budget, max_bytes - written)
+        if budget < chunk:
+            chunk //= 2
+            continue
+        try:
+            t = torch.empty(chunk, dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:
+            chunk //= 2
+            continue
+        t.fill_(next(patterns))
+        chunks.append(t)
+        written += chunk
+    torch.cuda.synchronize(device)
+    return chunks
 
 
 def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYTE), *,
@@ -37,11 +71,7 @@ def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYT
     """
     if isinstance(patterns, int):
         patterns = (patterns,)
-    pattern_cycle = itertools.cycle(tuple(patterns))
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-
+    device = _device(device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # cached but unused segments become free memory that we overwrite too
     # Deterministic mode would fill every chunk with NaN first; we fill it ourselves.
@@ -49,30 +79,13 @@ def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYT
     fill_uninitialized = deterministic.fill_uninitialized_memory
     deterministic.fill_uninitialized_memory = False
     chunks: list[torch.Tensor] = []
-    written = 0
-    chunk = GiB
     try:
-        while chunk >= 2 * MiB:
-            budget = torch.cuda.mem_get_info(device)[0] - leave_free_bytes
-            if max_bytes is not None:
-                budget = min(budget, max_bytes - written)
-            if budget < chunk:
-                chunk //= 2
-                continue
-            try:
-                t = torch.empty(chunk, dtype=torch.uint8, device=device)
-            except torch.cuda.OutOfMemoryError:
-                chunk //= 2
-                continue
-            t.fill_(next(pattern_cycle))
-            chunks.append(t)
-            written += chunk
-        torch.cuda.synchronize(device)
+        chunks = _fill_free_memory(device, leave_free_bytes, 2 * MiB, itertools.cycle(tuple(patterns)), max_bytes)
+        return sum(t.numel() for t in chunks)
     finally:
         deterministic.fill_uninitialized_memory = fill_uninitialized
         chunks.clear()
         torch.cuda.empty_cache()
-    return written
 
 
 def param_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -161,14 +174,6 @@ def release_cuda_memory() -> None:
 
 
 # Memory held by "someone else" (the trainer), outside the pools, to make a wake run out of room.
-def _device(device: int | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    if isinstance(device, int):
-        return torch.device("cuda", device)
-    return torch.device(device)
-
-
 def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None = None,
                       pattern: int = 0x5A) -> list[torch.Tensor]:
     """Allocates (outside any pool) and fills chunks until less than `leave_free_bytes` + 16 MiB is free.
@@ -179,18 +184,4 @@ def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None =
     device = _device(device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    chunks: list[torch.Tensor] = []
-    chunk = GiB
-    while chunk >= 16 * MiB:
-        if torch.cuda.mem_get_info(device)[0] - leave_free_bytes < chunk:
-            chunk //= 2
-            continue
-        try:
-            t = torch.empty(chunk, dtype=torch.uint8, device=device)
-        except torch.cuda.OutOfMemoryError:
-            chunk //= 2
-            continue
-        t.fill_(pattern)
-        chunks.append(t)
-    torch.cuda.synchronize(device)
-    return chunks
+    return _fill_free_memory(device, leave_free_bytes, 16 * MiB, itertools.repeat(pattern))
