@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_sleep as bench  # noqa: E402
+from sleepbench import workloads as bench  # noqa: E402
 
 GiB = 1 << 30
 
@@ -34,7 +34,7 @@ def main() -> int:
         weights = bench.alloc_tensors(bench.model_like_sizes(int(args.weights_gib * GiB), seed=0))
         mods = bench.make_buffer_modules(8)
     with alloc.use_memory_pool(tag="kv_cache"):
-        kv = bench._alloc_kv(int(args.kv_gib * GiB))
+        kv = bench.alloc_kv(int(args.kv_gib * GiB))
     torch.cuda.synchronize()
     reference = [b.cpu() for b in bench.module_buffers(mods)]
     print(f"{len(alloc.pointer_to_data)} allocations, {alloc.get_current_usage() / GiB:.1f} GiB "

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_sleep as bs  # noqa: E402  (shared workload helpers; imports torch defensively)
+from sleepbench.impls import ext  # noqa: E402
+from sleepbench import common as bc, workloads as bs  # noqa: E402  (shared helpers; torch imported defensively)
 
-torch = bs.torch
-MiB = bs.MiB
-GiB = bs.GiB
+torch = bc.torch
+MiB = bc.MiB
+GiB = bc.GiB
 
 
 @dataclasses.dataclass
@@ -70,12 +71,12 @@ def build_workload(alloc: Any, weights_gib: float, kv_gib: float, seed: int,
         weights = bs.alloc_tensors(sizes)
         mods = bs.make_buffer_modules(n_modules)
     with alloc.use_memory_pool(tag="kv_cache"):
-        kv = bs._alloc_kv(int(kv_gib * GiB), chunk=GiB)
+        kv = bs.alloc_kv(int(kv_gib * GiB), chunk=GiB)
     bs.fill_random(weights, seed)
     for t in kv:
         t.fill_(3)
     host_copy = pinned_copy(weights)
-    bs.sync()
+    bc.sync()
     return Workload(weights, mods, kv, host_copy, bs.checksums(weights),
                     [b.clone() for b in bs.module_buffers(mods)])
 
@@ -96,7 +97,7 @@ def reload_params(wl: Workload) -> None:
     """What load_weights does after a level-2 wake: parameters only, buffers untouched."""
     for t, h in zip(wl.weights, wl.host_copy):
         t.copy_(h, non_blocking=True)
-    bs.sync()
+    bc.sync()
 
 
 def weights_problem(wl: Workload) -> Optional[str]:
@@ -106,14 +107,14 @@ def weights_problem(wl: Workload) -> Optional[str]:
 
 def run_cycle(alloc: Any, wl: Workload, level: int, check: bool) -> tuple[float, float, Optional[str]]:
     """One sleep/wake at `level`; returns (sleep s, wake s, problem or None)."""
-    sleep_s = bs.timed(lambda: alloc.sleep(offload_tags=("weights",) if level == 1 else ()))
-    wake_s = bs.timed(lambda: alloc.wake_up(["weights"]))
+    sleep_s = bc.timed(lambda: alloc.sleep(offload_tags=("weights",) if level == 1 else ()))
+    wake_s = bc.timed(lambda: alloc.wake_up(["weights"]))
     problem = None
     if level == 2:
         if check:
             problem = bs.buffers_mismatch(wl.mods, wl.buffer_ref)
         reload_params(wl)
-    wake_s += bs.timed(lambda: alloc.wake_up(["kv_cache"]))
+    wake_s += bc.timed(lambda: alloc.wake_up(["kv_cache"]))
     if check and problem is None:
         problem = bs.buffers_mismatch(wl.mods, wl.buffer_ref) or weights_problem(wl)
     for t in wl.kv:
@@ -247,13 +248,13 @@ def soak(alloc: Any, wl: Workload, a: argparse.Namespace) -> tuple[list[Sample],
         if c == a.warmup - 1 or (c + 1) % a.record_every == 0 or c == a.cycles - 1 or problem:
             s = take_sample(alloc, c, level, problem is None, sleep_s, wake_s)
             samples.append(s)
-            bs.say(f"[{time.perf_counter() - t0:6.1f}s] cycle {c}/{a.cycles} L{level}: "
+            bc.say(f"[{time.perf_counter() - t0:6.1f}s] cycle {c}/{a.cycles} L{level}: "
                    f"dev {s.dev_used_mib:.1f} MiB, RSS {s.rss_mib:.1f} MiB, allocs {s.n_allocs}, "
                    f"fds {s.n_fds}, sleep {s.sleep_ms:.2f} ms, wake {s.wake_ms:.2f} ms"
                    + ("" if problem is None else f", PROBLEM: {problem}"))
         if problem:
             return samples, f"cycle {c}: {problem}"
-    bs.say(timing_summary(times))
+    bc.say(timing_summary(times))
     return samples, None
 
 
@@ -289,11 +290,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def setup() -> tuple[Optional[Any], Optional[str]]:
     """(allocator, None) or (None, why it can't run)."""
-    problem = bs.cuda_problem()
+    problem = bc.cuda_problem()
     if problem:
         return None, problem
     try:
-        return bs.get_ext_allocator(), None
+        return ext.get_ext_allocator(), None
     except Exception as exc:  # noqa: BLE001
         return None, f"vllm_sleep_ext unusable: {type(exc).__name__}: {exc}"
 
@@ -305,20 +306,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"soak: {why}", file=sys.stderr, flush=True)
         return 2
     wl = build_workload(alloc, a.weights_gib, a.kv_gib, a.seed, a.modules)
-    bs.say(f"soak: {a.cycles} cycles, weights {a.weights_gib:g} GiB ({len(wl.weights)} tensors, "
+    bc.say(f"soak: {a.cycles} cycles, weights {a.weights_gib:g} GiB ({len(wl.weights)} tensors, "
            f"{len(bs.module_buffers(wl.mods))} buffers) + kv {a.kv_gib:g} GiB; "
            f"{len(alloc.pointer_to_data)} allocations")
     samples, failure = soak(alloc, wl, a)
     bases = baselines(samples, a.warmup)
     problems = ([failure] if failure else []) + drift_problems(samples, bases, a)
-    bs.say("\n" + table(samples, bases) + "\n")
+    bc.say("\n" + table(samples, bases) + "\n")
     if a.json:
         a.json.write_text(json.dumps({"samples": [dataclasses.asdict(s) for s in samples],
                                       "problems": problems}, indent=1))
     if problems:
-        bs.say("FAIL:\n  " + "\n  ".join(problems))
+        bc.say("FAIL:\n  " + "\n  ".join(problems))
         return 1
-    bs.say(f"PASS: {a.cycles} cycles, no drift beyond device {a.device_tol_mib:g} MiB / "
+    bc.say(f"PASS: {a.cycles} cycles, no drift beyond device {a.device_tol_mib:g} MiB / "
            f"RSS {a.host_tol_mib:g} MiB / fds {a.fd_tol}, every check intact")
     return 0
 
