@@ -40,6 +40,7 @@
 
 #include "backend.h"
 #include "host_arena.h"
+#include "host_worker.h"
 #include "range_set.h"
 
 namespace vse {
@@ -92,10 +93,29 @@ struct OpStats {
   StagingTimes staging;       // sleep: making new host memory resident and pinned (0 when reused)
 };
 
+// Note [Host policies]
+// What happens to host backup memory once a wake has copied it back:
+//   Pinned      - kept resident and pinned (up to a few arenas): the next sleep copies at once.
+//   Reclaimable - kept, but unpinned on the host thread and marked MADV_FREE: the kernel may take
+//                 the pages back under memory pressure. The next sleep pins again; pages the kernel
+//                 took are faulted in anew (as zeros), the others are still resident. Nothing in a
+//                 reclaimable arena is ever read before a backup has overwritten it.
+//   Release     - given back to the system; the next sleep finds new memory.
+// An arena made ready by prepare_host() is exempt until a sleep takes it: it exists to be ready.
+enum class HostPolicy { Pinned, Reclaimable, Release };
+const char* host_policy_name(HostPolicy policy);
+HostPolicy parse_host_policy(const std::string& name);  // throws InvalidArgument
+
 struct AllocatorOptions {
-  bool keep_host_backups = true;   // keep pinned host memory across cycles for the next sleep
+  bool keep_host_backups = true;   // false: HostPolicy::Release whatever host_policy says (the old switch)
+  HostPolicy host_policy = HostPolicy::Pinned;
+  // prepare_host() in the background: bytes per second at most (0: as fast as it goes), in pieces of
+  // staging.piece_bytes on one thread, so that serving does not notice.
+  uint64_t host_prepare_rate = 2000000000ull;
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
+
+  HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
 
 class Allocator {
@@ -127,6 +147,14 @@ class Allocator {
 
   uint64_t host_bytes() const;  // host memory held for backups, cached arenas included
   void release_host_cache();
+  uint64_t host_pinned_bytes() const;  // of host_bytes(), what is pinned now
+  // Makes a cached arena for a backup of about `bytes` resident and pinned, so the next sleep of that
+  // size copies at once. In the background (throttled by host_prepare_rate) unless `wait`; never
+  // throws for the work itself: a failure is kept for host_error() and the sleep does it the usual way.
+  void prepare_host(uint64_t bytes, int device, bool wait);
+  void wait_host();         // until background host work is done
+  std::string host_error();  // what background host work last failed with ("" none), cleared by reading
+  void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages
   AllocatorOptions options() const;
   void set_options(const AllocatorOptions& options);
 
@@ -145,6 +173,11 @@ class Allocator {
   AllocatorOptions options_;
   std::optional<OpStats> last_sleep_;
   std::optional<OpStats> last_wake_;
+  const HostArena* prepared_ = nullptr;  // made ready by prepare_host(), not yet taken by a sleep
+  HostWorker host_worker_;  // last: its jobs (which hold arenas) end before the rest goes
+  void settle_host_work();
+  void drop_prepared_unless(const HostArena* taken);
+  void post_reclaim(const std::shared_ptr<HostArena>& arena);
 };
 
 }  // namespace vse

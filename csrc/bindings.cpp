@@ -122,8 +122,30 @@ PYBIND11_MODULE(_core, m) {
                     [](vse::Allocator& a, bool v) {
                       auto o = a.options();
                       o.keep_host_backups = v;
+                      if (v && o.host_policy == vse::HostPolicy::Release) o.host_policy = vse::HostPolicy::Pinned;
                       a.set_options(o);
                     })
+      .def_property("host_policy",
+                    [](const vse::Allocator& a) { return vse::host_policy_name(a.options().effective_host_policy()); },
+                    [](vse::Allocator& a, const std::string& name) {
+                      auto o = a.options();
+                      o.host_policy = vse::parse_host_policy(name);
+                      o.keep_host_backups = o.host_policy != vse::HostPolicy::Release;
+                      a.set_options(o);
+                    })
+      .def_property("host_prepare_rate", option(&vse::AllocatorOptions::host_prepare_rate),
+                    [](vse::Allocator& a, uint64_t v) {
+                      auto o = a.options();
+                      o.host_prepare_rate = v;
+                      a.set_options(o);
+                    })
+      .def("prepare_host", &vse::Allocator::prepare_host, "bytes"_a, "device"_a = 0, "wait"_a = false,
+           py::call_guard<py::gil_scoped_release>())
+      .def("wait_host", &vse::Allocator::wait_host, py::call_guard<py::gil_scoped_release>())
+      .def("host_error", &vse::Allocator::host_error)
+      .def("host_pinned_bytes", &vse::Allocator::host_pinned_bytes)
+      .def("_simulate_host_reclaim", &vse::Allocator::simulate_host_reclaim,
+           py::call_guard<py::gil_scoped_release>())
       .def_property("host_memory_limit", option(&vse::AllocatorOptions::host_memory_limit),
                     [](vse::Allocator& a, uint64_t v) {
                       auto o = a.options();

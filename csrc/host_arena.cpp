@@ -155,6 +155,7 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
       const auto t0 = clock::now();
       backend_.pin(device_, base_ + piece_begin(i), piece_end(i) - piece_begin(i));
       pinned_.push_back({piece_begin(i), piece_end(i)});
+      pinned_bytes_ += piece_end(i) - piece_begin(i);
       total.pin_seconds += std::chrono::duration<double>(clock::now() - t0).count();
       ready_bytes_ = piece_end(i);
       on_ready(piece_begin(i), std::min(piece_end(i), bytes));
@@ -165,6 +166,26 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   }
   finish();
   return total;
+}
+
+void HostArena::make_reclaimable() {
+  const uint64_t resident = ready_bytes_;
+  // Last registration first, so that whatever a throw leaves pinned is still a ready prefix.
+  while (!pinned_.empty()) {
+    const ByteRange r = pinned_.back();
+    backend_.unpin(device_, base_ + r.begin);
+    pinned_.pop_back();
+    pinned_bytes_ -= r.size();
+    ready_bytes_ = r.begin;
+  }
+  ready_bytes_ = 0;
+  // EINVAL: a kernel before 4.5 without MADV_FREE; the pages then simply stay resident.
+  if (resident > 0) madvise(base_, resident, MADV_FREE);
+}
+
+void HostArena::simulate_reclaim() {
+  if (!pinned_.empty()) throw InvalidArgument("simulate_reclaim of a host arena that is still pinned");
+  madvise(base_, capacity_, MADV_DONTNEED);
 }
 
 }  // namespace vse

@@ -6,6 +6,7 @@
 // the caller copies each piece as soon as it is ready, so the three stages overlap.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -47,6 +48,21 @@ class HostArena {
   StagingTimes prepare(uint64_t bytes, const StagingOptions& options,
                        const std::function<void(uint64_t, uint64_t)>& on_ready);
 
+  // Host policy "reclaimable" (see Note [Host policies] in allocator.h), for an arena no backup uses:
+  // unpins every registration and lets the kernel take the pages back under pressure (MADV_FREE). The
+  // next prepare() faults them in and pins them again; pages the kernel took come back as zeros, the
+  // others keep their bytes, and the next backup overwrites both. On a throw the prefix still pinned
+  // stays ready.
+  void make_reclaimable();
+  // Test hook: what memory pressure does to a reclaimable arena (MADV_DONTNEED: every page reads
+  // zero). Only for an arena with nothing pinned.
+  void simulate_reclaim();
+  uint64_t ready_bytes() const { return ready_bytes_; }                  // owner's thread only
+  uint64_t pinned_bytes() const { return pinned_bytes_.load(); }         // any thread
+  // A background prepare failed part way: the arena is only fit to be destroyed.
+  void mark_unusable() { unusable_ = true; }
+  bool unusable() const { return unusable_.load(); }
+
  private:
   static void populate(uint8_t* begin, uint64_t bytes);
 
@@ -59,6 +75,8 @@ class HostArena {
   uint64_t ready_bytes_ = 0;  // this prefix is resident and pinned
 
   std::vector<ByteRange> pinned_;  // offsets of each registration, in address order
+  std::atomic<uint64_t> pinned_bytes_{0};  // the sum of pinned_, readable from other threads
+  std::atomic<bool> unusable_{false};
 };
 
 }  // namespace vse

@@ -1,0 +1,175 @@
+"""Host policies ("pinned", "reclaimable", "release") and host memory prepared before the first sleep,
+through the core's host backend (no GPU). The host backend pins nothing for real, but the arenas keep
+their registrations all the same, so `host_pinned_bytes()` tells what would be pinned on CUDA."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from core_helpers import MiB, load_core, pattern, read, write
+
+core = load_core()
+
+
+def make(policy: str = "pinned"):
+    a = core.Allocator("host", capacity_bytes=256 * MiB)
+    a.staging_piece_bytes = 2 * MiB
+    a.staging_threads = 2
+    a.host_policy = policy
+    return a
+
+
+def filled(a, size: int, tag: str, seed: int) -> tuple[int, bytes]:
+    ptr = a.malloc(size, tag=tag)
+    data = pattern(size, seed)
+    write(ptr, data)
+    return ptr, data
+
+
+def test_host_policy_names_and_keep_host_backups_alias():
+    a = make()
+    assert a.host_policy == "pinned" and a.keep_host_backups is True
+    a.keep_host_backups = False
+    assert a.host_policy == "release"
+    a.keep_host_backups = True
+    assert a.host_policy == "pinned"
+    a.host_policy = "reclaimable"
+    assert a.keep_host_backups is True and a.host_policy == "reclaimable"
+    a.host_policy = "release"
+    assert a.keep_host_backups is False
+    with pytest.raises(ValueError, match="host policy"):
+        a.host_policy = "sometimes"
+
+
+@pytest.mark.parametrize("policy, kept, pinned_awake", [("pinned", True, True), ("reclaimable", True, False),
+                                                        ("release", False, False)])
+def test_each_host_policy_keeps_what_it_says_while_awake(policy, kept, pinned_awake):
+    a = make(policy)
+    p, data = filled(a, 6 * MiB + 123, "weights", 1)
+    a.sleep(["weights"])
+    held = a.host_bytes()
+    assert a.host_pinned_bytes() >= 6 * MiB  # pinned while asleep, whatever the policy
+    a.wake(None)
+    a.wait_host()
+    assert read(p, 6 * MiB + 123) == data
+    assert a.host_bytes() == (held if kept else 0)
+    assert (a.host_pinned_bytes() > 0) == pinned_awake
+
+
+def test_reclaimable_backups_survive_when_the_kernel_took_every_page():
+    a = make("reclaimable")
+    p, _ = filled(a, 10 * MiB, "weights", 1)
+    q, kept = filled(a, 4 * MiB, "other", 2)
+    a.sleep(["weights", "other"])
+    held = a.host_bytes()
+    a.wake(None)
+    for cycle in range(4):
+        data = pattern(10 * MiB, 100 + cycle)
+        write(p, data)
+        a.wait_host()
+        assert a.host_pinned_bytes() == 0
+        a._simulate_host_reclaim()  # every page of the kept arena now reads zero
+        a.sleep(["weights", "other"])
+        assert a.host_bytes() == held  # the same arena, pinned again
+        a._simulate_host_reclaim()  # touches only arenas no backup uses: the backups stay
+        a.wake(None)
+        assert read(p, 10 * MiB) == data
+        assert read(q, 4 * MiB) == kept
+
+
+def test_reclaimable_never_unpins_a_backup_in_use():
+    a = make("reclaimable")
+    p, data = filled(a, 6 * MiB, "weights", 1)
+    other = a.malloc(2 * MiB, tag="kv_cache")
+    for _ in range(2):  # the second time round, the arena kept from the first is reused
+        a.sleep(["weights"])
+        a.free(other)  # recycles arenas while the backup is still needed
+        other = a.malloc(2 * MiB, tag="kv_cache")
+        a.wait_host()
+        assert a.host_pinned_bytes() >= 6 * MiB
+        a._simulate_host_reclaim()
+        a.wake(None)
+        assert read(p, 6 * MiB) == data
+
+
+def test_first_sleep_after_prepare_host_stages_nothing():
+    a = make("pinned")
+    p, data = filled(a, 12 * MiB, "weights", 3)
+    a.prepare_host(12 * MiB, 0, True)
+    assert a.host_error() == ""
+    prepared = a.host_bytes()
+    assert 12 * MiB <= prepared <= 12 * MiB * 1.01
+    assert a.host_pinned_bytes() >= 12 * MiB
+    a.sleep(["weights"])
+    s = a.last_sleep
+    assert s.populate_seconds == 0 and s.pin_seconds == 0  # found ready
+    assert a.host_bytes() == prepared  # and no second arena
+    a.wake(None)
+    assert read(p, 12 * MiB) == data
+
+
+def test_background_prepare_is_taken_over_by_a_sleep_that_comes_early():
+    a = make("pinned")
+    a.host_prepare_rate = 4 * MiB  # bytes per second: far too slow to finish before the sleep
+    p, data = filled(a, 16 * MiB, "weights", 4)
+    a.prepare_host(16 * MiB, 0, False)
+    a.sleep(["weights"])  # cancels the background work and prepares the rest itself
+    assert a.host_bytes() <= 16 * MiB * 1.01
+    a.wake(None)
+    assert read(p, 16 * MiB) == data
+    assert a.host_error() == ""
+
+
+def test_prepared_memory_of_another_size_is_not_kept_twice():
+    a = make("pinned")
+    p, data = filled(a, 8 * MiB, "weights", 5)
+    a.prepare_host(32 * MiB, 0, True)
+    a.sleep(["weights"])
+    assert a.host_bytes() <= 8 * MiB * 1.01  # the 32 MiB arena did not fit and was dropped
+    a.wake(None)
+    assert read(p, 8 * MiB) == data
+
+
+def test_prepare_beyond_the_host_memory_limit_is_reported_not_raised_in_the_background():
+    a = make("pinned")
+    a.host_memory_limit = 4 * MiB
+    a.prepare_host(8 * MiB, 0, False)
+    assert "limit" in a.host_error()
+    assert a.host_bytes() == 0
+    with pytest.raises(core.HostOutOfMemoryError):
+        a.prepare_host(8 * MiB, 0, True)
+
+
+def test_destroying_the_allocator_during_a_background_prepare_is_clean():
+    for _ in range(5):
+        a = make("reclaimable")
+        a.host_prepare_rate = 1 * MiB
+        a.prepare_host(64 * MiB, 0, False)
+        del a  # cancels and joins the host thread; nothing left behind
+
+
+def test_calls_from_several_threads_while_host_work_runs_in_the_background():
+    a = make("reclaimable")
+    a.host_prepare_rate = 64 * MiB
+    ptrs = [filled(a, 3 * MiB, "weights", 10 + i) for i in range(4)]
+    errors = []
+
+    def cycle():
+        try:
+            for _ in range(5):
+                a.sleep(["weights"])
+                a.wake(None)
+                a.prepare_host(12 * MiB, 0, False)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=cycle) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for p, data in ptrs:
+        assert read(p, 3 * MiB) == data
