@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the C++ core tests (target core_tests, tests/cpp/core_tests.cpp) under AddressSanitizer (with
+# Builds the C++ core tests (targets core_tests and host_policy_tests, tests/cpp/) under AddressSanitizer (with
 # LeakSanitizer), UndefinedBehaviorSanitizer and ThreadSanitizer, into build/asan, build/ubsan and
 # build/tsan, and runs each. Fails on any failed check and on any sanitizer report.
 #
@@ -48,13 +48,14 @@ for san in "$@"; do
     "-DCMAKE_CXX_FLAGS=$flags" >"$build.configure.log" 2>&1 \
     || { cat "$build.configure.log" >&2; echo "=== $san: configure FAILED ===" >&2; failed+=("$san"); continue; }
   rm -f "$build.configure.log"
-  "$cmake_bin" --build "$build" --target core_tests \
+  "$cmake_bin" --build "$build" --target core_tests host_policy_tests \
     || { echo "=== $san: build FAILED ===" >&2; failed+=("$san"); continue; }
 
   echo "=== $san: run ==="
   runner=()
   status=0
   ${runner[@]+"${runner[@]}"} "$build/core_tests" >"$log" 2>&1 || status=$?
+  ${runner[@]+"${runner[@]}"} "$build/host_policy_tests" >>"$log" 2>&1 || status=$?  # last line: its own count
   # ThreadSanitizer of older toolchains (gcc 12) cannot map its shadow under the larger mmap
   # randomization of recent kernels; it then dies at start with "unexpected memory mapping".
   # Rerun without address-space randomization in that case.
@@ -63,6 +64,7 @@ for san in "$@"; do
     runner=(setarch "$(uname -m)" -R)
     status=0
     ${runner[@]+"${runner[@]}"} "$build/core_tests" >"$log" 2>&1 || status=$?
+    ${runner[@]+"${runner[@]}"} "$build/host_policy_tests" >>"$log" 2>&1 || status=$?
   fi
   cat "$log"
   last="$(tail -n 1 "$log")"

@@ -1,0 +1,251 @@
+// Host policies and background host work (Allocator::prepare_host), over the host backend with pins
+// counted. Built as target `host_policy_tests`; tests/cpp/run_sanitizers.sh runs it under ASan, UBSan
+// and TSan after core_tests. Last line: "N passed, M failed".
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "allocator.h"
+#include "errors.h"
+#include "host_backend.h"
+
+namespace {
+
+std::atomic<long> g_passed{0};
+std::atomic<long> g_failed{0};
+
+void report(bool ok, const char* file, int line, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, what.c_str());
+  }
+}
+#define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
+
+constexpr uint64_t MiB = 1ull << 20;
+
+// Pins as the CUDA backend sees them: every unpin must match a pin, and none may be left at the end.
+struct PinLedger {
+  std::mutex mutex;
+  std::map<void*, uint64_t> pinned;
+  long bad_unpins = 0;
+  uint64_t bytes() {
+    std::lock_guard<std::mutex> lock(mutex);
+    uint64_t total = 0;
+    for (const auto& [p, n] : pinned) total += n;
+    return total;
+  }
+};
+
+class CountingBackend final : public vse::DeviceBackend {
+ public:
+  explicit CountingBackend(std::shared_ptr<PinLedger> ledger) : ledger_(std::move(ledger)) {}
+  const char* name() const override { return "host+pins"; }
+  int device_count() override { return host_.device_count(); }
+  uint64_t granularity(int d) override { return host_.granularity(d); }
+  uintptr_t reserve(int d, uint64_t n) override { return host_.reserve(d, n); }
+  void unreserve(int d, uintptr_t a, uint64_t n) override { host_.unreserve(d, a, n); }
+  vse::PhysicalHandle create(int d, uint64_t n) override { return host_.create(d, n); }
+  void release(int d, vse::PhysicalHandle h) override { host_.release(d, h); }
+  void map(int d, uintptr_t a, uint64_t n, vse::PhysicalHandle h) override { host_.map(d, a, n, h); }
+  void unmap(int d, uintptr_t a, uint64_t n) override { host_.unmap(d, a, n); }
+  vse::MemoryInfo memory_info(int d) override { return host_.memory_info(d); }
+  void synchronize(int d) override { host_.synchronize(d); }
+  void pin(int, void* p, uint64_t n) override {
+    std::lock_guard<std::mutex> lock(ledger_->mutex);
+    ledger_->pinned[p] = n;
+  }
+  void unpin(int, void* p) override {
+    std::lock_guard<std::mutex> lock(ledger_->mutex);
+    if (ledger_->pinned.erase(p) != 1) ++ledger_->bad_unpins;
+  }
+  void enqueue_copies(int d, vse::CopyDirection dir, const std::vector<vse::CopySpan>& s) override {
+    host_.enqueue_copies(d, dir, s);
+  }
+  void wait_copies(int d) override { host_.wait_copies(d); }
+  uint64_t record_mark(int d) override { return host_.record_mark(d); }
+  void wait_mark(int d, uint64_t m) override { host_.wait_mark(d, m); }
+  void release_mark(int d, uint64_t m) noexcept override { host_.release_mark(d, m); }
+
+ private:
+  vse::HostBackend host_{512 * MiB};
+  std::shared_ptr<PinLedger> ledger_;
+};
+
+std::unique_ptr<vse::Allocator> make(const std::shared_ptr<PinLedger>& ledger, vse::HostPolicy policy,
+                                     uint64_t rate = 0) {
+  auto a = std::make_unique<vse::Allocator>(std::make_unique<CountingBackend>(ledger));
+  vse::AllocatorOptions o = a->options();
+  o.host_policy = policy;
+  o.staging.piece_bytes = 2 * MiB;
+  o.staging.threads = 2;
+  if (rate) o.host_prepare_rate = rate;
+  a->set_options(o);
+  return a;
+}
+
+void fill(uintptr_t p, uint64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto* b = reinterpret_cast<uint8_t*>(p);
+  for (uint64_t i = 0; i < n; ++i) b[i] = static_cast<uint8_t>(rng() | 1);
+}
+
+bool holds(uintptr_t p, uint64_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto* b = reinterpret_cast<const uint8_t*>(p);
+  for (uint64_t i = 0; i < n; ++i)
+    if (b[i] != static_cast<uint8_t>(rng() | 1)) return false;
+  return true;
+}
+
+void reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim() {
+  auto ledger = std::make_shared<PinLedger>();
+  {
+    auto a = make(ledger, vse::HostPolicy::Reclaimable);
+    const uint64_t n = 9 * MiB + 77;
+    uintptr_t p = a->allocate(n, 0, "weights");
+    for (unsigned cycle = 0; cycle < 4; ++cycle) {
+      fill(p, n, cycle);
+      a->sleep({"weights"}, {}, {});
+      CHECK(ledger->bytes() >= n);  // pinned while asleep
+      a->simulate_host_reclaim();   // must not touch the backup in use
+      a->wake(std::nullopt);
+      CHECK(holds(p, n, cycle));
+      a->wait_host();
+      CHECK(ledger->bytes() == 0);  // nothing pinned while awake
+      CHECK(a->host_bytes() > 0);   // but the arena is kept
+      a->simulate_host_reclaim();   // the kernel took every page
+    }
+    a->free(p);
+  }
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
+void first_sleep_after_prepare_host_finds_memory_ready() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned);
+  const uint64_t n = 20 * MiB;
+  uintptr_t p = a->allocate(n, 0, "weights");
+  fill(p, n, 7);
+  a->prepare_host(n, 0, /*wait=*/true);
+  CHECK(a->host_error().empty());
+  CHECK(ledger->bytes() >= n);
+  const uint64_t held = a->host_bytes();
+  a->sleep({"weights"}, {}, {});
+  CHECK(a->last_sleep()->staging.populate_seconds == 0);
+  CHECK(a->last_sleep()->staging.pin_seconds == 0);
+  CHECK(a->host_bytes() == held);
+  a->wake(std::nullopt);
+  CHECK(holds(p, n, 7));
+}
+
+void destruction_during_background_prepare_is_clean() {
+  auto ledger = std::make_shared<PinLedger>();
+  for (int i = 0; i < 20; ++i) {
+    auto a = make(ledger, vse::HostPolicy::Reclaimable, /*rate=*/64 * MiB);
+    uintptr_t p = a->allocate(4 * MiB, 0, "weights");
+    a->prepare_host(64 * MiB, 0, false);
+    if (i % 2) std::this_thread::sleep_for(std::chrono::milliseconds(i));
+    (void)p;
+  }
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
+void sleep_takes_over_a_background_prepare() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/8 * MiB);
+  const uint64_t n = 24 * MiB;
+  uintptr_t p = a->allocate(n, 0, "weights");
+  fill(p, n, 3);
+  a->prepare_host(n, 0, false);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a few pieces ready, not all
+  a->sleep({"weights"}, {}, {});
+  CHECK(a->host_bytes() <= n + n / 100 + 4096);
+  a->wake(std::nullopt);
+  CHECK(holds(p, n, 3));
+  CHECK(a->host_error().empty());
+}
+
+void host_work_races_nothing_under_concurrent_calls() {
+  auto ledger = std::make_shared<PinLedger>();
+  {
+    auto a = make(ledger, vse::HostPolicy::Reclaimable, /*rate=*/256 * MiB);
+    const uint64_t n = 3 * MiB;
+    std::vector<uintptr_t> ptrs;
+    for (unsigned i = 0; i < 4; ++i) {
+      ptrs.push_back(a->allocate(n, 0, "weights"));
+      fill(ptrs.back(), n, 100 + i);
+    }
+    std::atomic<bool> done{false};
+    std::thread reader([&] {
+      while (!done) {
+        (void)a->host_bytes();
+        (void)a->host_pinned_bytes();
+        (void)a->tag_stats();
+      }
+    });
+    std::vector<std::thread> workers;
+    for (int t = 0; t < 3; ++t) {
+      workers.emplace_back([&, t] {
+        for (int k = 0; k < 6; ++k) {
+          a->sleep({"weights"}, {}, {});
+          a->wake(std::nullopt);
+          if ((k + t) % 2) a->prepare_host(12 * MiB, 0, false);
+          if (k % 3 == 2) a->release_host_cache();
+        }
+      });
+    }
+    for (auto& w : workers) w.join();
+    done = true;
+    reader.join();
+    for (unsigned i = 0; i < 4; ++i) CHECK(holds(ptrs[i], n, 100 + i));
+  }
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
+struct Test {
+  const char* name;
+  void (*fn)();
+};
+
+const Test kTests[] = {
+    {"reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim",
+     reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim},
+    {"first_sleep_after_prepare_host_finds_memory_ready", first_sleep_after_prepare_host_finds_memory_ready},
+    {"destruction_during_background_prepare_is_clean", destruction_during_background_prepare_is_clean},
+    {"sleep_takes_over_a_background_prepare", sleep_takes_over_a_background_prepare},
+    {"host_work_races_nothing_under_concurrent_calls", host_work_races_nothing_under_concurrent_calls},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  for (const Test& t : kTests) {
+    if (filter && !std::strstr(t.name, filter)) continue;
+    std::printf("[ RUN  ] %s\n", t.name);
+    std::fflush(stdout);
+    const long failed_before = g_failed;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      report(false, __FILE__, __LINE__, std::string(t.name) + " threw: " + e.what());
+    }
+    std::printf("[ %s ] %s\n", g_failed == failed_before ? " OK " : "FAIL", t.name);
+    std::fflush(stdout);
+  }
+  std::printf("%ld passed, %ld failed\n", g_passed.load(), g_failed.load());
+  return g_failed == 0 ? 0 : 1;
+}
