@@ -173,3 +173,52 @@ def test_calls_from_several_threads_while_host_work_runs_in_the_background():
     assert not errors
     for p, data in ptrs:
         assert read(p, 3 * MiB) == data
+
+
+# ---- the Python surface ---------------------------------------------------------------------------
+
+def test_cumem_allocator_host_policy_follows_its_environment_variable(monkeypatch):
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_HOST_POLICY", "reclaimable")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    assert alloc.host_policy == "reclaimable" and alloc.keep_host_backups is True
+    alloc.keep_host_backups = False
+    assert alloc.host_policy == "release"
+    with pytest.raises(ValueError):
+        alloc.host_policy = "never"
+
+
+def test_leaving_the_weights_pool_prepares_host_memory_for_the_first_sleep(monkeypatch):
+    import torch
+
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_PREPARE_HOST", "1")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    assert alloc.prepare_host is True
+    with alloc.use_memory_pool("weights"):
+        w = alloc.empty((4 << 20,), torch.float32)  # 16 MiB
+        w.copy_(torch.arange(4 << 20, dtype=torch.float32))
+    alloc._core.wait_host()
+    assert alloc._core.host_pinned_bytes() >= 16 * MiB
+    alloc.sleep(offload_tags=("weights",))
+    s = alloc.stats().last_sleep
+    assert s.populate_seconds == 0 and s.pin_seconds == 0
+    alloc.wake_up()
+    assert torch.equal(w, torch.arange(4 << 20, dtype=torch.float32))
+
+
+def test_prepare_host_backups_is_off_by_default_on_the_host_backend_and_blocking_when_asked(monkeypatch):
+    import torch
+
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.delenv("VLLM_SLEEP_EXT_PREPARE_HOST", raising=False)
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    assert alloc.prepare_host is False
+    with alloc.use_memory_pool("weights"):
+        w = alloc.empty((1 << 20,), torch.float32)
+    assert alloc.stats().host_bytes == 0
+    alloc.prepare_host_backups()
+    assert alloc._core.host_pinned_bytes() >= w.nbytes == 4 * MiB

@@ -118,6 +118,10 @@ class CuMemAllocator:
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
+        if "VLLM_SLEEP_EXT_HOST_POLICY" in os.environ:
+            self.host_policy = os.environ["VLLM_SLEEP_EXT_HOST_POLICY"]
+        # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
+        self.prepare_host = os.environ.get("VLLM_SLEEP_EXT_PREPARE_HOST", "1" if backend == "cuda" else "0") != "0"
 
     # -- pools -------------------------------------------------------------------------------------
 
@@ -137,6 +141,8 @@ class CuMemAllocator:
                 yield
         finally:
             _core.set_thread_tag(previous)
+        if tag == "weights" and self.prepare_host:
+            self._prepare_host_backups(wait=False)
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
@@ -220,6 +226,7 @@ class CuMemAllocator:
         only preserved bytes are (see ``preserve_mode``). Pending GPU work finishes first.
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
+        self._log_host_error()
         self._trim(automatic=True)
         preserve, exclude = self._preserved_ranges()
         stats = self._core.sleep(list(tags), preserve, exclude)
@@ -308,6 +315,44 @@ class CuMemAllocator:
     @keep_host_backups.setter
     def keep_host_backups(self, keep: bool) -> None:
         self._core.keep_host_backups = bool(keep)
+
+    @property
+    def host_policy(self) -> str:
+        """What host backup memory does between a wake and the next sleep: "pinned" (kept pinned, the
+        default; the next sleep copies at once), "reclaimable" (kept unpinned, the kernel may take it
+        back under pressure; pinned again at the next sleep) or "release" (given back).
+        Env: VLLM_SLEEP_EXT_HOST_POLICY."""
+        return self._core.host_policy
+
+    @host_policy.setter
+    def host_policy(self, policy: str) -> None:
+        self._core.host_policy = str(policy)
+
+    def prepare_host_backups(self) -> None:
+        """Makes host memory for a level-1 backup of the "weights" tag resident and pinned now, so the
+        first sleep copies at the speed of a warm one. Leaving use_memory_pool("weights") starts the
+        same work in the background, throttled, unless ``prepare_host`` is False
+        (env VLLM_SLEEP_EXT_PREPARE_HOST=0)."""
+        self._prepare_host_backups(wait=True)
+
+    def _prepare_host_backups(self, wait: bool) -> None:
+        weights = [a for a in self._core.allocations() if a.tag == "weights" and a.state == "mapped"]
+        if not weights:
+            return
+        nbytes = sum(a.size for a in weights)
+        try:
+            self._core.prepare_host(nbytes, weights[0].device, wait)
+        except _core.SleepExtError as e:
+            if wait:
+                raise
+            logger.warning("host memory for backups not prepared ahead (%s); the first sleep prepares it", e)
+            return
+        logger.info("prepare host backups: %.2f GiB %s", nbytes / GiB, "ready" if wait else "started in the background")
+
+    def _log_host_error(self) -> None:
+        error = self._core.host_error()
+        if error:
+            logger.warning("host memory for backups was not prepared ahead (%s); this sleep prepares it", error)
 
     def release_host_cache(self) -> None:
         """Returns host memory kept for reuse; backups of sleeping allocations stay."""
