@@ -68,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="fresh processes per allocator for the load test (default 2)")
     ap.add_argument("--peer-gib", type=float, default=None,
                     help="size for peers (torch_memory_saver, vLLM) (default = largest --sizes-gib)")
+    ap.add_argument("--host-gib", type=float, default=None,
+                    help="size for host policies and the first sleep after background prepare "
+                         "(default = largest --sizes-gib)")
     ap.add_argument("--headroom-gib", type=float, default=6.0,
                     help="device memory left free when clamping sizes (default 6)")
     ap.add_argument("--skip", nargs="+", default=[],
@@ -97,6 +100,7 @@ def resolve_config(a: argparse.Namespace) -> Config:
         load_gib=a.load_gib if a.load_gib is not None else weights,
         load_repeats=pick(a.load_repeats, 2, 1),
         peer_gib=a.peer_gib if a.peer_gib is not None else max(sizes),
+        host_gib=a.host_gib if a.host_gib is not None else max(sizes),
         headroom_gib=a.headroom_gib, seed=a.seed, skip=set(a.skip), timeout=a.timeout,
         out=a.out or default_out())
 

@@ -40,6 +40,12 @@ def _results():
                    "cycles_no_pause": [{"sleep_ms": 5, "wake_weights_ms": 20, "wake_kv_ms": 20, "total_ms": 45,
                                         "returned_pct": 99.95, "buffers_intact": True}] * 3},
         "load": {"torch_s": 1.0, "pool_s": 1.05, "ratio": 1.05},
+        "host": {"size_gib": 1.0, "prepare_s": 0.5, "prepare_error": "",
+                 "first_sleep": _op(48.0, stats={"last_sleep": {"populate_seconds": 0.0, "pin_seconds": 0.0}}),
+                 "policies": {p: {"sleep": [_op(g), _op(g)], "wake": [_op(49.0)] * 2,
+                                  "awake": [{"host_bytes": held, "pinned_bytes": pinned}] * 2}
+                              for p, g, held, pinned in (("pinned", 49.0, GiB, GiB), ("reclaimable", 44.0, GiB, 0),
+                                                         ("release", 20.0, 0, 0))}},
     }
 
 
@@ -60,6 +66,17 @@ def test_report_judges_each_figure_against_the_spec_targets():
     assert rows[("load: pool / torch time", 1.0)].verdict == "PASS"
 
 
+def test_report_shows_each_host_policy_and_the_first_sleep_after_prepare():
+    rows = by_figure(report.build_rows(_results()))
+    assert rows[("ext: L1 first sleep after background prepare", 1.0)].verdict == "PASS"  # 0.96x
+    assert rows[("ext: L1 warm sleep, host_policy=pinned", 1.0)].verdict == "PASS"
+    reclaimable = rows[("ext: L1 warm sleep, host_policy=reclaimable", 1.0)]
+    assert reclaimable.verdict == "FAIL" and reclaimable.target == targets.target("reclaimable_warm_x").text  # 0.88x
+    assert rows[("ext: L1 warm sleep, host_policy=release", 1.0)].verdict == "info"
+    assert rows[("ext: host bytes pinned while awake, host_policy=reclaimable", 1.0)].value == 0
+    assert rows[("ext: host bytes held while awake / backed up, host_policy=pinned", 1.0)].value == 1.0
+
+
 def test_targets_read_from_one_table():
     assert targets.target("l2_ms").verdict(30.0) == "PASS" and targets.target("l2_ms").verdict(30.1) == "FAIL"
     assert targets.target("warm_x").verdict(None) == "n/a"
@@ -73,7 +90,8 @@ def test_report_writes_table_and_json(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| figure |") and "ext: L1 first sleep" in table
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["summary"]["FAIL"] == 1 and data["summary"]["failed"] == ["ext: L1 first sleep @ 1 GiB"]
+    assert data["summary"]["failed"] == ["ext: L1 first sleep @ 1 GiB",
+                                         "ext: L1 warm sleep, host_policy=reclaimable @ 1 GiB"]
 
 
 def test_bench_command_line_parses_without_a_gpu():

@@ -180,11 +180,50 @@ def rows_peers(res: dict) -> list[Row]:
     return rows
 
 
+# Which target each host policy's warm figures are held to ("release" finds new memory every sleep).
+POLICY_TARGETS = {"pinned": "warm_x", "reclaimable": "reclaimable_warm_x", "release": None}
+
+
+def rows_host(res: dict) -> list[Row]:
+    """The first sleep after a background prepare, and warm cycles under each host policy."""
+    r = res.get("host")
+    if r is None:
+        return []
+    if "error" in r:
+        return [Row("ext: host policies / background prepare", None, None, "GB/s",
+                    verdict="FAIL" if r.get("verify_failed") else "n/a", note=r["error"])]
+    size = float(r["size_gib"])
+    d2h, h2d = limit_at(res, size, "d2h"), limit_at(res, size, "h2d")
+    fs = r["first_sleep"]
+    op = (fs.get("stats") or {}).get("last_sleep") or {}
+    staging = (op.get("populate_seconds") or 0.0) + (op.get("pin_seconds") or 0.0)
+    first = _ratio_row("ext: L1 first sleep after background prepare", size, fs["gbps"], d2h, "first_sleep_x", True)
+    first.note = (f"prepare done {r['prepare_s']:.2f} s after the weights pool closed; staging in the sleep "
+                  f"{staging * 1e3:.1f} ms" + (f"; prepare error: {r['prepare_error']}" if r.get("prepare_error") else ""))
+    rows = [first]
+    for policy, pr in (r.get("policies") or {}).items():
+        key = POLICY_TARGETS.get(policy)
+        backed = median(x["bytes"] for x in pr["sleep"]) or 1
+        held = max((a["host_bytes"] for a in pr["awake"]), default=None)
+        pinned = max((a["pinned_bytes"] for a in pr["awake"]), default=None)
+        rows += [
+            _ratio_row(f"ext: L1 warm sleep, host_policy={policy}", size,
+                       median(x["gbps"] for x in pr["sleep"]), d2h, key, True),
+            _ratio_row(f"ext: L1 warm wake, host_policy={policy}", size,
+                       median(x["gbps"] for x in pr["wake"]), h2d, key, True),
+            Row(f"ext: host bytes held while awake / backed up, host_policy={policy}", size,
+                None if held is None else held / backed, "x", note="max over cycles"),
+            Row(f"ext: host bytes pinned while awake, host_policy={policy}", size,
+                None if pinned is None else pinned / GiB, "GiB", note="max over cycles"),
+        ]
+    return rows
+
+
 def build_rows(res: dict) -> list[Row]:
     rows = rows_limit(res)
     for size, r in sorted((res.get("level1") or {}).items(), key=lambda kv: float(kv[0])):
         rows += rows_level1(res, "ext", r, float(size))
-    return rows + rows_level2(res) + rows_load(res) + rows_peers(res)
+    return rows + rows_host(res) + rows_level2(res) + rows_load(res) + rows_peers(res)
 
 
 def _num(v: Optional[float], unit: str = "") -> str:
@@ -266,6 +305,13 @@ def plot_series(res: dict) -> list[tuple[str, list, list, str, str]]:
     for label, f, style in pick:
         pts = [(float(s), f(l1[s])) for s in sz if f(l1[s]) is not None]
         series.append((label, [p[0] for p in pts], [p[1] for p in pts], style, "o"))
+    h = res.get("host") or {}
+    if "first_sleep" in h:
+        x = float(h["size_gib"])
+        series.append(("ext first sleep after background prepare", [x], [h["first_sleep"]["gbps"]], "C0", "*"))
+        for j, (policy, pr) in enumerate((h.get("policies") or {}).items()):
+            series.append((f"ext warm sleep host_policy={policy}", [x], [median(s["gbps"] for s in pr["sleep"])],
+                           f"C{7 + j}", "D"))
     for i, (name, r) in enumerate((res.get("peers") or {}).items()):
         if "error" in r:
             continue

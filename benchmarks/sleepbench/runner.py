@@ -59,6 +59,7 @@ class Config:
     load_gib: float
     load_repeats: int
     peer_gib: Optional[float]
+    host_gib: float
     headroom_gib: float
     seed: int
     skip: set[str]
@@ -70,7 +71,8 @@ def run_all(cfg: Config) -> dict:
     res: dict = {"config": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path)
                                 else v) for k, v in dataclasses.asdict(cfg).items()}}
     common = {"headroom_gib": cfg.headroom_gib, "seed": cfg.seed}
-    all_sizes = sorted(set(cfg.sizes_gib) | ({cfg.peer_gib} if cfg.peer_gib else set()))
+    all_sizes = sorted(set(cfg.sizes_gib) | ({cfg.peer_gib} if cfg.peer_gib else set())
+                       | ({cfg.host_gib} if "host" not in cfg.skip else set()))
     log(f"pinned-copy limit at {', '.join(f'{s:g}' for s in all_sizes)} GiB")
     res["limit"] = run_worker("limit", {**common, "sizes_gib": all_sizes,
                                         "reps": cfg.limit_reps}, cfg.timeout)
@@ -82,6 +84,10 @@ def run_all(cfg: Config) -> dict:
                 **common, "impl": "ext", "size_gib": size, "cycles": cfg.cycles,
                 "keep_false_cycles": 0 if "host" in cfg.skip else cfg.keep_false_cycles},
                 cfg.timeout)
+    if "host" not in cfg.skip:
+        log(f"host policies and first sleep after background prepare, vllm_sleep_ext, {cfg.host_gib:g} GiB")
+        res["host"] = run_worker("host", {**common, "size_gib": cfg.host_gib, "cycles": cfg.cycles},
+                                 cfg.timeout)
     if "level2" not in cfg.skip:
         log(f"level 2: weights {cfg.weights_gib:g} GiB + kv {cfg.kv_gib:g} GiB, {cfg.l2_cycles} cycles with a "
             f"{cfg.l2_pause_s:g} s pause, then {cfg.l2_cycles} without")

@@ -224,8 +224,62 @@ def worker_load(p: dict) -> dict:
     return {"mode": p["mode"], "seconds": secs, "bytes": nbytes, "n_tensors": len(sizes)}
 
 
+HOST_POLICIES = ("pinned", "reclaimable", "release")
+
+
+def worker_host(p: dict) -> dict:
+    """This project only: the first level-1 sleep after host memory was prepared in the background
+    (started by leaving the weights pool), then warm cycles under each host policy, with the host
+    memory held (and pinned) while awake."""
+    impl = ExtImpl(prepare_host=True)
+    core = impl.alloc._core
+    nbytes = clamp_bytes(int(p["size_gib"] * GiB), int(p["headroom_gib"] * GiB), f"host {p['size_gib']:g} GiB",
+                         host_too=True)
+    sizes = model_like_sizes(nbytes, p["seed"])
+    t0 = time.perf_counter()
+    with impl.region("weights"):
+        tensors = alloc_tensors(sizes)
+    started = time.perf_counter()  # leaving the pool started the background prepare
+    fill_random(tensors, p["seed"])
+    ref = Reference.capture(tensors)
+    sync()
+    waited = time.perf_counter()
+    core.wait_host()  # serving would go on meanwhile; here the first sleep simply comes after it
+    done = time.perf_counter()
+    pool = impl.pool_bytes(sum(sizes))
+    res: dict = {"impl": impl.name, "size_gib": p["size_gib"], "tensor_bytes": sum(sizes), "pool_bytes": pool,
+                 "n_tensors": len(sizes), "prepare_s": done - started, "prepare_wait_s": done - waited,
+                 "load_s": started - t0, "prepare_error": core.host_error(),
+                 "prepared_pinned_bytes": core.host_pinned_bytes(), "prepare_rate": core.host_prepare_rate}
+    say(f"  background prepare of {pool / GiB:.2f} GiB: done {res['prepare_s']:.2f} s after the weights pool "
+        f"closed ({res['prepared_pinned_bytes'] / GiB:.2f} GiB pinned){'; ' + res['prepare_error'] if res['prepare_error'] else ''}")
+    res["first_sleep"], res["first_wake"] = _cycle(impl, tensors, ref, pool, pool)
+    backed = res["first_sleep"]["bytes"]
+    say(f"    first sleep after prepare {_fmt(res['first_sleep'])} | wake {_fmt(res['first_wake'])}")
+    res["policies"] = {}
+    for policy in HOST_POLICIES:
+        impl.alloc.host_policy = policy
+        impl.alloc.release_host_cache()
+        _cycle(impl, tensors, ref, backed, pool)  # not measured: leaves what this policy keeps
+        core.wait_host()
+        sleeps, wakes, awake = [], [], []
+        for i in range(p["cycles"]):
+            s, w = _cycle(impl, tensors, ref, backed, pool)
+            core.wait_host()  # the unpinning after a wake runs while serving, not in the wake
+            awake.append({"host_bytes": core.host_bytes(), "pinned_bytes": core.host_pinned_bytes()})
+            sleeps.append(s)
+            wakes.append(w)
+            say(f"    {policy} #{i + 1} sleep {_fmt(s)} | wake {_fmt(w)} | awake: host "
+                f"{awake[-1]['host_bytes'] / GiB:.2f} GiB, pinned {awake[-1]['pinned_bytes'] / GiB:.2f} GiB")
+        res["policies"][policy] = {"sleep": sleeps, "wake": wakes, "awake": awake}
+    impl.alloc.host_policy = "pinned"
+    res["verified"] = True
+    return res
+
+
 WORKERS: dict[str, Callable[[dict], dict]] = {
     "limit": worker_limit, "level1": worker_level1, "level2": worker_level2, "load": worker_load,
+    "host": worker_host,
 }
 
 

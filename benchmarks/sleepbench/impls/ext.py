@@ -34,8 +34,12 @@ class ExtImpl:
     name = "vllm_sleep_ext"
     has_stats = True
 
-    def __init__(self) -> None:
+    def __init__(self, prepare_host: bool = False) -> None:
         self.alloc = get_ext_allocator()
+        # Off unless asked: "first sleep" means a cold one, as it always has here; the workers
+        # measure the first sleep after a background prepare separately.
+        if hasattr(self.alloc, "prepare_host"):
+            self.alloc.prepare_host = prepare_host
 
     def region(self, tag: str) -> ContextManager:
         return self.alloc.use_memory_pool(tag=tag)
