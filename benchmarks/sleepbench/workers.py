@@ -147,8 +147,9 @@ def worker_level2(p: dict) -> dict:
         f"{len(buf_ref)} buffers ({res['buffer_bytes'] / MiB:.1f} MiB)")
     # The judged figure: cycles with a pause between sleep and wake (the trainer runs in between);
     # then the same cycles back to back.
-    for key, pause_s in (("cycles", float(p.get("pause_s", 0.0))), ("cycles_no_pause", 0.0)):
-        if key == "cycles_no_pause" and not pause_s:
+    pause = float(p.get("pause_s", 0.0))
+    for key, pause_s in (("cycles", pause), ("cycles_no_pause", 0.0)):
+        if key == "cycles_no_pause" and not pause:
             break  # the judged cycles had no pause already
         res[key] = []
         say(f"  level-2 cycles, {pause_s:g} s between sleep and wake:")
@@ -163,7 +164,7 @@ def worker_level2(p: dict) -> dict:
                 f"buffers {'intact' if problem is None else 'BROKEN: ' + problem}")
             for t in kv:
                 t.fill_(1)  # the engine writes its KV cache again after wake
-    res["pause_s"] = float(p.get("pause_s", 0.0))
+    res["pause_s"] = pause
     return res
 
 
