@@ -59,7 +59,7 @@ def test_level2_worker_runs_cycles_with_and_without_a_pause(host_workers, monkey
                         lambda n: [alloc.place_module(m) for m in workloads.make_buffer_modules(n, device="cpu")])
     monkeypatch.setattr(workers, "alloc_kv", lambda nbytes: [alloc.empty((nbytes,), torch.uint8)])
     r = workers.worker_level2({"weights_gib": 16 / 1024, "kv_gib": 8 / 1024, "headroom_gib": 0, "seed": 3,
-                               "cycles": 2, "pause_s": 0.01, "n_modules": 2})
-    assert len(r["cycles"]) == 2 and len(r["cycles_no_pause"]) == 2 and r["pause_s"] == 0.01
+                               "cycles": 2, "pause_s": 0.5, "n_modules": 2})
+    assert len(r["cycles"]) == 2 and len(r["cycles_no_pause"]) == 2 and r["pause_s"] == 0.5
     assert all(c["buffers_intact"] for c in r["cycles"] + r["cycles_no_pause"])
-    assert r["cycles"][0]["total_ms"] < 10  # the pause is not counted
+    assert max(c["total_ms"] for c in r["cycles"]) < 500  # the pause is not counted
