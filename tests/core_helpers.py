@@ -74,6 +74,14 @@ def read(address: int, nbytes: int) -> bytes:
     return ctypes.string_at(address, nbytes)
 
 
+def filled(a, size: int, tag: str, seed: int) -> tuple[int, bytes]:
+    """An allocation of `size` bytes of `tag` from core allocator `a`, holding pattern(size, seed)."""
+    ptr = a.malloc(size, tag=tag)
+    data = pattern(size, seed)
+    write(ptr, data)
+    return ptr, data
+
+
 def pattern(nbytes: int, seed: int) -> bytes:
     """`nbytes` deterministic bytes in 1..255 (never 0)."""
     raw = random.Random(seed).randbytes(nbytes)

@@ -25,6 +25,7 @@ from core_helpers import (
     MiB,
     core_path,
     differs_everywhere,
+    filled,
     load_core,
     pattern,
     read,
@@ -65,13 +66,6 @@ def snapshot(a) -> list[tuple]:
 def stats_tuple(a) -> dict[str, tuple]:
     return {tag: (s.allocations, s.mapped_bytes, s.asleep_bytes, s.backed_up_bytes, s.preserved_bytes)
             for tag, s in a.tag_stats().items()}
-
-
-def filled(a, size: int, tag: str, seed: int) -> tuple[int, bytes]:
-    ptr = a.malloc(size, tag=tag)
-    data = pattern(size, seed)
-    write(ptr, data)
-    return ptr, data
 
 
 # ---- tags and states ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from core_helpers import MiB, load_core, pattern, read, write
+from core_helpers import MiB, filled, load_core, pattern, read, write
 
 core = load_core()
 
@@ -19,13 +19,6 @@ def make(policy: str = "pinned"):
     a.staging_threads = 2
     a.host_policy = policy
     return a
-
-
-def filled(a, size: int, tag: str, seed: int) -> tuple[int, bytes]:
-    ptr = a.malloc(size, tag=tag)
-    data = pattern(size, seed)
-    write(ptr, data)
-    return ptr, data
 
 
 def test_host_policy_names_and_keep_host_backups_alias():
