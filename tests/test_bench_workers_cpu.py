@@ -49,6 +49,8 @@ def test_host_worker_measures_each_policy_after_a_background_prepare(host_worker
     assert awake["pinned"]["pinned_bytes"] >= 16 * MiB
     assert awake["reclaimable"]["pinned_bytes"] == 0 and awake["reclaimable"]["host_bytes"] >= 16 * MiB
     assert awake["release"]["host_bytes"] == 0
+    if awake["reclaimable"]["lazyfree_bytes"] is not None:  # the kernel says what it may take back
+        assert awake["reclaimable"]["lazyfree_bytes"] >= 16 * MiB
 
 
 def test_level2_worker_runs_cycles_with_and_without_a_pause(host_workers, monkeypatch):

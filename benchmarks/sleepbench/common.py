@@ -56,6 +56,19 @@ def host_available_bytes() -> int:
     return 1 << 50
 
 
+def lazyfree_bytes() -> Optional[int]:
+    """Bytes of this process the kernel may take back at will (MADV_FREE'd, not yet reclaimed):
+    LazyFree in /proc/self/smaps_rollup; None where the kernel does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("LazyFree:"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return None
+
+
 def to_plain(obj: Any, depth: int = 0) -> Any:
     """Dataclass / namedtuple / pybind object -> JSON-able dicts and lists."""
     if obj is None or isinstance(obj, (bool, int, float, str)):

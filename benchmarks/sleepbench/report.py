@@ -216,6 +216,10 @@ def rows_host(res: dict) -> list[Row]:
             Row(f"ext: host bytes pinned while awake, host_policy={policy}", size,
                 None if pinned is None else pinned / GiB, "GiB", note="max over cycles"),
         ]
+        lazy = [a.get("lazyfree_bytes") for a in pr["awake"] if a.get("lazyfree_bytes") is not None]
+        if lazy:
+            rows.append(Row(f"ext: process LazyFree while awake, host_policy={policy}", size, min(lazy) / GiB, "GiB",
+                            note="min over cycles; what the kernel may take back (smaps_rollup)"))
     return rows
 
 

@@ -11,7 +11,8 @@ import traceback
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
-from .common import GiB, MiB, clamp_bytes, cuda_problem, gbps, mem_free, round_up, say, sync, timed, torch
+from .common import (GiB, MiB, clamp_bytes, cuda_problem, gbps, lazyfree_bytes, mem_free, round_up, say, sync, timed,
+                     torch)
 from .impls import make_impl
 from .impls.ext import ExtImpl, ext_backed_up_bytes, ext_stats, get_ext_allocator
 from .impls.limit import worker_limit
@@ -267,7 +268,8 @@ def worker_host(p: dict) -> dict:
         for i in range(p["cycles"]):
             s, w = _cycle(impl, tensors, ref, backed, pool)
             core.wait_host()  # the unpinning after a wake runs while serving, not in the wake
-            awake.append({"host_bytes": core.host_bytes(), "pinned_bytes": core.host_pinned_bytes()})
+            awake.append({"host_bytes": core.host_bytes(), "pinned_bytes": core.host_pinned_bytes(),
+                          "lazyfree_bytes": lazyfree_bytes()})
             sleeps.append(s)
             wakes.append(w)
             say(f"    {policy} #{i + 1} sleep {_fmt(s)} | wake {_fmt(w)} | awake: host "
