@@ -54,8 +54,8 @@ class HostArena {
   // others keep their bytes, and the next backup overwrites both. On a throw the prefix still pinned
   // stays ready.
   void make_reclaimable();
-  // Test hook: what memory pressure does to a reclaimable arena (MADV_DONTNEED: every page reads
-  // zero). Only for an arena with nothing pinned.
+  // Test hook: what memory pressure does to a reclaimable arena (MADV_PAGEOUT: the kernel reclaims
+  // it now; MADV_FREE'd pages then read zero). Only for an arena with nothing pinned.
   void simulate_reclaim();
   uint64_t ready_bytes() const { return ready_bytes_; }                  // owner's thread only
   uint64_t pinned_bytes() const { return pinned_bytes_.load(); }         // any thread
