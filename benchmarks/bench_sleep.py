@@ -2,15 +2,15 @@
 """Sleep/wake benchmark for vllm_sleep_ext, measured side by side with the pinned-copy limit.
 
 The code lives in ``sleepbench/`` (workloads, one adapter per implementation, workers, runner, report,
-targets: see its ``__init__``); this file is the command line. Every measurement runs in a fresh subprocess of this script (``--worker MODE``), because a "first"
-sleep is the first of a process and because each peer (torch_memory_saver, vLLM's own allocator) needs
-a process of its own. Workers print progress lines and one final JSON line; this process collects
+targets: see its ``__init__``); this file is the command line. Every measurement runs in a fresh
+subprocess of this script (``--worker MODE``), because a "first" sleep is the first of a process and
+because each peer (torch_memory_saver, vLLM's own allocator) needs a process of its own. Workers print progress lines and one final JSON line; this process collects
 them, prints a markdown table with the SPEC targets, and writes ``results.json`` (+ a PNG if
 matplotlib imports) to ``--out``.
 
-    python benchmarks/bench_sleep.py                  # full run, ~3-4 min on an H100
-    python benchmarks/bench_sleep.py --quick          # small sizes, ~1 min
-    python benchmarks/bench_sleep.py --quick --skip load peers   # smoke run, well under 2 min
+    python benchmarks/bench_sleep.py                  # full run, ~5 min on an H100 (not yet timed)
+    python benchmarks/bench_sleep.py --quick          # small sizes, ~2 min
+    python benchmarks/bench_sleep.py --quick --skip load peers   # smoke run, ~1.5 min
     python benchmarks/bench_sleep.py --sizes-gib 1 4 16 --kv-gib 48 --weights-gib 16 --out /tmp/b
 
 Exit status: 0 done (1 with --strict when a target fails), 2 no CUDA / PyTorch.
