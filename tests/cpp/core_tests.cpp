@@ -154,8 +154,8 @@ class FaultyBackend final : public vse::DeviceBackend {
  public:
   explicit FaultyBackend(uint64_t capacity) : inner_(capacity) {}
 
-  Fault create_fault, map_fault, pin_fault, synchronize_fault, to_host_fault, to_device_fault, wait_fault,
-      wait_mark_fault;
+  Fault create_fault, map_fault, unmap_fault, release_fault, pin_fault, synchronize_fault, to_host_fault,
+      to_device_fault, wait_fault, wait_mark_fault;
   bool lie_about_free_memory = false;  // report lots of free memory, so only create() can say "full"
 
   const char* name() const override { return "faulty-host"; }
@@ -167,12 +167,18 @@ class FaultyBackend final : public vse::DeviceBackend {
     if (create_fault.fire()) throw vse::DeviceOutOfMemory("injected: create");
     return inner_.create(device, size);
   }
-  void release(int device, vse::PhysicalHandle handle) override { inner_.release(device, handle); }
+  void release(int device, vse::PhysicalHandle handle) override {
+    if (release_fault.fire()) throw vse::Error("injected: release");
+    inner_.release(device, handle);
+  }
   void map(int device, uintptr_t address, uint64_t size, vse::PhysicalHandle handle) override {
     if (map_fault.fire()) throw vse::Error("injected: map");
     inner_.map(device, address, size, handle);
   }
-  void unmap(int device, uintptr_t address, uint64_t size) override { inner_.unmap(device, address, size); }
+  void unmap(int device, uintptr_t address, uint64_t size) override {
+    if (unmap_fault.fire()) throw vse::Error("injected: unmap");
+    inner_.unmap(device, address, size);
+  }
   vse::MemoryInfo memory_info(int device) override {
     vse::MemoryInfo info = inner_.memory_info(device);
     if (lie_about_free_memory) info.free = info.total;
@@ -201,6 +207,9 @@ class FaultyBackend final : public vse::DeviceBackend {
   void wait_copies(int device) override {
     if (wait_fault.fire()) throw vse::Error("injected: wait_copies");
     inner_.wait_copies(device);
+  }
+  void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) override {
+    inner_.fill(device, address, bytes, value);
   }
   uint64_t record_mark(int device) override {
     ++marks_recorded_;
