@@ -34,14 +34,17 @@ from torch import nn
 from vllm_sleep_ext import CuMemAllocator, DeviceOutOfMemoryError, SleepExtError
 
 try:
-    from gpu_helpers import (CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool,
-                             assert_tensors_match, buffer_snapshot, driver_access_flags, find_allocation,
-                             hog_device_memory, load_params, param_snapshot, release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing)
+    from gpu_helpers import (
+    CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool, assert_tensors_match,
+    buffer_snapshot, driver_access_flags, find_allocation, hog_device_memory, load_params, param_snapshot,
+    release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing,
+    )
 except ImportError:  # tests/ collected as a package
-    from tests.gpu_helpers import (CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool,
-                                   assert_tensors_match, buffer_snapshot, driver_access_flags, find_allocation,
-                                   hog_device_memory, load_params, param_snapshot, release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states,
-                                   tensors_differing)
+    from tests.gpu_helpers import (
+    CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool, assert_tensors_match,
+    buffer_snapshot, driver_access_flags, find_allocation, hog_device_memory, load_params, param_snapshot,
+    release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing,
+    )
 
 pytestmark = pytest.mark.cuda
 
