@@ -140,14 +140,26 @@ def storage_range(tensor: torch.Tensor) -> Range | None:
     return ranges[0] if ranges else None
 
 
+# PyTorch's CUDA caching allocator rounds every block up to this; a block holds one storage.
+CUDA_BLOCK_ROUND = 512
+
+
 def own_ranges(tensor: torch.Tensor) -> list[Range]:
-    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note)."""
+    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note).
+
+    A CUDA tensor that covers its whole storage also covers the block's rounding tail, which holds
+    no tensor: keeping those few bytes would cost one tiny copy per parameter.
+    """
     ranges = []
     for part in _dense(tensor):
         try:
             if part.numel() == 0 or not part.is_contiguous():
                 continue
             ptr, nbytes = part.data_ptr(), part.numel() * part.element_size()
+            storage = part.untyped_storage()
+            whole = ptr == storage.data_ptr() and nbytes == storage.nbytes()
+            if part.is_cuda and whole and ptr % CUDA_BLOCK_ROUND == 0:  # a block of its own
+                nbytes = -(-nbytes // CUDA_BLOCK_ROUND) * CUDA_BLOCK_ROUND
         except Exception:  # noqa: BLE001
             continue
         if ptr:
