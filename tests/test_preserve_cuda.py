@@ -18,12 +18,14 @@ from torch import nn
 try:
     from gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, load_params, param_snapshot,
                              scribble_free_gpu_memory)
+    from test_preserve import Wrapper  # a _make_wrapper_subclass tensor, device-agnostic
     from test_buffers_cuda import (Expected, TinyVllmLikeModel, alloc, deterministic,  # noqa: F401 (fixtures)
                                    level2_sleep_and_wake, make_kv_cache, named_tensors, preserve_mode,
                                    tiny_inputs)
 except ImportError:  # tests/ collected as a package
     from tests.gpu_helpers import (anything_asleep, assert_in_pool, find_allocation, load_params,
                                    param_snapshot, scribble_free_gpu_memory)
+    from tests.test_preserve import Wrapper
     from tests.test_buffers_cuda import (Expected, TinyVllmLikeModel, alloc, deterministic,  # noqa: F401
                                          level2_sleep_and_wake, make_kv_cache, named_tensors, preserve_mode,
                                          tiny_inputs)
@@ -95,6 +97,16 @@ def moe_constants(layer: TinyMoELayer) -> dict[str, torch.Tensor]:
     return out
 
 
+def moe_level2_round_trip(alloc, layer: TinyMoELayer) -> tuple[Expected, list[str]]:
+    """The level-2 RLHF flow; returns the reference and the names of the constants that changed."""
+    before = {k: v.cpu() for k, v in moe_constants(layer).items()}
+    kv = make_kv_cache(alloc)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    expected = Expected(layer, lambda: layer(x))
+    level2_sleep_and_wake(alloc, [expected], kv)
+    return expected, [k for k, v in moe_constants(layer).items() if not torch.equal(v.cpu(), before[k])]
+
+
 def test_level2_keeps_moe_expert_constants_built_after_loading(alloc, preserve_mode):
     preserve_mode("live")  # the default
     layer = build_moe(alloc)
@@ -103,12 +115,7 @@ def test_level2_keeps_moe_expert_constants_built_after_loading(alloc, preserve_m
     shares = {find_allocation(alloc, t).ptr for t in moe_constants(layer).values()} & \
         {find_allocation(alloc, p).ptr for p in layer.parameters()}
     assert shares, "test setup: constants and parameters should share segments (parameters excluded by block)"
-    before = {k: v.cpu() for k, v in moe_constants(layer).items()}
-    kv = make_kv_cache(alloc)
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).cuda()
-    expected = Expected(layer, lambda: layer(x))
-    level2_sleep_and_wake(alloc, [expected], kv)
-    changed = [k for k, v in moe_constants(layer).items() if not torch.equal(v.cpu(), before[k])]
+    expected, changed = moe_level2_round_trip(alloc, layer)
     assert not changed, f"preserve_mode='live' lost MoE expert constants {changed}"
     expected.check("level-2 round trip of MoE expert constants")
 
@@ -116,13 +123,7 @@ def test_level2_keeps_moe_expert_constants_built_after_loading(alloc, preserve_m
 def test_level2_in_buffers_mode_loses_moe_expert_constants(alloc, preserve_mode):
     # What vLLM's own buffer copy amounts to: proves the test above can fail.
     preserve_mode("buffers")
-    layer = build_moe(alloc)
-    before = {k: v.cpu() for k, v in moe_constants(layer).items()}
-    kv = make_kv_cache(alloc)
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).cuda()
-    expected = Expected(layer, lambda: layer(x))
-    level2_sleep_and_wake(alloc, [expected], kv)
-    changed = [k for k, v in moe_constants(layer).items() if not torch.equal(v.cpu(), before[k])]
+    _, changed = moe_level2_round_trip(alloc, build_moe(alloc))
     assert changed, "preserve_mode='buffers' kept the constants (or the scribble missed them)"
 
 
@@ -185,24 +186,6 @@ def test_preserve_keeps_a_parameter_the_trainer_does_not_send(alloc, preserve_mo
 # Odd tensors anywhere in the process never fail a sleep
 # --------------------------------------------------------------------------------------------------
 
-class CudaWrapper(torch.Tensor):
-    """A _make_wrapper_subclass tensor over one inner CUDA tensor (the torchao / Float8 pattern)."""
-
-    @staticmethod
-    def __new__(cls, inner: torch.Tensor) -> "CudaWrapper":
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
-
-    def __init__(self, inner: torch.Tensor) -> None:
-        self.inner = inner
-
-    def __tensor_flatten__(self):
-        return ["inner"], None
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise NotImplementedError(f"CudaWrapper does not run {func}")
-
-
 @pytest.mark.parametrize("mode", ["off", "buffers", "live"])
 def test_odd_tensors_in_the_process_never_fail_a_sleep(alloc, preserve_mode, mode):
     preserve_mode(mode)
@@ -217,7 +200,7 @@ def test_odd_tensors_in_the_process_never_fail_a_sleep(alloc, preserve_mode, mod
         gpu_module = nn.Module()
         gpu_module.register_buffer("csr", eye.cuda().to_sparse_csr(), persistent=False)
         gpu_module.register_buffer("bsr", eye.cuda().to_sparse_bsr((4, 4)), persistent=False)
-        gpu_module.register_buffer("wrapped", CudaWrapper(inner), persistent=False)
+        gpu_module.register_buffer("wrapped", Wrapper(inner), persistent=False)
     outside = eye.cuda().to_sparse()  # outside every pool
     nested = torch.nested.nested_tensor([torch.ones(3), torch.ones(5)], device="cuda")
     alloc.preserve(outside, nested, cpu_module, gpu_module)
