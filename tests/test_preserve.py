@@ -3,6 +3,7 @@ anywhere in the process can make a sleep fail. See Note [Preserve scope] in vllm
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 import threading
@@ -242,6 +243,64 @@ def test_environment_sets_mode_and_tags(monkeypatch, env, mode, tags):
         monkeypatch.setenv(name, value)
     alloc = CuMemAllocator(backend="host", capacity_bytes=MiB)
     assert (alloc.preserve_mode, alloc.preserve_tags) == (mode, tags)
+
+
+# -- the CUDA path of "live", on a snapshot made up over host allocations ---------------------------------
+
+def _fake_cuda(alloc, monkeypatch, segments) -> None:
+    """Makes ``alloc`` read ``segments`` as PyTorch's memory snapshot (a callable raises instead)."""
+    import vllm_sleep_ext.allocator as allocator_module
+
+    def snapshot():
+        if callable(segments):
+            return segments()
+        return segments
+
+    monkeypatch.setattr(allocator_module, "_memory_snapshot", snapshot)
+    monkeypatch.setattr(alloc, "backend", "cuda")
+
+
+def _segment(address: int, *blocks: tuple[str, int]) -> dict:
+    return {"address": address, "total_size": sum(size for _, size in blocks),
+            "blocks": [{"state": state, "size": size} for state, size in blocks]}
+
+
+def test_live_on_cuda_keeps_active_blocks_of_preserve_tags_only(alloc, monkeypatch):
+    with alloc.use_memory_pool(tag="weights"):
+        w = alloc.empty((16384,), torch.float32)  # one allocation of 64 KiB: a made-up segment
+        block = alloc.empty((256,), torch.float32)  # a 1024 B block holding a 1000 B parameter storage
+    with alloc.use_memory_pool(tag="kv_cache"):
+        kv = alloc.empty((4096,), torch.float32)
+    p, q, k = w.data_ptr(), block.data_ptr(), kv.data_ptr()
+    storage_1000 = torch.frombuffer((ctypes.c_uint8 * 1000).from_address(q), dtype=torch.uint8)
+    module = nn.Module()
+    module.weight = nn.Parameter(storage_1000.view(torch.float32), requires_grad=False)
+    _fake_cuda(alloc, monkeypatch, [
+        _segment(p, ("active_allocated", 4096), ("inactive", 8192), ("active_pending_free", 512),
+                 ("inactive", 65536 - 4096 - 8192 - 512)),
+        _segment(q, ("active_allocated", 1024)),  # the parameter's block, rounding tail included
+        _segment(k, ("active_allocated", 16384)),  # the KV cache: never in scope
+        _segment(1 << 40, ("active_allocated", 512)),  # memory that is not ours
+    ])
+    keep, exclude = alloc._preserved_ranges(())
+    assert keep == [(p, 4096), (p + 4096 + 8192, 512)] and exclude == [], "nor the block's 24 B tail"
+    assert alloc.last_preserved.bytes == 4096 + 512 and alloc.last_preserved.ranges == 2
+    alloc.preserve(module.weight)  # preserve() wins: the parameter's block is kept after all
+    keep, _ = alloc._preserved_ranges(())
+    assert (q, 1024) in keep
+
+
+def test_live_on_cuda_keeps_whole_allocations_the_snapshot_does_not_explain(alloc, monkeypatch):
+    with alloc.use_memory_pool(tag="weights"):
+        w = alloc.empty((1024,), torch.float32)
+    _fake_cuda(alloc, monkeypatch, [])  # PyTorch lists no segment there: the core's allocation counts
+    assert alloc._preserved_ranges(())[0] == [(w.data_ptr(), 4096)]
+
+    def broken():
+        raise RuntimeError("snapshot crashed")
+
+    _fake_cuda(alloc, monkeypatch, broken)  # never fails a sleep: keeps more, never less
+    assert alloc._preserved_ranges(())[0] == [(w.data_ptr(), 4096)]
 
 
 # -- byte-range algebra, against a set of bytes ------------------------------------------------------

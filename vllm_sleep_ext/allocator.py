@@ -33,6 +33,7 @@ from vllm_sleep_ext.preserve import (
     ranges_of,
     registry,
     subtract,
+    whole_storage_starts,
 )
 
 logger = logging.getLogger(__name__)
@@ -350,12 +351,14 @@ class CuMemAllocator:
             self.last_preserved = PreservedRanges(0, 0)
             return [], []
         explicit = list(self._preserved.tensors())
-        keep = merge(ranges_of(explicit) + ranges_of(registry.buffers()))
+        explicit_ranges = ranges_of(explicit)
+        keep = merge(explicit_ranges + ranges_of(registry.buffers()))
         if mode is PreserveMode.LIVE:
-            live = merge(self._live_ranges())
-            parameters = merge(own_ranges_of(registry.parameters()))
+            params = list(registry.parameters())
             # preserve() wins: its tensors' bytes are taken out of the exclusion, not out of the keep.
-            exclude = subtract(parameters, merge(ranges_of(explicit)))
+            param_blocks = whole_storage_starts(params) - {ptr for ptr, _ in explicit_ranges}
+            live = merge(self._live_ranges(skip_blocks=param_blocks))
+            exclude = subtract(merge(own_ranges_of(params)), merge(explicit_ranges))
             keep = merge(as_ranges(keep) + as_ranges(subtract(live, exclude)))
         # What the core will really copy: bytes of awake allocations whose tag is not offloaded.
         windows = merge((a.ptr, a.size) for a in self._core.allocations()
@@ -364,8 +367,8 @@ class CuMemAllocator:
         self.last_preserved = PreservedRanges(sum(e - s for s, e in kept), len(kept))
         return as_ranges(kept), []
 
-    def _live_ranges(self) -> list[Range]:
-        """Live bytes of the allocations of ``preserve_tags``.
+    def _live_ranges(self, skip_blocks: frozenset[int] | set[int] = frozenset()) -> list[Range]:
+        """Live bytes of the allocations of ``preserve_tags``, but no block that starts at ``skip_blocks``.
 
         Which bytes are live is known to PyTorch's caching allocator only (blocks in use), so this
         reads torch.cuda.memory_snapshot(): the whole-process one, taken under the caching allocator's
@@ -393,9 +396,10 @@ class CuMemAllocator:
             if unseen.pop(address, None) is None:
                 continue
             for block in segment["blocks"]:
-                if block["state"].startswith("active"):
-                    ranges.append((block.get("address", address), block["size"]))
-                address += block["size"]
+                start = block.get("address", address)
+                if block["state"].startswith("active") and start not in skip_blocks:
+                    ranges.append((start, block["size"]))
+                address = start + block["size"]
         return ranges + list(unseen.items())
 
     # -- host memory -------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ them built in ``process_weights_after_loading`` (MoE expert constants, strides, 
 Parameters are excluded by the bytes they themselves cover, not by their whole storage: a parameter may
 be a view into a larger storage that holds other tensors (a packed buffer), and those bytes are no one
 else's to reload. Excluding too little only costs a copy; excluding too much loses data, so a parameter
-whose elements do not fill one contiguous span excludes nothing.
+whose elements do not fill one contiguous span excludes nothing. A parameter that covers its whole
+storage also takes the caching-allocator block around it (its rounding tail holds no tensor).
 
 Resolving a tensor to byte ranges never raises: sparse (COO and compressed) tensors give their index and
 value storages, wrapper subclasses (``__tensor_flatten__``: DTensor, torchao, Float8) their inner
@@ -140,31 +141,40 @@ def storage_range(tensor: torch.Tensor) -> Range | None:
     return ranges[0] if ranges else None
 
 
-# PyTorch's CUDA caching allocator rounds every block up to this; a block holds one storage.
-CUDA_BLOCK_ROUND = 512
-
-
 def own_ranges(tensor: torch.Tensor) -> list[Range]:
-    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note).
-
-    A CUDA tensor that covers its whole storage also covers the block's rounding tail, which holds
-    no tensor: keeping those few bytes would cost one tiny copy per parameter.
-    """
+    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note)."""
     ranges = []
     for part in _dense(tensor):
         try:
             if part.numel() == 0 or not part.is_contiguous():
                 continue
             ptr, nbytes = part.data_ptr(), part.numel() * part.element_size()
-            storage = part.untyped_storage()
-            whole = ptr == storage.data_ptr() and nbytes == storage.nbytes()
-            if part.is_cuda and whole and ptr % CUDA_BLOCK_ROUND == 0:  # a block of its own
-                nbytes = -(-nbytes // CUDA_BLOCK_ROUND) * CUDA_BLOCK_ROUND
         except Exception:  # noqa: BLE001
             continue
         if ptr:
             ranges.append((ptr, nbytes))
     return ranges
+
+
+def whole_storage_starts(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Addresses of the storages that these tensors cover entirely.
+
+    In PyTorch's CUDA caching allocator a block holds one storage and may be longer than it (rounded
+    to 512 bytes, and up to 1 MiB more where splitting the rest off was not worth it): a parameter that
+    covers its whole storage owns its whole block, tail included, and nothing else lives there.
+    """
+    starts = set()
+    for tensor in tensors:
+        for part in _dense(tensor):
+            try:
+                storage = part.untyped_storage()
+                nbytes = part.numel() * part.element_size()
+                if part.is_contiguous() and part.data_ptr() == storage.data_ptr() \
+                        and nbytes == storage.nbytes() and nbytes:
+                    starts.add(part.data_ptr())
+            except Exception:  # noqa: BLE001
+                continue
+    return starts
 
 
 def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
