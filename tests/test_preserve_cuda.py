@@ -67,6 +67,7 @@ class TinyMoELayer(nn.Module):
         self.w2 = nn.ParameterList(nn.Parameter(torch.randn(hidden, inter) * 0.1) for _ in range(num_experts))
         self.experts: list[ExpertConstants] = []
 
+    @torch.no_grad()
     def process_weights_after_loading(self) -> None:
         self.experts = [ExpertConstants(w1, w2) for w1, w2 in zip(self.w1, self.w2)]
         self.routing_scale = torch.linspace(0.5, 1.5, len(self.experts), device=self.w1[0].device)  # plain attr
@@ -144,7 +145,7 @@ def test_live_mode_keeps_far_less_than_the_parameters_and_never_the_kv_cache(all
     finally:
         alloc.wake_up()
     assert stats.tags[KV_CACHE].preserved_bytes == 0 and stats.tags[KV_CACHE].backed_up_bytes == 0
-    assert stats.tags[WEIGHTS].preserved_bytes == summary.bytes
+    assert sum(t.preserved_bytes for t in stats.tags.values()) == summary.bytes
     assert kept <= summary.bytes < param_bytes // 4, (kept, summary, param_bytes)
     assert f"in {summary.ranges} ranges" in caplog.text
     del kv
@@ -228,9 +229,12 @@ def test_dtensor_buffer_is_kept_through_its_local_tensor(alloc, preserve_mode, t
     from torch.distributed.tensor import DeviceMesh, DTensor, Replicate
 
     created = not dist.is_initialized()
-    try:
-        if created:
+    if created:
+        try:
             dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        except Exception as e:  # noqa: BLE001 - the set-up of a one-process group, not what is tested
+            pytest.skip(f"test setup: no one-process gloo group here ({type(e).__name__}: {e})")
+    try:
         preserve_mode("buffers")
         with alloc.use_memory_pool(tag=WEIGHTS):
             local = torch.linspace(0.0, 1.0, 8192, device="cuda")
