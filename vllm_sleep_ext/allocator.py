@@ -112,10 +112,11 @@ class CuMemAllocator:
     """Tagged memory pools whose physical memory can be released and restored at the same addresses.
 
     Inside ``use_memory_pool(tag)`` every CUDA allocation goes to a pool of that tag. ``sleep()`` backs
-    up the offloaded tags to host and releases the physical memory of every pool; module buffers
-    (rotary caches, ``position_ids``, scales) are backed up whatever their tag, so a level-2 sleep
-    followed by a reload of the parameters gives back a working model. ``wake_up()`` maps the memory
-    again at the same addresses and copies the backups back.
+    up the offloaded tags to host and releases the physical memory of every pool; of the other tags it
+    backs up the preserve scope (``preserve_mode``: by default every live non-parameter byte of the
+    "weights" pool, registered buffers and ``preserve()``), so a level-2 sleep followed by a reload of
+    the parameters gives back a working model. ``wake_up()`` maps the memory again at the same
+    addresses and copies the backups back.
     """
 
     instance: Optional["CuMemAllocator"] = None
