@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import random
 import sys
 import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from vllm_sleep_ext import CuMemAllocator, _core
@@ -305,21 +304,20 @@ def test_live_on_cuda_keeps_whole_allocations_the_snapshot_does_not_explain(allo
 
 # -- byte-range algebra, against a set of bytes ------------------------------------------------------
 
-_ranges = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), max_size=12)
-
-
 def _bytes(spans) -> set[int]:
     return {b for s, e in spans for b in range(s, e)}
 
 
-@settings(max_examples=300, deadline=None)
-@given(_ranges, _ranges)
-def test_range_algebra_matches_sets_of_bytes(a, b):
-    ma, mb = merge(a), merge(b)
-    assert _bytes(ma) == {x for p, n in a for x in range(p, p + n)}
-    assert all(e1 < s2 for (_, e1), (s2, _) in zip(ma, ma[1:])), "sorted, disjoint, not adjacent"
-    assert _bytes(subtract(ma, mb)) == _bytes(ma) - _bytes(mb)
-    assert _bytes(intersect(ma, mb)) == _bytes(ma) & _bytes(mb)
+def test_range_algebra_matches_sets_of_bytes():
+    # Seeded random cases (no hypothesis: the GPU machines run this file too and may not have it).
+    rng = random.Random(9)
+    for _ in range(2000):
+        a, b = ([(rng.randint(0, 200), rng.randint(0, 40)) for _ in range(rng.randint(0, 12))] for _ in range(2))
+        ma, mb = merge(a), merge(b)
+        assert _bytes(ma) == {x for p, n in a for x in range(p, p + n)}
+        assert all(e1 < s2 for (_, e1), (s2, _) in zip(ma, ma[1:])), "sorted, disjoint, not adjacent"
+        assert _bytes(subtract(ma, mb)) == _bytes(ma) - _bytes(mb), (a, b)
+        assert _bytes(intersect(ma, mb)) == _bytes(ma) & _bytes(mb), (a, b)
 
 
 # -- PreserveSet under threads (issue 10, item 7) -----------------------------------------------------
