@@ -286,7 +286,7 @@ def test_live_on_cuda_keeps_active_blocks_of_preserve_tags_only(alloc, monkeypat
     assert alloc.last_preserved.bytes == 4096 + 512 and alloc.last_preserved.ranges == 2
     alloc.preserve(module.weight)  # preserve() wins: the parameter's block is kept after all
     keep, _ = alloc._preserved_ranges(())
-    assert (q, 1024) in keep
+    assert any(start <= q and q + 1000 <= start + n for start, n in keep), keep
 
 
 def test_live_on_cuda_keeps_whole_allocations_the_snapshot_does_not_explain(alloc, monkeypatch):

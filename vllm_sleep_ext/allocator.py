@@ -351,16 +351,12 @@ class CuMemAllocator:
         if mode is PreserveMode.OFF:
             self.last_preserved = PreservedRanges(0, 0)
             return [], []
-        explicit = list(self._preserved.tensors())
-        explicit_ranges = ranges_of(explicit)
-        keep = merge(explicit_ranges + ranges_of(registry.buffers()))
+        # preserve() wins: parameters are taken out of the live bytes only, never out of these.
+        keep = merge(ranges_of(self._preserved.tensors()) + ranges_of(registry.buffers()))
         if mode is PreserveMode.LIVE:
             params = list(registry.parameters())
-            # preserve() wins: its tensors' bytes are taken out of the exclusion, not out of the keep.
-            param_blocks = whole_storage_starts(params) - {ptr for ptr, _ in explicit_ranges}
-            live = merge(self._live_ranges(skip_blocks=param_blocks))
-            exclude = subtract(merge(own_ranges_of(params)), merge(explicit_ranges))
-            keep = merge(as_ranges(keep) + as_ranges(subtract(live, exclude)))
+            live = merge(self._live_ranges(skip_blocks=whole_storage_starts(params)))
+            keep = merge(as_ranges(keep) + as_ranges(subtract(live, merge(own_ranges_of(params)))))
         # What the core will really copy: bytes of awake allocations whose tag is not offloaded.
         windows = merge((a.ptr, a.size) for a in self._core.allocations()
                         if a.state == "mapped" and a.tag not in offload_tags)
