@@ -222,6 +222,17 @@ def test_sleep_reports_bytes_and_ranges_kept(alloc, caplog):
     assert torch.equal(a, reference(256)) and torch.equal(b, reference(128))
 
 
+def test_live_says_once_when_it_keeps_a_lot(alloc, caplog, monkeypatch):
+    import vllm_sleep_ext.allocator as allocator_module
+
+    monkeypatch.setattr(allocator_module, "LARGE_PRESERVE_BYTES", 512)
+    pool_tensor(alloc, "weights", 1024)
+    with caplog.at_level(logging.WARNING, logger="vllm_sleep_ext.allocator"):
+        level2(alloc)
+        level2(alloc)
+    assert caplog.text.count("VLLM_SLEEP_EXT_PRESERVE=buffers") == 1
+
+
 def test_offloaded_tags_are_not_counted_as_preserved(alloc):
     pool_tensor(alloc, "weights")
     alloc.sleep(offload_tags=("weights",))  # level 1: weights go to host whole

@@ -44,6 +44,7 @@ SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
 
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
+LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says so, once
 
 # One pluggable allocator per process, never freed: pools call into it until the very end.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
@@ -143,6 +144,7 @@ class CuMemAllocator:
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value)
         self.preserve_tags = os.environ.get("VLLM_SLEEP_EXT_PRESERVE_TAGS", ",".join(DEFAULT_PRESERVE_TAGS))
         self.last_preserved: PreservedRanges = PreservedRanges(0, 0)
+        self._warned_large = False
         if os.environ.get("VLLM_SLEEP_EXT_FILL_UNRESTORED", "0") not in ("", "0"):
             self.fill_unrestored = True
 
@@ -345,7 +347,7 @@ class CuMemAllocator:
         """(ranges to keep, ranges never to keep) for the core, and ``last_preserved`` for the log.
 
         Kept: preserve() (always, parameters included), registered buffers, and in "live" mode the
-        live bytes of ``preserve_tags``; minus the bytes of parameters that preserve() did not name.
+        live bytes of ``preserve_tags`` that are not a parameter's.
         """
         mode = self._preserve_mode
         if mode is PreserveMode.OFF:
@@ -362,6 +364,14 @@ class CuMemAllocator:
                         if a.state == "mapped" and a.tag not in offload_tags)
         kept = intersect(keep, windows)
         self.last_preserved = PreservedRanges(sum(e - s for s, e in kept), len(kept))
+        if mode is PreserveMode.LIVE and self.last_preserved.bytes > LARGE_PRESERVE_BYTES and not self._warned_large:
+            # Non-parameter tensors this large are usually derived from the weights (repacked copies),
+            # stale once new weights arrive: worth a copy only if nothing rebuilds them.
+            self._warned_large = True
+            logger.warning(
+                "preserve: level 2 keeps %.2f GiB of non-parameter tensors of %s in %d ranges at each sleep; "
+                "if the engine rebuilds them after a weight update, VLLM_SLEEP_EXT_PRESERVE=buffers avoids "
+                "the copy", self.last_preserved.bytes / GiB, self._preserve_tags, self.last_preserved.ranges)
         return as_ranges(kept), []
 
     def _live_ranges(self, skip_blocks: frozenset[int] | set[int] = frozenset()) -> list[Range]:
