@@ -226,7 +226,7 @@ def test_live_says_once_when_it_keeps_a_lot(alloc, caplog, monkeypatch):
     import vllm_sleep_ext.allocator as allocator_module
 
     monkeypatch.setattr(allocator_module, "LARGE_PRESERVE_BYTES", 512)
-    pool_tensor(alloc, "weights", 1024)
+    kept = pool_tensor(alloc, "weights", 1024)  # noqa: F841 - alive through the sleeps
     with caplog.at_level(logging.WARNING, logger="vllm_sleep_ext.allocator"):
         level2(alloc)
         level2(alloc)
