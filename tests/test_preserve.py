@@ -234,10 +234,11 @@ def test_live_says_once_when_it_keeps_a_lot(alloc, caplog, monkeypatch):
 
 
 def test_offloaded_tags_are_not_counted_as_preserved(alloc):
-    pool_tensor(alloc, "weights")
+    w = pool_tensor(alloc, "weights")
     alloc.sleep(offload_tags=("weights",))  # level 1: weights go to host whole
     assert alloc.last_preserved.bytes == 0 and alloc.last_preserved.ranges == 0
     alloc.wake_up()
+    assert torch.equal(w, reference())
 
 
 @pytest.mark.parametrize("env, mode, tags", [
