@@ -78,6 +78,13 @@ def allocator_class(worker) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def preserved_at_last_sleep(worker) -> str:
+    from vllm.device_allocator import get_mem_allocator_instance
+
+    kept = getattr(get_mem_allocator_instance(), "last_preserved", None)  # absent in vLLM's allocator
+    return "n/a (stock allocator)" if kept is None else f"{kept.bytes} bytes in {kept.ranges} ranges"
+
+
 def scribble_free_gpu_memory(leave_bytes: int = 512 << 20) -> int:
     """The trainer takes the memory the sleep gave back: fill it with 0xFF / 0x7F, then free it."""
     torch.cuda.synchronize()
@@ -121,6 +128,7 @@ def main() -> int:
     print(f"before sleep: {before[0]} ... ({len(consts_before)} plain-attribute constants, {n} parameters)")
 
     llm.sleep(level=2)
+    print(f"level-2 sleep kept of the weights pool: {llm.collective_rpc(preserved_at_last_sleep)[0]}")
     written = scribble_free_gpu_memory()
     print(f"trainer overwrote {written / (1 << 30):.2f} GiB of free GPU memory")
     llm.wake_up(tags=["weights"])
