@@ -271,9 +271,11 @@ def _fake_cuda(alloc, monkeypatch, segments) -> None:
     monkeypatch.setattr(alloc, "backend", "cuda")
 
 
-def _segment(address: int, *blocks: tuple[str, int]) -> dict:
-    return {"address": address, "total_size": sum(size for _, size in blocks),
-            "blocks": [{"state": state, "size": size} for state, size in blocks]}
+def _segment(address: int, *blocks: tuple) -> dict:
+    """Blocks as (state, size) or (state, size, requested_size)."""
+    return {"address": address, "total_size": sum(b[1] for b in blocks),
+            "blocks": [{"state": b[0], "size": b[1], **({"requested_size": b[2]} if len(b) > 2 else {})}
+                       for b in blocks]}
 
 
 def test_live_on_cuda_keeps_active_blocks_of_preserve_tags_only(alloc, monkeypatch):
@@ -287,15 +289,15 @@ def test_live_on_cuda_keeps_active_blocks_of_preserve_tags_only(alloc, monkeypat
     module = nn.Module()
     module.weight = nn.Parameter(storage_1000.view(torch.float32), requires_grad=False)
     _fake_cuda(alloc, monkeypatch, [
-        _segment(p, ("active_allocated", 4096), ("inactive", 8192), ("active_pending_free", 512),
+        _segment(p, ("active_allocated", 4096), ("inactive", 8192), ("active_awaiting_free", 512, 500),
                  ("inactive", 65536 - 4096 - 8192 - 512)),
         _segment(q, ("active_allocated", 1024)),  # the parameter's block, rounding tail included
         _segment(k, ("active_allocated", 16384)),  # the KV cache: never in scope
         _segment(1 << 40, ("active_allocated", 512)),  # memory that is not ours
     ])
     keep, exclude = alloc._preserved_ranges(())
-    assert keep == [(p, 4096), (p + 4096 + 8192, 512)] and exclude == [], "nor the block's 24 B tail"
-    assert alloc.last_preserved.bytes == 4096 + 512 and alloc.last_preserved.ranges == 2
+    assert keep == [(p, 4096), (p + 4096 + 8192, 500)] and exclude == [], "no block tails, no parameter"
+    assert alloc.last_preserved.bytes == 4096 + 500 and alloc.last_preserved.ranges == 2
     alloc.preserve(module.weight)  # preserve() wins: the parameter's block is kept after all
     keep, _ = alloc._preserved_ranges(())
     assert any(start <= q and q + 1000 <= start + n for start, n in keep), keep

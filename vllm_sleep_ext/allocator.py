@@ -405,7 +405,9 @@ class CuMemAllocator:
             for block in segment["blocks"]:
                 start = block.get("address", address)
                 if block["state"].startswith("active") and start not in skip_blocks:
-                    ranges.append((start, block["size"]))
+                    # The block's tail past what was asked for (rounding, an unsplit rest) holds no tensor.
+                    used = min(block.get("requested_size") or block["size"], block["size"])
+                    ranges.append((start, used))
                 address = start + block["size"]
         return ranges + list(unseen.items())
 
