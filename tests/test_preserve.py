@@ -126,6 +126,25 @@ def test_odd_tensors_anywhere_in_the_process_never_fail_a_sleep(alloc, mode):
     assert torch.equal(inner, reference()) == (mode != "off"), "a wrapper buffer keeps its inner tensor"
 
 
+def test_dtensor_buffer_is_kept_through_its_local_tensor(alloc, tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    from torch.distributed.tensor import DeviceMesh, DTensor, Replicate
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        local = pool_tensor(alloc, "weights")
+        holder = nn.Module()
+        holder.register_buffer("d", DTensor.from_local(local, DeviceMesh("cpu", torch.arange(1)), [Replicate()],
+                                                       run_check=False), persistent=False)
+        alloc.preserve_mode = "buffers"
+        level2(alloc)
+        assert torch.equal(local, reference())
+    finally:
+        dist.destroy_process_group()
+
+
 # -- the scope --------------------------------------------------------------------------------------
 
 def test_live_keeps_plain_attributes_of_weights_only(alloc):
