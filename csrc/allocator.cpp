@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <set>
 
+#include "copy_pipeline.h"
 #include "errors.h"
 
 namespace vse {
@@ -29,43 +30,6 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Enqueues the parts of `spans` (laid out back to back from host offset 0) that fall in [begin, end).
-class SpanFeeder {
- public:
-  SpanFeeder(const std::vector<std::pair<int, CopySpan>>& spans, uint8_t* host_base)
-      : spans_(spans), host_base_(host_base) {}
-
-  // Returns the devices that got copies.
-  std::set<int> feed(DeviceBackend& backend, CopyDirection direction, uint64_t begin, uint64_t end) {
-    std::map<int, std::vector<CopySpan>> by_device;
-    while (next_ < spans_.size()) {
-      const auto& [device, span] = spans_[next_];
-      uint64_t span_begin = static_cast<uint64_t>(static_cast<uint8_t*>(span.host) - host_base_);
-      uint64_t from = std::max(span_begin + done_, begin);
-      uint64_t to = std::min(span_begin + span.bytes, end);
-      if (from >= to) break;
-      uint64_t skip = from - span_begin;
-      by_device[device].push_back({span.device + skip, static_cast<uint8_t*>(span.host) + skip, to - from});
-      done_ = to - span_begin;
-      if (done_ < span.bytes) break;
-      ++next_;
-      done_ = 0;
-    }
-    std::set<int> devices;
-    for (const auto& [device, parts] : by_device) {
-      backend.enqueue_copies(device, direction, parts);
-      devices.insert(device);
-    }
-    return devices;
-  }
-
- private:
-  const std::vector<std::pair<int, CopySpan>>& spans_;
-  uint8_t* host_base_;
-  size_t next_ = 0;
-  uint64_t done_ = 0;  // bytes of spans_[next_] already enqueued
-};
-
 std::set<int> devices_of(const std::vector<Allocation*>& rows) {
   std::set<int> devices;
   for (const Allocation* a : rows) devices.insert(a->device);
@@ -86,66 +50,46 @@ const char* state_name(State state) {
 
 Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)) {}
 
-Allocator::~Allocator() {
-  host_worker_.cancel_and_wait();
-  // Instances on the host backend come and go in tests; give their memory back. (The process-wide
-  // CUDA instance is never destroyed: the driver may be gone by then.)
-  for (auto& [address, a] : table_) {
-    try {
-      if (a.state == State::Mapped) release_physical(a);
-      backend_->unreserve(a.device, a.address, a.mapped_size);
-    } catch (...) {
-    }
-  }
-}
+// Each row's DeviceMemory gives its memory back (instances on the host backend come and go in tests).
+// The process-wide CUDA instance is never destroyed: the driver may be gone by then. Background host
+// work ends first: its jobs hold arenas.
+Allocator::~Allocator() { host_worker_.cancel_and_wait(); }
 
 uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag) {
   if (size == 0) throw InvalidArgument("allocation size must be positive, got 0");
   if (tag.empty()) throw InvalidArgument("allocation tag must not be empty");
   std::lock_guard<std::mutex> lock(mutex_);
-  const uint64_t mapped_size = round_up(size, backend_->granularity(device));
-  uintptr_t address = backend_->reserve(device, mapped_size);
-  PhysicalHandle handle = 0;
-  bool created = false;
+  auto memory = std::make_unique<DeviceMemory>(*backend_, device, round_up(size, backend_->granularity(device)));
   try {
-    handle = backend_->create(device, mapped_size);
-    created = true;
-    backend_->map(device, address, mapped_size, handle);
+    memory->map();
   } catch (const DeviceOutOfMemory& e) {
-    if (created) backend_->release(device, handle);
-    backend_->unreserve(device, address, mapped_size);
-    throw DeviceOutOfMemory("cannot allocate " + format_bytes(mapped_size) + " for tag '" + tag + "' on device " +
-                            std::to_string(device) + ": " + e.what());
-  } catch (...) {
-    if (created) backend_->release(device, handle);
-    backend_->unreserve(device, address, mapped_size);
-    throw;
+    throw DeviceOutOfMemory("cannot allocate " + format_bytes(memory->size()) + " for tag '" + tag +
+                            "' on device " + std::to_string(device) + ": " + e.what());
   }
+  const uintptr_t address = memory->address();
   Allocation& a = table_[address];
   a.address = address;
   a.size = size;
-  a.mapped_size = mapped_size;
   a.device = device;
   a.tag = tag;
   a.state = State::Mapped;
-  a.handle = handle;
+  a.memory = std::move(memory);
   return address;
 }
 
-void Allocator::release_physical(Allocation& a) {
-  backend_->unmap(a.device, a.address, a.mapped_size);
-  backend_->release(a.device, a.handle);
-  a.handle = 0;
+// The row leaves Mapped only once the unmap succeeded; a failed release then leaves the handle with the
+// row's DeviceMemory, which a later operation gives back (Note [Allocation states]).
+void Allocator::unmap_and_release(Allocation& a, State asleep) {
+  a.memory->unmap();
+  a.state = asleep;
+  a.memory->release();
 }
 
 void Allocator::drain_copies(const std::set<int>& devices) noexcept {
-  for (int device : devices) {
-    try {
-      backend_->wait_copies(device);
-    } catch (...) {
-      // The copy that failed is what is being reported; the stream is idle either way.
-    }
-  }
+  // The copy that failed is what is being reported; the stream is idle either way.
+  for (int device : devices)
+    warn_on_failure(("waiting for copies on device " + std::to_string(device)).c_str(),
+                    [&] { backend_->wait_copies(device); });
 }
 
 void Allocator::synchronize_devices(const std::vector<Allocation*>& rows) {
@@ -159,10 +103,10 @@ void Allocator::free(uintptr_t address) {
   Allocation& a = it->second;
   if (a.state == State::Mapped) {
     backend_->synchronize(a.device);  // kernels still using the memory must finish before it is unmapped
-    release_physical(a);
+    unmap_and_release(a, State::Discarded);
   }
-  backend_->unreserve(a.device, a.address, a.mapped_size);
-  table_.erase(it);
+  a.memory->release();    // a handle left by an earlier failed release
+  table_.erase(it);       // frees the address range
   recycle_arenas();
 }
 
@@ -171,6 +115,10 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
   settle_host_work();
+
+  // Handles whose release failed before go back first (a second failure is raised here, unchanged).
+  for (auto& [address, a] : table_)
+    if (a.state != State::Mapped) a.memory->release();
 
   RangeSet kept_elsewhere;  // absolute: preserved bytes of allocations whose tag is not offloaded
   for (const ByteRange& r : preserve) kept_elsewhere.add(r);
@@ -200,40 +148,27 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
 
   // Everything that can fail comes before the first release: host memory, the wait for pending
   // work, the copies. A throw from here leaves every allocation mapped and untouched.
-  struct Mark {
-    uint64_t host_end;  // the copies of host bytes [0, host_end) precede the mark
-    uint64_t handle;
-  };
-  std::map<int, std::vector<Mark>> marks;
-  std::map<int, size_t> marks_waited;
-  auto release_marks = [&] {
-    for (auto& [device, list] : marks)
-      for (const Mark& m : list) backend_->release_mark(device, m.handle);
-  };
   std::shared_ptr<HostArena> arena;
   if (backup_bytes > 0) arena = acquire_arena(backup_bytes, steps.front().row->device);
   drop_prepared_unless(arena.get());
+  std::optional<CopyPipeline> copies;  // after `arena`: its destructor waits for copies into it
   try {
     synchronize_devices(rows);
     if (arena) {
-      std::vector<std::pair<int, CopySpan>> spans;
+      copies.emplace(*backend_, arena->data());
       for (Step& s : steps) {
         uint64_t host_offset = s.backup.offset;
         for (const ByteRange& r : s.backup.ranges.ranges()) {
-          spans.push_back({s.row->device, {s.row->address + r.begin, arena->data() + host_offset, r.size()}});
+          copies->add(s.row->device, s.row->address + r.begin, host_offset, r.size());
           host_offset += r.size();
         }
         s.backup.arena = arena;
       }
-      SpanFeeder feeder(spans, arena->data());
-      stats.staging = arena->prepare(backup_bytes, options_.staging, [&](uint64_t begin, uint64_t end) {
-        for (int device : feeder.feed(*backend_, CopyDirection::ToHost, begin, end))
-          marks[device].push_back({end, backend_->record_mark(device)});
-      });
+      stats.staging = arena->prepare(backup_bytes, options_.staging,
+                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
     }
   } catch (...) {
-    drain_copies(devices_of(rows));  // copies in flight must not land in an arena being freed
-    release_marks();
+    copies.reset();  // copies in flight must not land in an arena being freed
     for (Step& s : steps) s.backup.arena.reset();
     if (arena) arenas_.erase(std::find(arenas_.begin(), arenas_.end(), arena));  // may be half pinned
     throw;
@@ -243,47 +178,27 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   // allocations with nothing to keep go first. A failure here (a copy the device reports failed, a
   // driver error) leaves the allocations released so far asleep with complete backups and the rest
   // mapped: nothing is lost, and the same sleep can be retried.
-  auto copied = [&](const Step& s) {
-    const uint64_t host_end = s.backup.offset + s.backup.ranges.bytes();
-    std::vector<Mark>& list = marks[s.row->device];
-    size_t& waited = marks_waited[s.row->device];
-    if (waited > 0 && list[waited - 1].host_end >= host_end) return;  // done with an earlier wait
-    size_t k = waited;
-    while (k < list.size() && list[k].host_end < host_end) ++k;
-    if (k < list.size()) {
-      backend_->wait_mark(s.row->device, list[k].handle);
-      waited = k + 1;
-    }
-  };
   uint64_t released_bytes = 0;
   auto release = [&](Step& s) {
     Allocation& a = *s.row;
-    backend_->unmap(a.device, a.address, a.mapped_size);
-    PhysicalHandle handle = a.handle;
-    a.handle = 0;
+    a.memory->unmap();
     if (s.backup.ranges.empty()) {
       a.state = State::Discarded;
     } else {
       a.state = State::BackedUp;
       a.backup = std::move(s.backup);
     }
-    released_bytes += a.mapped_size;
-    backend_->release(a.device, handle);
+    released_bytes += a.memory->size();
+    a.memory->release();
   };
-  try {
-    for (Step& s : steps)
-      if (s.backup.ranges.empty()) release(s);
-    for (Step& s : steps) {
-      if (s.backup.ranges.empty()) continue;
-      copied(s);
-      release(s);
-    }
-  } catch (...) {
-    drain_copies(devices_of(rows));
-    release_marks();
-    throw;
+  for (Step& s : steps)
+    if (s.backup.ranges.empty()) release(s);
+  for (Step& s : steps) {
+    if (s.backup.ranges.empty()) continue;
+    copies->wait_copied(s.row->device, s.backup.offset + s.backup.ranges.bytes());
+    release(s);
   }
-  release_marks();
+  copies.reset();
   stats.bytes_device = released_bytes;
   stats.bytes_copied = backup_bytes;
   stats.seconds = seconds_since(start);
@@ -302,7 +217,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     bool asleep = a.state == State::BackedUp || a.state == State::Discarded;
     if (!asleep || (tags && !contains(*tags, a.tag))) continue;
     rows.push_back(&a);
-    needed[a.device] += a.mapped_size;
+    needed[a.device] += a.memory->size();
     tags_on[a.device].insert(a.tag);
   }
   OpStats stats;
@@ -323,36 +238,27 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
 
   // Map each allocation and start its copies at once, so mapping the next overlaps them; undo all
   // of it if any step fails. (Driver calls on several threads were measured slower, not faster.)
-  std::vector<PhysicalHandle> handles(rows.size());
-  std::vector<char> is_mapped(rows.size(), 0);
   std::set<int> copying;
   auto undo = [&] {
     drain_copies(copying);  // nothing may still write into memory that is unmapped here
-    for (size_t i = 0; i < rows.size(); ++i) {
-      if (!is_mapped[i]) continue;
-      try {
-        backend_->unmap(rows[i]->device, rows[i]->address, rows[i]->mapped_size);
-        backend_->release(rows[i]->device, handles[i]);
-      } catch (...) {
-      }
-    }
+    for (Allocation* a : rows)
+      warn_on_failure("undoing a failed wake", [&] { a->memory->release(); });
   };
   try {
     std::vector<CopySpan> spans;
-    for (size_t i = 0; i < rows.size(); ++i) {
-      Allocation& a = *rows[i];
+    for (Allocation* row : rows) {
+      Allocation& a = *row;
       try {
-        handles[i] = backend_->create(a.device, a.mapped_size);
+        a.memory->map();
       } catch (const DeviceOutOfMemory& e) {
         throw no_room(a.device, e.what());
       }
-      try {
-        backend_->map(a.device, a.address, a.mapped_size, handles[i]);
-      } catch (...) {
-        backend_->release(a.device, handles[i]);
-        throw;
+      if (options_.fill_unrestored) {
+        RangeSet unrestored({0, a.memory->size()});
+        if (a.backup) unrestored.subtract(a.backup->ranges);
+        for (const ByteRange& r : unrestored.ranges()) backend_->fill(a.device, a.address + r.begin, r.size(), 0xFF);
+        copying.insert(a.device);
       }
-      is_mapped[i] = 1;
       if (!a.backup) continue;
       spans.clear();
       uint8_t* host = a.backup->arena->data() + a.backup->offset;
@@ -370,11 +276,10 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     throw;
   }
 
-  for (size_t i = 0; i < rows.size(); ++i) {
-    rows[i]->state = State::Mapped;
-    rows[i]->handle = handles[i];
-    rows[i]->backup.reset();
-    stats.bytes_device += rows[i]->mapped_size;
+  for (Allocation* a : rows) {
+    a->state = State::Mapped;
+    a->backup.reset();
+    stats.bytes_device += a->memory->size();
   }
   recycle_arenas();
   stats.seconds = seconds_since(start);
@@ -388,10 +293,7 @@ void Allocator::discard(const std::vector<std::string>& tags) {
   for (auto& [address, a] : table_)
     if (a.state == State::Mapped && contains(tags, a.tag)) mapped.push_back(&a);
   synchronize_devices(mapped);
-  for (Allocation* a : mapped) {
-    release_physical(*a);
-    a->state = State::Discarded;
-  }
+  for (Allocation* a : mapped) unmap_and_release(*a, State::Discarded);
   for (auto& [address, a] : table_) {
     if (a.state == State::BackedUp && contains(tags, a.tag)) {
       a.backup.reset();
@@ -408,8 +310,9 @@ void Allocator::trim(uintptr_t address) {
   Allocation& a = it->second;
   if (a.state == State::Mapped) {
     backend_->synchronize(a.device);
-    release_physical(a);
+    unmap_and_release(a, State::Unused);
   }
+  a.memory->release();  // a handle left by an earlier failed release
   a.backup.reset();
   a.state = State::Unused;
   recycle_arenas();
@@ -522,8 +425,15 @@ AllocatorOptions Allocator::options() const {
 }
 
 void Allocator::set_options(const AllocatorOptions& options) {
-  if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
   std::lock_guard<std::mutex> lock(mutex_);
+  set_options_locked(options);
+}
+
+void Allocator::set_options_locked(const AllocatorOptions& options) {
+  if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
+  if (options.staging.piece_bytes > kMaxStagingPieceBytes)
+    throw InvalidArgument("staging piece bytes must be at most " + format_bytes(kMaxStagingPieceBytes) + ", got " +
+                          std::to_string(options.staging.piece_bytes));
   options_ = options;
   recycle_arenas();
 }

@@ -16,6 +16,20 @@
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
+// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h): the reserved range
+// and the physical handle, with map()/unmap()/release() that change what it holds only after the
+// driver call succeeded. No other code calls reserve/create/map/unmap/release. A row leaves Mapped
+// only once its unmap succeeded, and is Mapped only once its map succeeded; a release that fails
+// after that leaves the handle with its DeviceMemory, which the next sleep, wake (it maps that handle
+// again), trim or free gives back. So a half-done driver call can make an operation fail, never make
+// a row lie about its memory or lose a handle.
+//
+// Copy ordering (copy_pipeline.h): a sleep releases an allocation only after the fence that follows
+// the last copy of its bytes, not merely some earlier fence. The host backend copies synchronously
+// and would hide a wrong fence; the async host backend (async_host_backend.h) copies on a thread
+// with random delays and counts every unmap or release that comes while a copy from that memory is
+// still pending, which is how the tests check this order.
+//
 // Nothing is ever lost, and no error outlives the call that raised it. Each operation first does
 // everything that can fail (host memory, physical memory, copies), then takes the irreversible steps
 // (releasing physical memory, dropping backups), and undoes its own work when a step before those
@@ -26,7 +40,9 @@
 //
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
-// what its backup put back; the rest is undefined. (The tests overwrite freed memory for that reason.)
+// what its backup put back; the rest is undefined. (The tests overwrite freed memory for that reason;
+// the option fill_unrestored makes wake set the rest to 0xFF, NaN in every float type, to make a lost
+// buffer loud.)
 #pragma once
 
 #include <cstdint>
@@ -39,6 +55,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "device_memory.h"
 #include "host_arena.h"
 #include "host_worker.h"
 #include "range_set.h"
@@ -58,12 +75,11 @@ struct HostBackup {
 
 struct Allocation {
   uintptr_t address = 0;
-  uint64_t size = 0;         // as asked by the caller
-  uint64_t mapped_size = 0;  // rounded up to the backend's granularity
+  uint64_t size = 0;  // as asked by the caller; memory->size() is rounded up to the granularity
   int device = 0;
   std::string tag;
   State state = State::Mapped;
-  PhysicalHandle handle = 0;  // valid while Mapped
+  std::unique_ptr<DeviceMemory> memory;  // mapped while Mapped
   std::optional<HostBackup> backup;
 };
 
@@ -114,6 +130,7 @@ struct AllocatorOptions {
   uint64_t host_prepare_rate = 2000000000ull;
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
+  bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
 
   HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
@@ -156,13 +173,23 @@ class Allocator {
   std::string host_error();  // what background host work last failed with ("" none), cleared by reading
   void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages
   AllocatorOptions options() const;
-  void set_options(const AllocatorOptions& options);
+  void set_options(const AllocatorOptions& options);  // throws InvalidArgument for a bad value
+  // Changes some options in one step under the lock, so concurrent updates of different options
+  // are never lost (a get-then-set pair could lose one).
+  template <typename F>
+  void update_options(F&& change) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    AllocatorOptions o = options_;
+    change(o);
+    set_options_locked(o);
+  }
 
  private:
   std::shared_ptr<HostArena> acquire_arena(uint64_t bytes, int device);
   void recycle_arenas();
   uint64_t host_bytes_locked() const;
-  void release_physical(Allocation& a);
+  void set_options_locked(const AllocatorOptions& options);
+  void unmap_and_release(Allocation& a, State asleep);
   void synchronize_devices(const std::vector<Allocation*>& rows);
   void drain_copies(const std::set<int>& devices) noexcept;
 

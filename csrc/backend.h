@@ -54,6 +54,8 @@ class DeviceBackend {
   // Copies may complete asynchronously; wait_copies() returns when all enqueued ones are done.
   virtual void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) = 0;
   virtual void wait_copies(int device) = 0;
+  // Sets `bytes` of device memory to `value`, ordered with the copies (before those enqueued after it).
+  virtual void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) = 0;
   // A mark after the copies enqueued so far, so a caller can wait for a prefix of them and release
   // memory while later copies still run. Every mark is released once, waited for or not.
   virtual uint64_t record_mark(int device) = 0;

@@ -86,9 +86,32 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("populate_seconds", [](const vse::OpStats& s) { return s.staging.populate_seconds; })
       .def_property_readonly("pin_seconds", [](const vse::OpStats& s) { return s.staging.pin_seconds; });
 
-  auto option = [](auto member) {
-    return py::cpp_function([member](const vse::Allocator& a) { return a.options().*member; });
+  // Options and read-only views release the GIL while they wait for the core's lock, which a long
+  // sleep holds; each setter changes its option in one locked step (update_options).
+  using Release = py::call_guard<py::gil_scoped_release>;
+  auto getter = [](auto read) {
+    return py::cpp_function(
+        [read](const vse::Allocator& a) {
+          vse::AllocatorOptions o = a.options();
+          return std::decay_t<decltype(read(o))>(read(o));
+        },
+        Release());
   };
+  auto setter = [](auto write) {
+    return py::cpp_function(
+        [write](vse::Allocator& a, std::decay_t<decltype(write(std::declval<vse::AllocatorOptions&>()))> v) {
+          a.update_options([&](vse::AllocatorOptions& o) { write(o) = v; });
+        },
+        Release());
+  };
+  auto option = [&](auto field) { return std::make_pair(getter(field), setter(field)); };
+  auto keep_host_backups = option([](auto& o) -> auto& { return o.keep_host_backups; });
+  auto host_memory_limit = option([](auto& o) -> auto& { return o.host_memory_limit; });
+  auto staging_threads = option([](auto& o) -> auto& { return o.staging.threads; });
+  auto staging_piece_bytes = option([](auto& o) -> auto& { return o.staging.piece_bytes; });
+  auto fill_unrestored = option([](auto& o) -> auto& { return o.fill_unrestored; });
+  auto host_prepare_rate = option([](auto& o) -> auto& { return o.host_prepare_rate; });
+
   py::class_<vse::Allocator>(m, "Allocator")
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0)
       .def_property_readonly("backend", &vse::Allocator::backend_name)
@@ -96,8 +119,8 @@ PYBIND11_MODULE(_core, m) {
            [](vse::Allocator& a, int64_t size, int device, const std::string& tag) {
              return a.allocate(positive_size(size), device, tag);
            },
-           "size"_a, "device"_a = 0, "tag"_a = "default", py::call_guard<py::gil_scoped_release>())
-      .def("free", &vse::Allocator::free, "ptr"_a, py::call_guard<py::gil_scoped_release>())
+           "size"_a, "device"_a = 0, "tag"_a = "default", Release())
+      .def("free", &vse::Allocator::free, "ptr"_a, Release())
       .def("sleep",
            [](vse::Allocator& a, const std::vector<std::string>& offload_tags,
               const std::vector<std::pair<uintptr_t, uint64_t>>& preserve,
@@ -109,61 +132,49 @@ PYBIND11_MODULE(_core, m) {
            },
            "offload_tags"_a, "preserve"_a = std::vector<std::pair<uintptr_t, uint64_t>>{},
            "exclude"_a = std::vector<std::pair<uintptr_t, uint64_t>>{})
-      .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), py::call_guard<py::gil_scoped_release>())
-      .def("discard", &vse::Allocator::discard, "tags"_a, py::call_guard<py::gil_scoped_release>())
-      .def("trim", &vse::Allocator::trim, "ptr"_a, py::call_guard<py::gil_scoped_release>())
-      .def("allocations", &vse::Allocator::allocations)
-      .def("tag_stats", &vse::Allocator::tag_stats)
-      .def_property_readonly("last_sleep", &vse::Allocator::last_sleep)
-      .def_property_readonly("last_wake", &vse::Allocator::last_wake)
-      .def("host_bytes", &vse::Allocator::host_bytes)
-      .def("release_host_cache", &vse::Allocator::release_host_cache, py::call_guard<py::gil_scoped_release>())
-      .def_property("keep_host_backups", option(&vse::AllocatorOptions::keep_host_backups),
-                    [](vse::Allocator& a, bool v) {
-                      auto o = a.options();
-                      o.keep_host_backups = v;
-                      if (v && o.host_policy == vse::HostPolicy::Release) o.host_policy = vse::HostPolicy::Pinned;
-                      a.set_options(o);
-                    })
+      .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), Release())
+      .def("discard", &vse::Allocator::discard, "tags"_a, Release())
+      .def("trim", &vse::Allocator::trim, "ptr"_a, Release())
+      .def("allocations", &vse::Allocator::allocations, Release())
+      .def("tag_stats", &vse::Allocator::tag_stats, Release())
+      .def_property_readonly("last_sleep", py::cpp_function(&vse::Allocator::last_sleep, Release()))
+      .def_property_readonly("last_wake", py::cpp_function(&vse::Allocator::last_wake, Release()))
+      .def("host_bytes", &vse::Allocator::host_bytes, Release())
+      .def("release_host_cache", &vse::Allocator::release_host_cache, Release())
+      .def_property("keep_host_backups", keep_host_backups.first,
+                    py::cpp_function(
+                        [](vse::Allocator& a, bool v) {
+                          a.update_options([&](vse::AllocatorOptions& o) {
+                            o.keep_host_backups = v;
+                            if (v && o.host_policy == vse::HostPolicy::Release) o.host_policy = vse::HostPolicy::Pinned;
+                          });
+                        },
+                        Release()))
       .def_property("host_policy",
-                    [](const vse::Allocator& a) { return vse::host_policy_name(a.options().effective_host_policy()); },
-                    [](vse::Allocator& a, const std::string& name) {
-                      auto o = a.options();
-                      o.host_policy = vse::parse_host_policy(name);
-                      o.keep_host_backups = o.host_policy != vse::HostPolicy::Release;
-                      a.set_options(o);
-                    })
-      .def_property("host_prepare_rate", option(&vse::AllocatorOptions::host_prepare_rate),
-                    [](vse::Allocator& a, uint64_t v) {
-                      auto o = a.options();
-                      o.host_prepare_rate = v;
-                      a.set_options(o);
-                    })
-      .def("prepare_host", &vse::Allocator::prepare_host, "bytes"_a, "device"_a = 0, "wait"_a = false,
-           py::call_guard<py::gil_scoped_release>())
-      .def("wait_host", &vse::Allocator::wait_host, py::call_guard<py::gil_scoped_release>())
-      .def("host_error", &vse::Allocator::host_error)
-      .def("host_pinned_bytes", &vse::Allocator::host_pinned_bytes)
-      .def("_simulate_host_reclaim", &vse::Allocator::simulate_host_reclaim,
-           py::call_guard<py::gil_scoped_release>())
-      .def_property("host_memory_limit", option(&vse::AllocatorOptions::host_memory_limit),
-                    [](vse::Allocator& a, uint64_t v) {
-                      auto o = a.options();
-                      o.host_memory_limit = v;
-                      a.set_options(o);
-                    })
-      .def_property("staging_threads", [](const vse::Allocator& a) { return a.options().staging.threads; },
-                    [](vse::Allocator& a, unsigned v) {
-                      auto o = a.options();
-                      o.staging.threads = v;
-                      a.set_options(o);
-                    })
-      .def_property("staging_piece_bytes", [](const vse::Allocator& a) { return a.options().staging.piece_bytes; },
-                    [](vse::Allocator& a, uint64_t v) {
-                      auto o = a.options();
-                      o.staging.piece_bytes = v;
-                      a.set_options(o);
-                    });
+                    py::cpp_function(
+                        [](const vse::Allocator& a) {
+                          return std::string(vse::host_policy_name(a.options().effective_host_policy()));
+                        },
+                        Release()),
+                    py::cpp_function(
+                        [](vse::Allocator& a, const std::string& name) {
+                          const vse::HostPolicy policy = vse::parse_host_policy(name);
+                          a.update_options([&](vse::AllocatorOptions& o) {
+                            o.host_policy = policy;
+                            o.keep_host_backups = policy != vse::HostPolicy::Release;
+                          });
+                        },
+                        Release()))
+      .def_property("host_prepare_rate", host_prepare_rate.first, host_prepare_rate.second)
+      .def("prepare_host", &vse::Allocator::prepare_host, "bytes"_a, "device"_a = 0, "wait"_a = false, Release())
+      .def("wait_host", &vse::Allocator::wait_host, Release())
+      .def("host_error", &vse::Allocator::host_error, Release())
+      .def("host_pinned_bytes", &vse::Allocator::host_pinned_bytes, Release())
+      .def("_simulate_host_reclaim", &vse::Allocator::simulate_host_reclaim, Release())
+      .def_property("host_memory_limit", host_memory_limit.first, host_memory_limit.second)
+      .def_property("staging_threads", staging_threads.first, staging_threads.second)
+      .def_property("staging_piece_bytes", staging_piece_bytes.first, staging_piece_bytes.second)
+      .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second);
 
   m.def("cuda_allocator", &vse::process_cuda_allocator, py::return_value_policy::reference,
         "The process-wide CUDA allocator behind my_malloc/my_free.");

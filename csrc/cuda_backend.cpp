@@ -2,25 +2,17 @@
 
 #include <string>
 
-#include "cuda_driver.h"
 #include "errors.h"
 
+// Checks a driver call of this backend, naming it in the error.
+#define VSE_CU(call) ::vse::check_cuda(driver_, (call), #call)
+
 namespace vse {
-namespace {
 
-CUmemAllocationProp device_memory_properties(CUdevice device) {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = device;
-  return prop;
-}
+CudaBackend::CudaBackend() : CudaBackend(cuda_driver()) {}
 
-}  // namespace
-
-CudaBackend::CudaBackend() {
-  const CudaDriver& d = cuda_driver();
-  VSE_CUDA_CHECK(d.cuDeviceGetCount(&device_count_));
+CudaBackend::CudaBackend(const CudaDriver& driver) : driver_(driver) {
+  VSE_CU(driver_.cuDeviceGetCount(&device_count_));
   if (device_count_ == 0) throw DriverUnavailable("CUDA driver found but it reports no device");
   devices_.resize(device_count_);
 }
@@ -32,31 +24,56 @@ CudaBackend::Device& CudaBackend::device(int index) {
   std::lock_guard<std::mutex> lock(mutex_);
   std::unique_ptr<Device>& slot = devices_[index];
   if (!slot) {
-    const CudaDriver& d = cuda_driver();
+    const CudaDriver& d = driver_;
     auto dev = std::make_unique<Device>();
-    VSE_CUDA_CHECK(d.cuDeviceGet(&dev->handle, index));
-    VSE_CUDA_CHECK(d.cuDevicePrimaryCtxRetain(&dev->context, dev->handle));
-    VSE_CUDA_CHECK(d.cuCtxPushCurrent(dev->context));
+    VSE_CU(d.cuDeviceGet(&dev->handle, index));
+    VSE_CU(d.cuDevicePrimaryCtxRetain(&dev->context, dev->handle));
+    VSE_CU(d.cuCtxPushCurrent(dev->context));
     CUcontext popped = nullptr;
     CUresult stream_result = d.cuStreamCreate(&dev->copy_stream, CU_STREAM_NON_BLOCKING);
     d.cuCtxPopCurrent(&popped);
-    VSE_CUDA_CHECK(stream_result);
-    CUmemAllocationProp prop = device_memory_properties(dev->handle);
+    VSE_CU(stream_result);
+
+    int rdma = 0;
+    VSE_CU(d.cuDeviceGetAttribute(&rdma, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED, dev->handle));
+    CUmemAllocationProp& prop = dev->properties;
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev->handle;
+    prop.allocFlags.gpuDirectRDMACapable = rdma ? 1 : 0;
     size_t granularity = 0;
-    VSE_CUDA_CHECK(d.cuMemGetAllocationGranularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    VSE_CU(d.cuMemGetAllocationGranularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
     dev->granularity = granularity;
+
+    auto read_write = [](CUdevice on) {
+      CUmemAccessDesc access{};
+      access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+      access.location.id = on;
+      access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+      return access;
+    };
+    dev->access.push_back(read_write(dev->handle));
+    for (int other = 0; other < device_count_; ++other) {
+      if (other == index) continue;
+      CUdevice peer = 0;
+      int can_access = 0;
+      VSE_CU(d.cuDeviceGet(&peer, other));
+      VSE_CU(d.cuDeviceCanAccessPeer(&can_access, peer, dev->handle));
+      if (can_access) dev->access.push_back(read_write(peer));
+    }
     slot = std::move(dev);
   }
   return *slot;
 }
 
 CudaBackend::ContextScope::ContextScope(CudaBackend& backend, int device) {
-  VSE_CUDA_CHECK(cuda_driver().cuCtxPushCurrent(backend.device(device).context));
+  check_cuda(backend.driver_, backend.driver_.cuCtxPushCurrent(backend.device(device).context), "cuCtxPushCurrent");
+  driver_ = &backend.driver_;
 }
 
 CudaBackend::ContextScope::~ContextScope() {
   CUcontext popped = nullptr;
-  cuda_driver().cuCtxPopCurrent(&popped);
+  driver_->cuCtxPopCurrent(&popped);
 }
 
 uint64_t CudaBackend::granularity(int device_index) { return device(device_index).granularity; }
@@ -64,82 +81,83 @@ uint64_t CudaBackend::granularity(int device_index) { return device(device_index
 uintptr_t CudaBackend::reserve(int device_index, uint64_t size) {
   ContextScope scope(*this, device_index);
   CUdeviceptr address = 0;
-  VSE_CUDA_CHECK(cuda_driver().cuMemAddressReserve(&address, size, device(device_index).granularity, 0, 0));
+  VSE_CU(driver_.cuMemAddressReserve(&address, size, device(device_index).granularity, 0, 0));
   return static_cast<uintptr_t>(address);
 }
 
 void CudaBackend::unreserve(int device_index, uintptr_t address, uint64_t size) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuMemAddressFree(static_cast<CUdeviceptr>(address), size));
+  VSE_CU(driver_.cuMemAddressFree(static_cast<CUdeviceptr>(address), size));
 }
 
 PhysicalHandle CudaBackend::create(int device_index, uint64_t size) {
   ContextScope scope(*this, device_index);
-  CUmemAllocationProp prop = device_memory_properties(device(device_index).handle);
   CUmemGenericAllocationHandle handle = 0;
-  VSE_CUDA_CHECK(cuda_driver().cuMemCreate(&handle, size, &prop, 0));
+  VSE_CU(driver_.cuMemCreate(&handle, size, &device(device_index).properties, 0));
   return static_cast<PhysicalHandle>(handle);
 }
 
 void CudaBackend::release(int device_index, PhysicalHandle handle) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuMemRelease(static_cast<CUmemGenericAllocationHandle>(handle)));
+  VSE_CU(driver_.cuMemRelease(static_cast<CUmemGenericAllocationHandle>(handle)));
 }
 
 void CudaBackend::map(int device_index, uintptr_t address, uint64_t size, PhysicalHandle handle) {
   ContextScope scope(*this, device_index);
-  const CudaDriver& d = cuda_driver();
+  const std::vector<CUmemAccessDesc>& access = device(device_index).access;
   CUdeviceptr ptr = static_cast<CUdeviceptr>(address);
-  VSE_CUDA_CHECK(d.cuMemMap(ptr, size, 0, static_cast<CUmemGenericAllocationHandle>(handle), 0));
-  CUmemAccessDesc access{};
-  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  access.location.id = device(device_index).handle;
-  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-  CUresult r = d.cuMemSetAccess(ptr, size, &access, 1);
+  VSE_CU(driver_.cuMemMap(ptr, size, 0, static_cast<CUmemGenericAllocationHandle>(handle), 0));
+  CUresult r = driver_.cuMemSetAccess(ptr, size, access.data(), access.size());
   if (r != CUDA_SUCCESS) {
-    d.cuMemUnmap(ptr, size);
-    VSE_CUDA_CHECK(r);
+    driver_.cuMemUnmap(ptr, size);  // the access error is the one to report
+    VSE_CU(r);
   }
 }
 
 void CudaBackend::unmap(int device_index, uintptr_t address, uint64_t size) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuMemUnmap(static_cast<CUdeviceptr>(address), size));
+  VSE_CU(driver_.cuMemUnmap(static_cast<CUdeviceptr>(address), size));
 }
 
 MemoryInfo CudaBackend::memory_info(int device_index) {
   ContextScope scope(*this, device_index);
   size_t free = 0, total = 0;
-  VSE_CUDA_CHECK(cuda_driver().cuMemGetInfo(&free, &total));
+  VSE_CU(driver_.cuMemGetInfo(&free, &total));
   return {free, total};
 }
 
 void CudaBackend::synchronize(int device_index) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuCtxSynchronize());
+  VSE_CU(driver_.cuCtxSynchronize());
 }
 
 void CudaBackend::pin(int device_index, void* host, uint64_t bytes) {
   ContextScope scope(*this, device_index);
   // PORTABLE: the pinning holds for every context, so one backup arena serves any device.
-  VSE_CUDA_CHECK(cuda_driver().cuMemHostRegister(host, bytes, CU_MEMHOSTREGISTER_PORTABLE));
+  check_cuda(driver_, driver_.cuMemHostRegister(host, bytes, CU_MEMHOSTREGISTER_PORTABLE),
+             "cuMemHostRegister(host, bytes, CU_MEMHOSTREGISTER_PORTABLE)", OutOfMemory::Host);
 }
 
 void CudaBackend::unpin(int device_index, void* host) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuMemHostUnregister(host));
+  VSE_CU(driver_.cuMemHostUnregister(host));
 }
 
 void CudaBackend::enqueue_copies(int device_index, CopyDirection direction, const std::vector<CopySpan>& spans) {
   ContextScope scope(*this, device_index);
-  const CudaDriver& d = cuda_driver();
   CUstream stream = device(device_index).copy_stream;
   for (const CopySpan& s : spans) {
     if (direction == CopyDirection::ToHost)
-      VSE_CUDA_CHECK(d.cuMemcpyDtoHAsync(s.host, static_cast<CUdeviceptr>(s.device), s.bytes, stream));
+      VSE_CU(driver_.cuMemcpyDtoHAsync(s.host, static_cast<CUdeviceptr>(s.device), s.bytes, stream));
     else
-      VSE_CUDA_CHECK(d.cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(s.device), s.host, s.bytes, stream));
+      VSE_CU(driver_.cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(s.device), s.host, s.bytes, stream));
   }
+}
+
+void CudaBackend::fill(int device_index, uintptr_t address, uint64_t bytes, uint8_t value) {
+  ContextScope scope(*this, device_index);
+  // On the copy stream, so the fill lands before the copies enqueued after it.
+  VSE_CU(driver_.cuMemsetD8Async(static_cast<CUdeviceptr>(address), value, bytes, device(device_index).copy_stream));
 }
 
 uint64_t CudaBackend::record_mark(int device_index) {
@@ -153,17 +171,16 @@ uint64_t CudaBackend::record_mark(int device_index) {
       dev.spare_events.pop_back();
     }
   }
-  const CudaDriver& d = cuda_driver();
-  if (!event) VSE_CUDA_CHECK(d.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
-  CUresult r = d.cuEventRecord(event, dev.copy_stream);
+  if (!event) VSE_CU(driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+  CUresult r = driver_.cuEventRecord(event, dev.copy_stream);
   if (r != CUDA_SUCCESS) release_mark(device_index, reinterpret_cast<uint64_t>(event));
-  VSE_CUDA_CHECK(r);
+  VSE_CU(r);
   return reinterpret_cast<uint64_t>(event);
 }
 
 void CudaBackend::wait_mark(int device_index, uint64_t mark) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuEventSynchronize(reinterpret_cast<CUevent>(mark)));
+  VSE_CU(driver_.cuEventSynchronize(reinterpret_cast<CUevent>(mark)));
 }
 
 void CudaBackend::release_mark(int device_index, uint64_t mark) noexcept {
@@ -173,7 +190,7 @@ void CudaBackend::release_mark(int device_index, uint64_t mark) noexcept {
 
 void CudaBackend::wait_copies(int device_index) {
   ContextScope scope(*this, device_index);
-  VSE_CUDA_CHECK(cuda_driver().cuStreamSynchronize(device(device_index).copy_stream));
+  VSE_CU(driver_.cuStreamSynchronize(device(device_index).copy_stream));
 }
 
 }  // namespace vse

@@ -1,5 +1,8 @@
 // CUDA VMM backend: cuMemAddressReserve / cuMemCreate / cuMemMap / cuMemSetAccess / cuMemUnmap /
 // cuMemRelease on each device's primary context (the one PyTorch uses), copies on a stream of our own.
+// Memory is created gpuDirectRDMACapable where the device supports it with VMM (weight sync over NCCL
+// with GPUDirect RDMA lands in the weights pool), and made accessible to every device that can access
+// it as a peer (peer copies), as PyTorch's ExpandableSegment does.
 #pragma once
 
 #include <cuda.h>
@@ -9,12 +12,15 @@
 #include <vector>
 
 #include "backend.h"
+#include "cuda_driver.h"
 
 namespace vse {
 
 class CudaBackend final : public DeviceBackend {
  public:
-  CudaBackend();  // throws DriverUnavailable
+  CudaBackend();  // over the process's libcuda; throws DriverUnavailable
+  // Over `driver`, which outlives the backend (tests pass a table of fakes).
+  explicit CudaBackend(const CudaDriver& driver);
 
   const char* name() const override { return "cuda"; }
   int device_count() override { return device_count_; }
@@ -34,6 +40,7 @@ class CudaBackend final : public DeviceBackend {
   void unpin(int device, void* host) override;
   void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
   void wait_copies(int device) override;
+  void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) override;
   uint64_t record_mark(int device) override;
   void wait_mark(int device, uint64_t mark) override;
   void release_mark(int device, uint64_t mark) noexcept override;
@@ -44,6 +51,8 @@ class CudaBackend final : public DeviceBackend {
     CUcontext context = nullptr;  // primary context, retained for the life of the process
     CUstream copy_stream = nullptr;
     uint64_t granularity = 0;
+    CUmemAllocationProp properties{};     // what cuMemCreate gets (RDMA flag where supported)
+    std::vector<CUmemAccessDesc> access;  // read-write for the device itself and each peer that can access it
     std::vector<CUevent> spare_events;  // guarded by CudaBackend::mutex_
   };
   // Makes the device's primary context current for the scope (retaining it on first use).
@@ -53,9 +62,13 @@ class CudaBackend final : public DeviceBackend {
     ~ContextScope();
     ContextScope(const ContextScope&) = delete;
     ContextScope& operator=(const ContextScope&) = delete;
+
+   private:
+    const CudaDriver* driver_ = nullptr;
   };
   Device& device(int index);
 
+  const CudaDriver& driver_;
   int device_count_ = 0;
   std::mutex mutex_;  // guards lazy set-up of devices_
   std::vector<std::unique_ptr<Device>> devices_;

@@ -56,16 +56,18 @@ const CudaDriver& cuda_driver() {
   return *loaded;
 }
 
-void check_cuda(CUresult result, const char* call) {
+void check_cuda(const CudaDriver& d, CUresult result, const char* call, OutOfMemory oom) {
   if (result == CUDA_SUCCESS) return;
   const char* name = nullptr;
   const char* text = nullptr;
-  const CudaDriver& d = cuda_driver();
-  d.cuGetErrorName(result, &name);
-  d.cuGetErrorString(result, &text);
+  if (d.cuGetErrorName) d.cuGetErrorName(result, &name);
+  if (d.cuGetErrorString) d.cuGetErrorString(result, &text);
   std::string message = std::string(call) + " failed: " + (name ? name : "CUDA_ERROR_?") + " (" +
                         std::to_string(static_cast<int>(result)) + "): " + (text ? text : "no description");
-  if (result == CUDA_ERROR_OUT_OF_MEMORY) throw DeviceOutOfMemory(message);
+  if (result == CUDA_ERROR_OUT_OF_MEMORY) {
+    if (oom == OutOfMemory::Host) throw HostOutOfMemory(message);
+    throw DeviceOutOfMemory(message);
+  }
   throw Error(message);
 }
 

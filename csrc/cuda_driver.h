@@ -21,7 +21,8 @@ struct CudaDriver {
   X(cuMemMap, 10020) X(cuMemUnmap, 10020) X(cuMemSetAccess, 10020) X(cuMemHostRegister, 6050)            \
   X(cuMemHostUnregister, 4000) X(cuMemcpyDtoHAsync, 3020) X(cuMemcpyHtoDAsync, 3020)                     \
   X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuEventCreate, 2000) X(cuEventRecord, 2000)       \
-  X(cuEventSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)
+  X(cuEventSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)                         \
+  X(cuDeviceGetAttribute, 2000) X(cuDeviceCanAccessPeer, 4000) X(cuMemsetD8Async, 3020)
 #define VSE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   VSE_DRIVER_FUNCTIONS(VSE_DECLARE)
 #undef VSE_DECLARE
@@ -32,8 +33,16 @@ struct CudaDriver {
 // Loads libcuda and calls cuInit once per process; throws DriverUnavailable saying why it can't.
 const CudaDriver& cuda_driver();
 
-// Throws Error (DeviceOutOfMemory for CUDA_ERROR_OUT_OF_MEMORY) naming the call, the code and its name.
-void check_cuda(CUresult result, const char* call);
+// Which memory a call's CUDA_ERROR_OUT_OF_MEMORY is about: device memory (cuMemCreate) or host memory
+// (cuMemHostRegister pins host pages; the README promises HostOutOfMemoryError for that).
+enum class OutOfMemory { Device, Host };
+
+// Throws Error naming the call, the code and its name (looked up in `driver`); CUDA_ERROR_OUT_OF_MEMORY
+// throws DeviceOutOfMemory or HostOutOfMemory as `oom` says.
+void check_cuda(const CudaDriver& driver, CUresult result, const char* call, OutOfMemory oom = OutOfMemory::Device);
+inline void check_cuda(CUresult result, const char* call) {
+  if (result != CUDA_SUCCESS) check_cuda(cuda_driver(), result, call);
+}
 
 }  // namespace vse
 

@@ -1,5 +1,6 @@
 #include "errors.h"
 
+#include <atomic>
 #include <cstdio>
 
 namespace vse {
@@ -14,5 +15,23 @@ std::string format_bytes(unsigned long long bytes) {
     std::snprintf(buf, sizeof buf, "%llu bytes", bytes);
   return buf;
 }
+
+namespace {
+std::atomic<WarningSink> warning_sink{nullptr};
+}
+
+void warn(const std::string& message) noexcept {
+  if (WarningSink sink = warning_sink.load()) {
+    try {
+      sink(message);
+    } catch (...) {
+      std::fprintf(stderr, "vllm_sleep_ext: %s\n", message.c_str());  // a sink that throws is bypassed
+    }
+    return;
+  }
+  std::fprintf(stderr, "vllm_sleep_ext: %s\n", message.c_str());
+}
+
+WarningSink set_warning_sink(WarningSink sink) { return warning_sink.exchange(sink); }
 
 }  // namespace vse

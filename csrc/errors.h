@@ -38,4 +38,23 @@ class DriverUnavailable : public Error {
 
 std::string format_bytes(unsigned long long bytes);
 
+// A failure that cannot be raised because another one is already on its way (undoing a failed call) or
+// nothing is there to catch it (a destructor): said once on the warning sink, never swallowed. The sink
+// is stderr unless replaced (tests capture it); it is not error state: nothing reads it back.
+using WarningSink = void (*)(const std::string& message);
+void warn(const std::string& message) noexcept;
+WarningSink set_warning_sink(WarningSink sink);  // nullptr restores stderr; returns the previous sink
+
+// Runs `step`; a failure is passed to warn() with `what` in front.
+template <typename F>
+void warn_on_failure(const char* what, F&& step) noexcept {
+  try {
+    step();
+  } catch (const std::exception& e) {
+    warn(std::string(what) + ": " + e.what());
+  } catch (...) {
+    warn(std::string(what) + ": unknown exception");
+  }
+}
+
 }  // namespace vse

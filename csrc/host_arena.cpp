@@ -10,7 +10,6 @@
 #include <cstring>
 #include <exception>
 #include <string>
-#include <system_error>
 #include <thread>
 
 #include "errors.h"
@@ -43,16 +42,19 @@ HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
   }
   base_ = reinterpret_cast<uint8_t*>(round_up(reinterpret_cast<uintptr_t>(mapping_), kHugePage));
   madvise(base_, capacity_, MADV_HUGEPAGE);  // a hint; without THP it is only slower
+  if (madvise(mapping_, mapping_bytes_, MADV_DONTFORK) != 0) {
+    const int error = errno;
+    munmap(mapping_, mapping_bytes_);
+    mapping_ = nullptr;
+    throw HostOutOfMemory("cannot keep " + format_bytes(capacity_) + " of host backup memory out of forked " +
+                          "children: madvise(MADV_DONTFORK): " + std::strerror(error));
+  }
 }
 
 HostArena::~HostArena() {
-  for (const ByteRange& r : pinned_) {
-    try {
-      backend_.unpin(device_, base_ + r.begin);
-    } catch (...) {
-      // The driver may already be shutting down at process exit; the memory goes with munmap anyway.
-    }
-  }
+  // The driver may already be shutting down at process exit; the memory goes with munmap anyway.
+  for (const ByteRange& r : pinned_)
+    warn_on_failure("unpinning host backup memory", [&] { backend_.unpin(device_, base_ + r.begin); });
   if (mapping_) munmap(mapping_, mapping_bytes_);
 }
 
@@ -79,7 +81,8 @@ void HostArena::split_at_registrations(const CopySpan& span, std::vector<CopySpa
 }
 
 StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
-                                const std::function<void(uint64_t, uint64_t)>& on_ready) {
+                                const std::function<void(uint64_t, uint64_t)>& on_ready,
+                                WorkerThreads::Spawn spawn) {
   StagingTimes total;
   bytes = std::min(bytes, capacity_);
   for (const ByteRange& r : pinned_) {  // already prepared: one stretch per registration
@@ -88,7 +91,8 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   }
   if (ready_bytes_ >= bytes) return total;
 
-  const uint64_t piece = round_up(std::max<uint64_t>(options.piece_bytes, kHugePage), kHugePage);
+  const uint64_t piece =
+      round_up(std::clamp<uint64_t>(options.piece_bytes, kHugePage, kMaxStagingPieceBytes), kHugePage);
   const uint64_t start = ready_bytes_;
   const uint64_t end = std::min(capacity_, round_up(bytes, kHugePage));
   const size_t count = static_cast<size_t>((end - start + piece - 1) / piece);
@@ -126,21 +130,12 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
     total.populate_seconds += seconds;
   };
   const unsigned threads = std::max(1u, std::min<unsigned>(options.threads, static_cast<unsigned>(count)));
-  std::vector<std::thread> workers;
-  workers.reserve(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    try {
-      workers.emplace_back(work);
-    } catch (const std::system_error& e) {
-      // No thread (or no address space for its stack): go on with those that started. Letting the
-      // exception unwind past joinable threads would call std::terminate.
-      if (workers.empty()) throw HostOutOfMemory(std::string("cannot start a staging thread: ") + e.what());
-      break;
-    }
-  }
+  WorkerThreads workers(spawn);
+  // With no thread at all this thread faults every piece in itself: slower, never a failure.
+  if (workers.start(threads, work) == 0) work();
   auto finish = [&] {
     stop = true;
-    for (std::thread& w : workers) w.join();
+    workers.join();
   };
 
   try {

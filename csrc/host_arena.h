@@ -1,4 +1,6 @@
 // Host memory that backups are copied into: one mmap'd range, made resident and pinned in pieces.
+// It is MADV_DONTFORK: a fork() (DataLoader workers of a trainer in the same process) would otherwise
+// copy the whole backup into the child, and pinned pages are not the child's to touch anyway.
 //
 // Why not cudaHostAlloc: it zeroes and pins on one thread at ~2.5 GB/s, twenty times slower than the
 // copy it serves, so a first sleep would run at a twentieth of the PCIe limit. Here worker threads
@@ -13,8 +15,12 @@
 
 #include "backend.h"
 #include "range_set.h"
+#include "worker_threads.h"
 
 namespace vse {
+
+// Larger pieces gain nothing, and the limit keeps piece arithmetic far from overflow.
+constexpr uint64_t kMaxStagingPieceBytes = 1ull << 40;
 
 struct StagingOptions {
   unsigned threads = 8;
@@ -46,7 +52,8 @@ class HostArena {
   // order, for each stretch as it becomes ready; a stretch never crosses two pinned registrations. Throws HostOutOfMemory or Error, after which the arena
   // is only fit to be destroyed (pieces past the failed one may be pinned already).
   StagingTimes prepare(uint64_t bytes, const StagingOptions& options,
-                       const std::function<void(uint64_t, uint64_t)>& on_ready);
+                       const std::function<void(uint64_t, uint64_t)>& on_ready,
+                       WorkerThreads::Spawn spawn = nullptr);
 
   // Host policy "reclaimable" (see Note [Host policies] in allocator.h), for an arena no backup uses:
   // unpins every registration and lets the kernel take the pages back under pressure (MADV_FREE). The

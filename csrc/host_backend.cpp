@@ -124,4 +124,8 @@ void HostBackend::enqueue_copies(int, CopyDirection direction, const std::vector
   }
 }
 
+void HostBackend::fill(int, uintptr_t address, uint64_t bytes, uint8_t value) {
+  std::memset(reinterpret_cast<void*>(address), value, bytes);
+}
+
 }  // namespace vse

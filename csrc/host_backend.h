@@ -35,6 +35,7 @@ class HostBackend final : public DeviceBackend {
   void unpin(int, void*) override {}
   void enqueue_copies(int device, CopyDirection direction, const std::vector<CopySpan>& spans) override;
   void wait_copies(int) override {}
+  void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) override;
   uint64_t record_mark(int) override { return 0; }  // copies are synchronous here
   void wait_mark(int, uint64_t) override {}
   void release_mark(int, uint64_t) noexcept override {}

@@ -1,9 +1,11 @@
 #include "process.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <mutex>
 #include <thread>
 
+#include "async_host_backend.h"
 #include "cuda_backend.h"
 #include "errors.h"
 #include "host_backend.h"
@@ -41,6 +43,31 @@ std::optional<std::string> set_thread_tag(std::optional<std::string> tag) {
 
 std::optional<std::string> thread_tag() { return current_tag; }
 
+uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag) noexcept {
+  try {
+    if (size <= 0) throw InvalidArgument("allocation size must be positive, got " + std::to_string(size));
+    return allocator.allocate(static_cast<uint64_t>(size), device, tag);
+  } catch (const DeviceOutOfMemory&) {
+    return 0;
+  } catch (const std::exception& e) {
+    warn("allocating " + std::to_string(size) + " bytes on device " + std::to_string(device) + " for tag '" + tag +
+         "' failed: " + e.what());
+    return 0;
+  }
+}
+
+uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag) noexcept {
+  Allocator* allocator = nullptr;
+  warn_on_failure("setting up the CUDA allocator", [&] { allocator = &process_cuda_allocator(); });
+  return allocator ? allocate_or_null(*allocator, size, device, tag) : 0;
+}
+
+void process_free_or_warn(uintptr_t address) noexcept {
+  char what[64];
+  std::snprintf(what, sizeof what, "freeing %#lx", static_cast<unsigned long>(address));
+  warn_on_failure(what, [&] { process_cuda_allocator().free(address); });
+}
+
 }  // namespace vse
 
 namespace vse {
@@ -48,10 +75,12 @@ std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t c
   std::unique_ptr<Allocator> allocator;
   if (backend == "host")
     allocator = std::make_unique<Allocator>(std::make_unique<HostBackend>(capacity));
+  else if (backend == "host-async")
+    allocator = std::make_unique<Allocator>(std::make_unique<AsyncHostBackend>(capacity));
   else if (backend == "cuda")
     allocator = std::make_unique<Allocator>(std::make_unique<CudaBackend>());
   else
-    throw InvalidArgument("unknown backend '" + backend + "': expected 'host' or 'cuda'");
+    throw InvalidArgument("unknown backend '" + backend + "': expected 'host', 'host-async' or 'cuda'");
   allocator->set_options(default_options());
   return allocator;
 }

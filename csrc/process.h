@@ -18,9 +18,18 @@ std::optional<std::string> thread_tag();
 
 AllocatorOptions default_options();
 
+// The work of the pluggable allocator's my_malloc/my_free, which must not throw. A failed allocation
+// returns 0 (PyTorch raises its own error then). Running out of device memory is said nowhere: PyTorch
+// frees its cache and retries, and raises OutOfMemoryError if that fails too; any other failure goes to
+// warn(), as does a failed free.
+uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag) noexcept;
+uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag) noexcept;
+void process_free_or_warn(uintptr_t address) noexcept;
+
 }  // namespace vse
 
 namespace vse {
-// A new allocator over the named backend ("host" or "cuda"); `capacity` applies to "host" only.
+// A new allocator over the named backend: "host", "host-async" (copies complete later, on a thread, as on
+// a GPU) or "cuda"; `capacity` applies to the host ones only.
 std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity);
 }  // namespace vse

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
@@ -185,3 +186,62 @@ def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None =
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     return _fill_free_memory(device, leave_free_bytes, 16 * MiB, itertools.repeat(pattern))
+
+
+# The driver's own view of a pool allocation, through libcuda (no torch involved): what access rights
+# each device has, and with which flags its physical memory was created.
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]  # CU_MEM_LOCATION_TYPE_DEVICE = 1
+
+
+class _MemAllocationProp(ctypes.Structure):  # CUmemAllocationProp (cuda.h, v1)
+    _fields_ = [("type", ctypes.c_int), ("requested_handle_types", ctypes.c_int), ("location", _MemLocation),
+                ("win32_metadata", ctypes.c_void_p), ("compression_type", ctypes.c_ubyte),
+                ("gpu_direct_rdma_capable", ctypes.c_ubyte), ("usage", ctypes.c_ushort),
+                ("reserved", ctypes.c_ubyte * 4)]
+
+
+CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
+CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED = 110
+
+
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _cu_check(result: int, call: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{call} failed with CUresult {result}")
+
+
+def driver_access_flags(ptr: int, device: int) -> int:
+    """cuMemGetAccess: the access `device` has to the mapped address `ptr` (3 = read-write, 0 = none)."""
+    flags = ctypes.c_ulonglong(0)
+    location = _MemLocation(1, device)
+    _cu_check(_libcuda().cuMemGetAccess(ctypes.byref(flags), ctypes.byref(location), ctypes.c_ulonglong(ptr)),
+              "cuMemGetAccess")
+    return flags.value
+
+
+def driver_rdma_capable(ptr: int) -> bool:
+    """Whether the physical memory mapped at `ptr` was created with allocFlags.gpuDirectRDMACapable."""
+    cu = _libcuda()
+    handle = ctypes.c_ulonglong(0)
+    _cu_check(cu.cuMemRetainAllocationHandle(ctypes.byref(handle), ctypes.c_void_p(ptr)), "cuMemRetainAllocationHandle")
+    try:
+        prop = _MemAllocationProp()
+        _cu_check(cu.cuMemGetAllocationPropertiesFromHandle(ctypes.byref(prop), handle),
+                  "cuMemGetAllocationPropertiesFromHandle")
+        return bool(prop.gpu_direct_rdma_capable)
+    finally:
+        cu.cuMemRelease(handle)  # drops the reference cuMemRetainAllocationHandle took
+
+
+def device_supports_vmm_rdma(device: int) -> bool:
+    value = ctypes.c_int(0)
+    cu = _libcuda()
+    dev = ctypes.c_int(0)
+    _cu_check(cu.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
+    _cu_check(cu.cuDeviceGetAttribute(ctypes.byref(value), CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED,
+                                      dev), "cuDeviceGetAttribute")
+    return bool(value.value)

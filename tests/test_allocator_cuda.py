@@ -168,3 +168,21 @@ def test_cuda_graph_replays_after_wake(alloc: CuMemAllocator) -> None:
     graph.replay()
     assert torch.equal(static_out, expected)
     del graph
+
+
+def test_pool_memory_is_rdma_capable_where_the_device_supports_it_across_a_sleep(alloc):
+    """Weight sync over NCCL with GPUDirect RDMA registers the weights pool with the NIC: its physical
+    memory must be created RDMA-capable, and so must the memory a wake creates anew."""
+    from gpu_helpers import device_supports_vmm_rdma, driver_rdma_capable
+
+    device = torch.cuda.current_device()
+    expected = device_supports_vmm_rdma(device)
+    tensors = make_tensors("weights", alloc, seed=3)
+    ref = [t.clone() for t in tensors]
+    assert all(allocation_of(alloc, t) is not None for t in tensors[:3])
+    assert [driver_rdma_capable(t.data_ptr()) for t in tensors[:3]] == [expected] * 3
+    alloc.sleep(offload_tags=("weights",))
+    overwrite_free_gpu_memory()
+    alloc.wake_up()
+    assert [driver_rdma_capable(t.data_ptr()) for t in tensors[:3]] == [expected] * 3
+    assert all(torch.equal(t, r) for t, r in zip(tensors, ref))

@@ -142,6 +142,7 @@ def test_reassigned_and_recast_buffers_are_resolved_at_sleep(alloc: CuMemAllocat
 
 
 def test_preserve_keeps_tensors_that_are_not_buffers(alloc: CuMemAllocator) -> None:
+    alloc.preserve_mode = "buffers"  # "live" (the default) would keep `plain` too
     with alloc.use_memory_pool(tag="weights"):
         derived = alloc.empty((256,), torch.float32)
         plain = alloc.empty((256,), torch.float32)

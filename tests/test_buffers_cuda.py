@@ -53,8 +53,9 @@ MiB = 1 << 20
 
 @pytest.fixture
 def alloc():
-    """The process-wide allocator, awake at start and at end, in the default preserve_mode ("buffers")
-    during the test and in its original mode after it, its pools released."""
+    """The process-wide allocator, awake at start and at end, in preserve_mode "buffers" during the test
+    (what these tests prove: buffers alone; the default "live" keeps more) and in its original mode
+    after it, its pools released."""
     allocator = CuMemAllocator.get_instance()
     if anything_asleep(allocator):
         allocator.wake_up()

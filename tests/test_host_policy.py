@@ -4,6 +4,7 @@ their registrations all the same, so `host_pinned_bytes()` tells what would be p
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -11,10 +12,17 @@ import pytest
 from core_helpers import MiB, filled, load_core, pattern, read, write
 
 core = load_core()
+BACKEND = "host"
+
+
+@pytest.fixture(autouse=True, params=["host", "host-async"])
+def _backend(request, monkeypatch):
+    """Every test on both host backends: copies done at once, and done later on another thread."""
+    monkeypatch.setattr(sys.modules[__name__], "BACKEND", request.param)
 
 
 def make(policy: str = "pinned"):
-    a = core.Allocator("host", capacity_bytes=256 * MiB)
+    a = core.Allocator(BACKEND, capacity_bytes=256 * MiB)
     a.staging_piece_bytes = 2 * MiB
     a.staging_threads = 2
     a.host_policy = policy

@@ -34,14 +34,17 @@ from torch import nn
 from vllm_sleep_ext import CuMemAllocator, DeviceOutOfMemoryError, SleepExtError
 
 try:
-    from gpu_helpers import (anything_asleep, assert_in_pool, assert_tensors_match, buffer_snapshot,
-                             find_allocation, hog_device_memory, load_params, param_snapshot,
-                             release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing)
+    from gpu_helpers import (
+    CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool, assert_tensors_match,
+    buffer_snapshot, driver_access_flags, find_allocation, hog_device_memory, load_params, param_snapshot,
+    release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing,
+    )
 except ImportError:  # tests/ collected as a package
-    from tests.gpu_helpers import (anything_asleep, assert_in_pool, assert_tensors_match, buffer_snapshot,
-                                   find_allocation, hog_device_memory, load_params, param_snapshot,
-                                   release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states,
-                                   tensors_differing)
+    from tests.gpu_helpers import (
+    CU_MEM_ACCESS_FLAGS_PROT_READWRITE, anything_asleep, assert_in_pool, assert_tensors_match,
+    buffer_snapshot, driver_access_flags, find_allocation, hog_device_memory, load_params, param_snapshot,
+    release_cuda_memory, scribble_free_gpu_memory, tag_sleep_states, tensors_differing,
+    )
 
 pytestmark = pytest.mark.cuda
 
@@ -484,3 +487,22 @@ def test_wake_oom_on_device1_wakes_nothing_on_either_device(alloc, held):
     assert_weights_restored(held, "after the retried wake")
     assert_buffers_restored(held, "after the retried wake")
     gc.collect()
+
+
+def test_peer_devices_can_access_pool_memory_across_a_sleep(alloc, held):
+    """Peer copies and kernels reading another GPU's weights (weight sync between ranks) need access
+    rights for every peer device, set again on the memory each wake creates (as ExpandableSegment does)."""
+    if not torch.cuda.can_device_access_peer(1, 0):
+        pytest.skip("device 1 cannot access device 0 as a peer on this machine")
+    with torch.cuda.device(0), alloc.use_memory_pool(WEIGHTS):
+        weights = torch.randn(8 * MiB // 4, device="cuda:0")
+    held["w"].append(weights)
+    reference = weights.cpu()
+    for when in ("awake", "after a wake"):
+        for d in DEVICES:
+            assert driver_access_flags(weights.data_ptr(), d) == CU_MEM_ACCESS_FLAGS_PROT_READWRITE, (
+                f"{when}: device {d} has no read-write access to a device-0 pool allocation")
+        assert torch.equal(weights.to("cuda:1").cpu(), reference), f"{when}: peer copy to device 1 differs"
+        alloc.sleep(offload_tags=(WEIGHTS,))
+        scribble_free_gpu_memory(device=0)
+        alloc.wake_up()

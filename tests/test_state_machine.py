@@ -1,4 +1,6 @@
-"""The core on the host backend, driven by hypothesis against a plain Python model.
+"""The core driven by hypothesis against a plain Python model: random sequences of calls, where
+tests/cpp/core_tests.cpp checks each behaviour by hand. It runs on the "host-async" backend, whose copies
+complete later on another thread (as on a GPU), so every sequence also exercises the copy ordering.
 
 The model is a dict of allocations (tag, state, size, the bytes last written, and the byte ranges whose
 contents are still known: all of them after a write, the offloaded whole or the preserved ranges after a
@@ -88,7 +90,7 @@ range_specs = st.lists(
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.core = core.Allocator("host", capacity_bytes=CAPACITY)
+        self.core = core.Allocator("host-async", capacity_bytes=CAPACITY)
         self.core.staging_threads = 2
         self.core.staging_piece_bytes = 2 * MiB  # backups of a few MiB take several pieces
         self.model: dict[int, Model] = {}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU job, for one call of a lent GPU machine: build, the cuda tests, the demo, the benchmarks.
-# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|multi|all]...   Logs go to $OUT (default ./gpu-out).
+# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|multi|vllm|all]...   Logs go to $OUT (default ./gpu-out).
+# The vllm stage needs vLLM 0.26.0 unpacked at /tmp/vsite (../shared/vllm-gpu); VLLM_SCENARIOS picks its
+# scenarios (tests/vllm_gpu/run.sh). `all` leaves vllm out (it needs the two calls that send vLLM first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,5 +35,6 @@ want multi && step multi python3 -m pytest -m cuda -v -rs tests/test_multi_gpu_c
 want demo && step demo python3 -m vllm_sleep_ext demo
 want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT"
 want soak && step soak python3 benchmarks/soak.py
+want vllm && [ "${stages[*]}" != all ] && step vllm_summary bash tests/vllm_gpu/run.sh ${VLLM_SCENARIOS:-flows}
 want probe && step probe python3 benchmarks/probe_staging.py --gib 8 --threads 4 8 12 --piece-mib 32 64
 exit $status

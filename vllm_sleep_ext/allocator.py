@@ -20,7 +20,21 @@ import torch
 from torch import nn
 
 from vllm_sleep_ext import _core, host_tensors
-from vllm_sleep_ext.preserve import PreserveMode, PreserveSet, Range, ranges_of, registry
+from vllm_sleep_ext.preserve import (
+    DEFAULT_PRESERVE_TAGS,
+    PreserveMode,
+    PreserveSet,
+    Range,
+    as_ranges,
+    intersect,
+    merge,
+    own_ranges_of,
+    parse_preserve_tags,
+    ranges_of,
+    registry,
+    subtract,
+    whole_storage_starts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +44,7 @@ SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
 
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
+LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says so, once
 
 # One pluggable allocator per process, never freed: pools call into it until the very end.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
@@ -68,6 +83,14 @@ class OpStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreservedRanges:
+    """What the last sleep kept of tags it did not offload, as the Python side resolved it."""
+
+    bytes: int
+    ranges: int
+
+
+@dataclasses.dataclass(frozen=True)
 class AllocatorStats:
     tags: dict[str, TagStats]
     last_sleep: Optional[OpStats]
@@ -90,10 +113,11 @@ class CuMemAllocator:
     """Tagged memory pools whose physical memory can be released and restored at the same addresses.
 
     Inside ``use_memory_pool(tag)`` every CUDA allocation goes to a pool of that tag. ``sleep()`` backs
-    up the offloaded tags to host and releases the physical memory of every pool; module buffers
-    (rotary caches, ``position_ids``, scales) are backed up whatever their tag, so a level-2 sleep
-    followed by a reload of the parameters gives back a working model. ``wake_up()`` maps the memory
-    again at the same addresses and copies the backups back.
+    up the offloaded tags to host and releases the physical memory of every pool; of the other tags it
+    backs up the preserve scope (``preserve_mode``: by default every live non-parameter byte of the
+    "weights" pool, registered buffers and ``preserve()``), so a level-2 sleep followed by a reload of
+    the parameters gives back a working model. ``wake_up()`` maps the memory again at the same
+    addresses and copies the backups back.
     """
 
     instance: Optional["CuMemAllocator"] = None
@@ -117,7 +141,12 @@ class CuMemAllocator:
         self._pool_lock = threading.Lock()
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
-        self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
+        self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value)
+        self.preserve_tags = os.environ.get("VLLM_SLEEP_EXT_PRESERVE_TAGS", ",".join(DEFAULT_PRESERVE_TAGS))
+        self.last_preserved: PreservedRanges = PreservedRanges(0, 0)
+        self._warned_large = False
+        if os.environ.get("VLLM_SLEEP_EXT_FILL_UNRESTORED", "0") not in ("", "0"):
+            self.fill_unrestored = True
         if "VLLM_SLEEP_EXT_HOST_POLICY" in os.environ:
             self.host_policy = os.environ["VLLM_SLEEP_EXT_HOST_POLICY"]
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
@@ -228,7 +257,7 @@ class CuMemAllocator:
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
         self._log_host_error()
         self._trim(automatic=True)
-        preserve, exclude = self._preserved_ranges()
+        preserve, exclude = self._preserved_ranges(tags)
         stats = self._core.sleep(list(tags), preserve, exclude)
         if self.backend == "cuda":
             torch.cuda.empty_cache()  # as vLLM does: hand memory freed meanwhile back to the driver
@@ -236,9 +265,10 @@ class CuMemAllocator:
             return
         preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
         logger.info(
-            "sleep: released %.2f GiB in %d allocations; %.2f GiB to host (%.2f MiB of it preserved buffers) "
-            "in %.3f s (%.1f GB/s)",
+            "sleep: released %.2f GiB in %d allocations; %.2f GiB to host (%.2f MiB of it preserved in %d "
+            "ranges, preserve_mode=%s) in %.3f s (%.1f GB/s)",
             stats.bytes_device / GiB, stats.allocations, stats.bytes_copied / GiB, preserved / (1 << 20),
+            self.last_preserved.ranges, self.preserve_mode,
             stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9,
         )
 
@@ -268,11 +298,18 @@ class CuMemAllocator:
         self._core.discard(list(self._tags(tags, "tags")))
 
     def preserve(self, *objs: Union[torch.Tensor, nn.Module]) -> None:
-        """Keeps these tensors (a module: its buffers) across a discard of their tag, until they die."""
+        """Keeps these tensors (a module: its buffers) across a discard of their tag, until they die.
+
+        Wins over the parameter exclusion: a parameter given here is kept in every mode but "off".
+        """
         self._preserved.add(*objs)
 
     @property
     def preserve_mode(self) -> str:
+        """"live" (default), "buffers" or "off": what a sleep keeps of tags it does not offload.
+
+        See Note [Preserve scope] in preserve.py. Env: VLLM_SLEEP_EXT_PRESERVE.
+        """
         return self._preserve_mode.value
 
     @preserve_mode.setter
@@ -283,27 +320,103 @@ class CuMemAllocator:
             choices = ", ".join(repr(m.value) for m in PreserveMode)
             raise ValueError(f"preserve_mode must be one of {choices}, got {mode!r}") from None
 
-    def _preserved_ranges(self) -> tuple[list[Range], list[Range]]:
-        """(ranges to keep, ranges never to keep) for the core; it clips them to the pools."""
+    @property
+    def preserve_tags(self) -> tuple[str, ...]:
+        """Tags whose live non-parameter bytes "live" keeps (default: "weights").
+
+        Env: VLLM_SLEEP_EXT_PRESERVE_TAGS (comma list). "kv_cache", "runtime", "cudagraph" and
+        "workspace" are refused: the engine rebuilds them, and copying them would undo level 2.
+        """
+        return self._preserve_tags
+
+    @preserve_tags.setter
+    def preserve_tags(self, tags: Union[str, Sequence[str]]) -> None:
+        self._preserve_tags = parse_preserve_tags(tags)
+
+    @property
+    def fill_unrestored(self) -> bool:
+        """On wake, fill bytes that no backup restores with 0xFF (NaN in fp16/bf16/fp32), so a model
+        that reads state nobody restored fails at once instead of drifting. Off by default.
+
+        Env: VLLM_SLEEP_EXT_FILL_UNRESTORED=1. Needs a core that has the option.
+        """
+        return bool(getattr(self._core, "fill_unrestored", False))
+
+    @fill_unrestored.setter
+    def fill_unrestored(self, fill: bool) -> None:
+        if not hasattr(self._core, "fill_unrestored"):
+            if fill:
+                logger.warning("fill_unrestored: this build of the core has no such option; ignored")
+            return
+        self._core.fill_unrestored = bool(fill)
+
+    def _preserved_ranges(self, offload_tags: Sequence[str] = ()) -> tuple[list[Range], list[Range]]:
+        """(ranges to keep, ranges never to keep) for the core, and ``last_preserved`` for the log.
+
+        Kept: preserve() (always, parameters included), registered buffers, and in "live" mode the
+        live bytes of ``preserve_tags`` that are not a parameter's.
+        """
         mode = self._preserve_mode
         if mode is PreserveMode.OFF:
+            self.last_preserved = PreservedRanges(0, 0)
             return [], []
-        keep = ranges_of(self._preserved.tensors())
-        if mode is PreserveMode.BUFFERS:
-            return keep + ranges_of(registry.buffers()), []
-        return keep + self._live_ranges(), ranges_of(registry.parameters())
+        # preserve() wins: parameters are taken out of the live bytes only, never out of these.
+        keep = merge(ranges_of(self._preserved.tensors()) + ranges_of(registry.buffers()))
+        if mode is PreserveMode.LIVE:
+            params = list(registry.parameters())
+            live = merge(self._live_ranges(skip_blocks=whole_storage_starts(params)))
+            keep = merge(as_ranges(keep) + as_ranges(subtract(live, merge(own_ranges_of(params)))))
+        # What the core will really copy: bytes of awake allocations whose tag is not offloaded.
+        windows = merge((a.ptr, a.size) for a in self._core.allocations()
+                        if a.state == "mapped" and a.tag not in offload_tags)
+        kept = intersect(keep, windows)
+        self.last_preserved = PreservedRanges(sum(e - s for s, e in kept), len(kept))
+        if mode is PreserveMode.LIVE and self.last_preserved.bytes > LARGE_PRESERVE_BYTES and not self._warned_large:
+            # Non-parameter tensors this large are usually derived from the weights (repacked copies),
+            # stale once new weights arrive: worth a copy only if nothing rebuilds them.
+            self._warned_large = True
+            logger.warning(
+                "preserve: level 2 keeps %.2f GiB of non-parameter tensors of %s in %d ranges at each sleep; "
+                "if the engine rebuilds them after a weight update, VLLM_SLEEP_EXT_PRESERVE=buffers avoids "
+                "the copy", self.last_preserved.bytes / GiB, self._preserve_tags, self.last_preserved.ranges)
+        return as_ranges(kept), []
 
-    def _live_ranges(self) -> list[Range]:
-        if self.backend != "cuda":
-            return [(a.ptr, a.size) for a in self._core.allocations()]  # host tensors die with their memory
+    def _live_ranges(self, skip_blocks: frozenset[int] | set[int] = frozenset()) -> list[Range]:
+        """Live bytes of the allocations of ``preserve_tags``, but no block that starts at ``skip_blocks``.
+
+        Which bytes are live is known to PyTorch's caching allocator only (blocks in use), so this
+        reads torch.cuda.memory_snapshot(): the whole-process one, taken under the caching allocator's
+        lock, because the per-pool MemPool.snapshot() crashed on emptied pools. A segfault was seen
+        when another thread allocated during a snapshot (torch 2.11); at sleep the engine is idle and
+        vLLM's extra threads (output, death-pipe, I/O) do not allocate CUDA memory. Only segments that
+        are allocations of ``preserve_tags`` in the core count, so blocks of the KV cache and other
+        pools never do. If the snapshot fails, the whole allocations are kept: more bytes, never
+        fewer. On the host backend an allocation is freed with its last tensor, so all of it is live.
+        """
+        scope = {a.ptr: a.size for a in self._core.allocations()
+                 if a.state == "mapped" and a.tag in self._preserve_tags}
+        if not scope or self.backend != "cuda":
+            return list(scope.items())
+        try:
+            snapshot = _memory_snapshot()
+        except Exception as e:  # noqa: BLE001 - a sleep keeps too much rather than fail
+            logger.warning("preserve: memory snapshot failed (%s); keeping whole allocations of %s",
+                           e, self._preserve_tags)
+            return list(scope.items())
         ranges = []
-        for segment in _memory_snapshot():  # every pool; the core keeps only pool memory
+        unseen = dict(scope)  # allocations PyTorch does not list are kept whole
+        for segment in snapshot:
             address = segment["address"]
+            if unseen.pop(address, None) is None:
+                continue
             for block in segment["blocks"]:
-                if block["state"].startswith("active"):
-                    ranges.append((block.get("address", address), block["size"]))
-                address += block["size"]
-        return ranges
+                start = block.get("address", address)
+                if block["state"].startswith("active") and start not in skip_blocks:
+                    # The block's tail past what was asked for (rounding, an unsplit rest) holds no tensor.
+                    used = min(block.get("requested_size") or block["size"], block["size"])
+                    ranges.append((start, used))
+                address = start + block["size"]
+        return ranges + list(unseen.items())
 
     # -- host memory -------------------------------------------------------------------------------
 

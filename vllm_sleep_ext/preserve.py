@@ -1,14 +1,43 @@
-"""Which bytes survive a discard: tracked module buffers, tensors preserved by hand, or every live tensor.
+"""Which bytes survive a discard: the preserve scope.
+
+Note [Preserve scope]
+At a level-2 sleep the "weights" pool is discarded because the trainer sends new parameters. Everything
+else in that pool is lost unless the allocator keeps it: registered buffers (vLLM's worker now saves
+those itself), and tensors kept as plain attributes or on objects that are not ``nn.Module``s, most of
+them built in ``process_weights_after_loading`` (MoE expert constants, strides, scales). The scope:
+
+- ``preserve_mode="live"`` (the default): every live byte of the allocations of ``preserve_tags``
+  (default ``("weights",)``) except the bytes of parameters; plus registered buffers of every tag; plus
+  ``preserve()``. "kv_cache", "runtime", "cudagraph" and "workspace" are never in ``preserve_tags``:
+  what lives there is rebuilt or overwritten by the engine, and copying a KV cache at every sleep is
+  exactly the cost that level 2 exists to avoid.
+- ``"buffers"``: registered buffers plus ``preserve()``; ``"off"``: nothing (vLLM's stock allocator).
+- ``preserve()`` wins wherever preservation is on: a tensor given to it is kept even if it is a
+  parameter.
+
+Parameters are excluded by the bytes they themselves cover, not by their whole storage: a parameter may
+be a view into a larger storage that holds other tensors (a packed buffer), and those bytes are no one
+else's to reload. Excluding too little only costs a copy; excluding too much loses data, so a parameter
+whose elements do not fill one contiguous span excludes nothing. A parameter that covers its whole
+storage also takes the caching-allocator block around it (its rounding tail holds no tensor).
+
+Resolving a tensor to byte ranges never raises: sparse (COO and compressed) tensors give their index and
+value storages, wrapper subclasses (``__tensor_flatten__``: DTensor, torchao, Float8) their inner
+tensors, meta and storage-less tensors nothing. CPU tensors give their ranges too (on the host backend
+they are pool memory); the core keeps only bytes inside its allocations.
 
 Importing this module installs two global module-registration hooks (``register_buffer`` and
-``register_parameter``) that remember the registering modules through weak references. Buffers are
-resolved again at every sleep, by name, so a buffer reassigned, moved with ``.to()`` or recast with
-``.half()`` after registration counts as it is now.
+``register_parameter``) that remember the registering modules through weak references. Buffers and
+parameters are resolved again at every sleep, by name, so a buffer reassigned, moved with ``.to()`` or
+recast with ``.half()`` after registration counts as it is now.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
+import logging
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -19,27 +48,196 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-# (address, nbytes) of a tensor's whole storage: what the core copies to host.
+logger = logging.getLogger(__name__)
+
+# (address, nbytes): a span of bytes the core copies to host or must not copy.
 Range = tuple[int, int]
+
+# Pools whose content the engine rebuilds or overwrites after a wake: never in the preserve scope.
+NEVER_PRESERVED_TAGS = frozenset({"kv_cache", "runtime", "cudagraph", "workspace"})
+DEFAULT_PRESERVE_TAGS = ("weights",)
+
+_SPARSE_COMPRESSED = {
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
 
 
 class PreserveMode(str, enum.Enum):
-    """What a sleep keeps of allocations whose tag is not offloaded."""
+    """What a sleep keeps of allocations whose tag is not offloaded (see Note [Preserve scope])."""
 
-    OFF = "off"  # nothing (vLLM's stock behaviour: buffers are lost at level 2)
-    BUFFERS = "buffers"  # registered buffers of every module, plus preserve() (the default)
-    LIVE = "live"  # every live tensor in the pools except parameters, plus preserve()
+    OFF = "off"  # nothing (vLLM's stock allocator)
+    BUFFERS = "buffers"  # registered buffers of every module, plus preserve()
+    LIVE = "live"  # + every live non-parameter byte of preserve_tags (the default)
+
+
+def parse_preserve_tags(tags: str | Iterable[str]) -> tuple[str, ...]:
+    """``"weights,default"`` or an iterable of tags; rejects the tags that are never preserved."""
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",")]
+    out = tuple(dict.fromkeys(t for t in tags if t))
+    for tag in out:
+        if not isinstance(tag, str):
+            raise TypeError(f"preserve_tags must hold str tags, got {tag!r}")
+    never = sorted(NEVER_PRESERVED_TAGS.intersection(out))
+    if never:
+        raise ValueError(f"preserve_tags: {never} are never preserved (the engine rebuilds them after a wake)")
+    return out
+
+
+# -- tensors to byte ranges ------------------------------------------------------------------------
+
+def _components(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The dense, strided tensors that hold ``tensor``'s bytes (itself, if it is one)."""
+    layout = tensor.layout
+    if layout == torch.sparse_coo:
+        yield from (tensor._indices(), tensor._values())
+    elif layout in _SPARSE_COMPRESSED:
+        for name in _SPARSE_COMPRESSED[layout]:
+            yield getattr(tensor, name)()
+    elif hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()  # wrapper subclass: DTensor, torchao, Float8, ...
+        for name in names:
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _components(inner)
+    elif tensor.is_nested:
+        yield tensor.values()
+    elif layout == torch.strided:
+        yield tensor
+
+
+def _dense(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``_components`` that never raises: an unreadable tensor has no bytes for us."""
+    try:
+        parts = list(_components(tensor))
+    except Exception as e:  # noqa: BLE001 - an odd tensor anywhere in the process must not fail a sleep
+        logger.debug("preserve: skipping a %s tensor (%s: %s)", type(tensor).__name__, type(e).__name__, e)
+        return
+    for part in parts:
+        if part.device.type != "meta":
+            yield part
+
+
+def storage_ranges(tensor: torch.Tensor) -> list[Range]:
+    """The whole storages behind ``tensor`` (a view keeps its whole storage); [] if it has none."""
+    ranges = []
+    for part in _dense(tensor):
+        try:
+            storage = part.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except Exception:  # noqa: BLE001 - storage-less tensors (functional, fake) have no bytes
+            continue
+        if ptr and nbytes:
+            ranges.append((ptr, nbytes))
+    return ranges
 
 
 def storage_range(tensor: torch.Tensor) -> Range | None:
-    """The bytes of the storage behind ``tensor`` (a view keeps its whole storage)."""
-    if tensor.is_sparse or tensor.device.type == "meta":
-        return None
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0:
-        return None
-    return storage.data_ptr(), storage.nbytes()
+    """The first storage behind ``tensor`` (kept for callers of the one-storage API)."""
+    ranges = storage_ranges(tensor)
+    return ranges[0] if ranges else None
 
+
+def own_ranges(tensor: torch.Tensor) -> list[Range]:
+    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note)."""
+    ranges = []
+    for part in _dense(tensor):
+        try:
+            if part.numel() == 0 or not part.is_contiguous():
+                continue
+            ptr, nbytes = part.data_ptr(), part.numel() * part.element_size()
+        except Exception:  # noqa: BLE001
+            continue
+        if ptr:
+            ranges.append((ptr, nbytes))
+    return ranges
+
+
+def whole_storage_starts(tensors: Iterable[torch.Tensor]) -> set[int]:
+    """Addresses of the storages that these tensors cover entirely.
+
+    In PyTorch's CUDA caching allocator a block holds one storage and may be longer than it (rounded
+    to 512 bytes, and up to 1 MiB more where splitting the rest off was not worth it): a parameter that
+    covers its whole storage owns its whole block, tail included, and nothing else lives there.
+    """
+    starts = set()
+    for tensor in tensors:
+        for part in _dense(tensor):
+            try:
+                storage = part.untyped_storage()
+                nbytes = part.numel() * part.element_size()
+                if part.is_contiguous() and part.data_ptr() == storage.data_ptr() \
+                        and nbytes == storage.nbytes() and nbytes:
+                    starts.add(part.data_ptr())
+            except Exception:  # noqa: BLE001
+                continue
+    return starts
+
+
+def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
+    return [r for t in tensors for r in storage_ranges(t)]
+
+
+def own_ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
+    return [r for t in tensors for r in own_ranges(t)]
+
+
+# -- byte-range algebra (sorted, disjoint lists of (start, end)) ------------------------------------
+
+def merge(ranges: Iterable[Range]) -> list[tuple[int, int]]:
+    """(address, nbytes) ranges to sorted, disjoint, non-adjacent (start, end) spans."""
+    spans = sorted((a, a + n) for a, n in ranges if n > 0)
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def subtract(spans: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` minus ``holes``, both as ``merge`` returns them."""
+    out = []
+    i = 0
+    for start, end in spans:
+        while i < len(holes) and holes[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(holes) and holes[j][0] < end:
+            hs, he = holes[j]
+            if hs > start:
+                out.append((start, hs))
+            start = max(start, he)
+            j += 1
+        if start < end:
+            out.append((start, end))
+    return out
+
+
+def intersect(spans: list[tuple[int, int]], windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` clipped to ``windows``, both as ``merge`` returns them."""
+    out = []
+    starts = [w[0] for w in windows]
+    for start, end in spans:
+        k = max(bisect.bisect_right(starts, start) - 1, 0)
+        while k < len(windows) and windows[k][0] < end:
+            lo, hi = max(start, windows[k][0]), min(end, windows[k][1])
+            if lo < hi:
+                out.append((lo, hi))
+            k += 1
+    return out
+
+
+def as_ranges(spans: list[tuple[int, int]]) -> list[Range]:
+    return [(start, end - start) for start, end in spans]
+
+
+# -- what to preserve ------------------------------------------------------------------------------
 
 class _ModuleRegistry:
     """Modules that registered a buffer or a parameter, held weakly (keyed by id: a module may define __eq__)."""
@@ -58,38 +256,42 @@ class _ModuleRegistry:
 
     def buffers(self) -> Iterator[torch.Tensor]:
         for module in list(self.buffer_owners.values()):
-            yield from (b for b in module._buffers.values() if b is not None)
+            yield from (b for b in list(module._buffers.values()) if isinstance(b, torch.Tensor))
 
     def parameters(self) -> Iterator[torch.Tensor]:
         for module in list(self.parameter_owners.values()):
-            yield from (p for p in module._parameters.values() if p is not None)
+            yield from (p for p in list(module._parameters.values()) if isinstance(p, torch.Tensor))
 
 
 registry = _ModuleRegistry()
 
 
 class PreserveSet:
-    """Tensors and modules preserved by hand, held weakly; a module stands for all of its buffers."""
+    """Tensors and modules preserved by hand, held weakly; a module stands for all of its buffers.
+
+    add() may run on any thread while a sleep reads tensors(): the list is swapped under a lock, and
+    tensors() walks a copy.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._refs: list[weakref.ref] = []
 
     def add(self, *objs: torch.Tensor | nn.Module) -> None:
+        refs = []
         for obj in objs:
             if not isinstance(obj, (torch.Tensor, nn.Module)):
                 raise TypeError(f"preserve() takes tensors or modules, got {type(obj).__name__}")
-            self._refs.append(weakref.ref(obj))
+            refs.append(weakref.ref(obj))
+        with self._lock:
+            self._refs.extend(refs)
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        alive = []
-        for ref in self._refs:
-            obj = ref()
-            if obj is None:
-                continue
-            alive.append(ref)
+        with self._lock:
+            refs = list(self._refs)
+        objs = [o for o in (r() for r in refs) if o is not None]
+        if len(objs) < len(refs):
+            with self._lock:  # drop dead references, keeping those added meanwhile
+                self._refs = [r for r in self._refs if r() is not None]
+        for obj in objs:
             yield from (obj.buffers() if isinstance(obj, nn.Module) else (obj,))
-        self._refs = alive
-
-
-def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
-    return [r for r in map(storage_range, tensors) if r is not None]

@@ -22,9 +22,21 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+
 #include "allocator.h"
+#include "async_host_backend.h"
+#include "copy_pipeline.h"
+#include "cuda_backend.h"
+#include "device_memory.h"
 #include "errors.h"
+#include "host_arena.h"
 #include "host_backend.h"
+#include "process.h"
 #include "range_set.h"
 
 namespace {
@@ -154,8 +166,8 @@ class FaultyBackend final : public vse::DeviceBackend {
  public:
   explicit FaultyBackend(uint64_t capacity) : inner_(capacity) {}
 
-  Fault create_fault, map_fault, pin_fault, synchronize_fault, to_host_fault, to_device_fault, wait_fault,
-      wait_mark_fault;
+  Fault create_fault, map_fault, unmap_fault, release_fault, pin_fault, synchronize_fault, to_host_fault,
+      to_device_fault, wait_fault, wait_mark_fault;
   bool lie_about_free_memory = false;  // report lots of free memory, so only create() can say "full"
 
   const char* name() const override { return "faulty-host"; }
@@ -167,12 +179,18 @@ class FaultyBackend final : public vse::DeviceBackend {
     if (create_fault.fire()) throw vse::DeviceOutOfMemory("injected: create");
     return inner_.create(device, size);
   }
-  void release(int device, vse::PhysicalHandle handle) override { inner_.release(device, handle); }
+  void release(int device, vse::PhysicalHandle handle) override {
+    if (release_fault.fire()) throw vse::Error("injected: release");
+    inner_.release(device, handle);
+  }
   void map(int device, uintptr_t address, uint64_t size, vse::PhysicalHandle handle) override {
     if (map_fault.fire()) throw vse::Error("injected: map");
     inner_.map(device, address, size, handle);
   }
-  void unmap(int device, uintptr_t address, uint64_t size) override { inner_.unmap(device, address, size); }
+  void unmap(int device, uintptr_t address, uint64_t size) override {
+    if (unmap_fault.fire()) throw vse::Error("injected: unmap");
+    inner_.unmap(device, address, size);
+  }
   vse::MemoryInfo memory_info(int device) override {
     vse::MemoryInfo info = inner_.memory_info(device);
     if (lie_about_free_memory) info.free = info.total;
@@ -201,6 +219,9 @@ class FaultyBackend final : public vse::DeviceBackend {
   void wait_copies(int device) override {
     if (wait_fault.fire()) throw vse::Error("injected: wait_copies");
     inner_.wait_copies(device);
+  }
+  void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) override {
+    inner_.fill(device, address, bytes, value);
   }
   uint64_t record_mark(int device) override {
     ++marks_recorded_;
@@ -1141,6 +1162,428 @@ void test_concurrent_alloc_free_during_sleep_wake() {
   std::printf("  (%ld sleep/wake cycles during %ld worker iterations)\n", cycles.load(), worker_iterations.load());
 }
 
+// ---------------------------------------------------------------------------------------------
+// Device memory has one owner: a failed driver call never makes a row lie or loses a handle.
+
+// Warnings said during a test (the sink is process-wide; tests that read it run on one thread).
+std::mutex g_warnings_mutex;
+std::vector<std::string> g_warnings;
+void capture_warning(const std::string& message) {
+  std::lock_guard<std::mutex> lock(g_warnings_mutex);
+  g_warnings.push_back(message);
+}
+struct CapturedWarnings {
+  CapturedWarnings() {
+    g_warnings.clear();
+    previous = vse::set_warning_sink(capture_warning);
+  }
+  ~CapturedWarnings() { vse::set_warning_sink(previous); }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(g_warnings_mutex);
+    return g_warnings.size();
+  }
+  vse::WarningSink previous;
+};
+
+// A cuMemRelease that fails once: in sleep, free, trim and discard. The row is asleep (it was unmapped),
+// the handle is kept, and the next call gives it back; no capacity leaks, no later call fails.
+void test_failed_release_keeps_the_handle_and_the_row_honest() {
+  const uint64_t cap = 64 * MiB;
+  FaultyBackend* b = nullptr;
+  auto a = faulty_allocator(cap, &b);
+  uintptr_t w = a->allocate(3 * MiB, 0, "weights");
+  uintptr_t k = a->allocate(MiB, 0, "kv_cache");
+  fill(w, 3 * MiB, 1);
+
+  // Sleep: the first release is kv_cache's (nothing to keep, released first).
+  b->release_fault.arm(0);
+  CHECK_THROWS(a->sleep({"weights"}, {}, {}), vse::Error);
+  CHECK(state_of(*a, k) == State::Discarded);  // unmapped: not Mapped, whatever the release did
+  CHECK(state_of(*a, w) == State::Mapped);
+  CHECK(b->real_free() == cap - 4 * MiB - 2 * MiB);  // kv_cache's handle is still held, not lost
+  a->sleep({"weights"}, {}, {});  // gives kv_cache's handle back, then sleeps the rest
+  CHECK(b->real_free() == cap);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 1));
+
+  // A release failing for an offloaded allocation: asleep with its whole backup, handle kept; the wake
+  // maps that handle again.
+  b->release_fault.arm(1);
+  CHECK_THROWS(a->sleep({"weights"}, {}, {}), vse::Error);
+  CHECK(state_of(*a, w) == State::BackedUp);
+  CHECK(b->real_free() == cap - 4 * MiB);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 3 * MiB, 1));
+  CHECK(b->real_free() == cap - 6 * MiB);
+
+  // discard, trim, free.
+  b->release_fault.arm(0);
+  CHECK_THROWS(a->discard({"kv_cache"}), vse::Error);
+  CHECK(state_of(*a, k) == State::Discarded);
+  b->release_fault.arm(0);
+  CHECK_THROWS(a->trim(k), vse::Error);  // the handle left by discard fails to go back again
+  CHECK(state_of(*a, k) == State::Discarded);
+  a->trim(k);
+  CHECK(b->real_free() == cap - 4 * MiB);
+  b->release_fault.arm(0);
+  CHECK_THROWS(a->free(w), vse::Error);
+  CHECK(state_of(*a, w) == State::Discarded);
+  a->free(w);
+  a->free(k);
+  CHECK(a->allocations().empty());
+  CHECK(b->real_free() == cap);
+
+  // An unmap that fails leaves the row Mapped and its memory intact.
+  uintptr_t x = a->allocate(MiB, 0, "weights");
+  fill(x, MiB, 7);
+  b->unmap_fault.arm(0);
+  CHECK_THROWS(a->sleep({"weights"}, {}, {}), vse::Error);
+  CHECK(state_of(*a, x) == State::Mapped);
+  CHECK(matches(x, MiB, 7));
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::nullopt);
+  CHECK(matches(x, MiB, 7));
+  a->free(x);
+  CHECK(b->real_free() == cap);
+}
+
+// A map failing after create: the new handle goes back at once; if even that release fails, the
+// warning says so and the handle stays with its owner until the next call.
+void test_device_memory_map_failure_gives_the_new_handle_back() {
+  const uint64_t cap = 16 * MiB;
+  FaultyBackend b(cap);
+  CapturedWarnings warnings;
+  {
+    vse::DeviceMemory m(b, 0, 2 * MiB);
+    b.map_fault.arm(0);
+    CHECK_THROWS(m.map(), vse::Error);
+    CHECK(!m.mapped() && !m.holds_physical() && b.real_free() == cap);
+    b.map_fault.arm(0);
+    b.release_fault.arm(0);
+    CHECK_THROWS(m.map(), vse::Error);
+    CHECK(!m.mapped() && m.holds_physical());
+    CHECK(warnings.count() == 1);
+    m.map();  // maps the handle it still holds
+    CHECK(m.mapped() && b.real_free() == cap - 2 * MiB);
+  }
+  CHECK(b.real_free() == cap);  // the destructor gave it back
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copy ordering, on a backend whose copies complete later, on a thread, at random.
+
+// Sleep releases an allocation only after the fence that follows its own last copy. On the async
+// backend a release before that shows as an early release (a release while a copy from the memory
+// is pending). Waiting for an earlier fence (the one before the right one) fails here.
+void test_sleep_releases_each_allocation_only_after_its_own_copies() {
+  auto backend = std::make_unique<vse::AsyncHostBackend>(256 * MiB, 300, 7);
+  vse::AsyncHostBackend* b = backend.get();
+  auto a = std::make_unique<Allocator>(std::move(backend));
+  a->set_options(small_pieces(2));
+  // Sizes that put allocation ends in the middle of 2 MiB staging pieces and on their edges.
+  const std::vector<uint64_t> sizes = {MiB + 7, 3 * MiB, 512 * KiB, 5 * MiB + 3, 2 * MiB, 700 * KiB, 4 * MiB - 1};
+  std::vector<uintptr_t> ptrs;
+  for (size_t i = 0; i < sizes.size(); ++i) ptrs.push_back(a->allocate(sizes[i], 0, i % 3 == 2 ? "kv" : "weights"));
+  const uintptr_t kv = ptrs[2];
+  for (int cycle = 0; cycle < 4; ++cycle) {
+    for (size_t i = 0; i < sizes.size(); ++i) fill_words(ptrs[i], sizes[i] & ~uint64_t(7), 10 * cycle + i);
+    a->sleep({"weights"}, {{kv + 4096, kv + 12288}}, {});
+    CHECK(b->early_releases() == 0);
+    CHECK(b->open_marks() == 0);
+    a->wake(std::nullopt);
+    for (size_t i = 0; i < sizes.size(); ++i)
+      if (i % 3 != 2) CHECK(words_match(ptrs[i], sizes[i] & ~uint64_t(7), 10 * cycle + i));
+  }
+  for (uintptr_t p : ptrs) a->free(p);
+  CHECK(b->early_releases() == 0);
+}
+
+// A fence is released once whether it was waited for or not, and waits only for what preceded it.
+void test_fences_release_themselves_and_wait_for_their_prefix() {
+  vse::AsyncHostBackend b(0, 500, 3);
+  std::vector<uint8_t> src(64 * KiB, 0x5A), dst(64 * KiB, 0);
+  {
+    vse::Fence empty(b, 0);
+    empty.wait();
+    b.enqueue_copies(0, vse::CopyDirection::ToHost,
+                     {{reinterpret_cast<uintptr_t>(src.data()), dst.data(), src.size()}});
+    vse::Fence after(b, 0);
+    vse::Fence moved(std::move(after));
+    CHECK(b.open_marks() == 2);
+    moved.wait();
+    CHECK(dst == src);
+  }
+  CHECK(b.open_marks() == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fill_unrestored: bytes a wake does not restore are 0xFF (NaN in fp16/bf16/fp32), restored ones intact.
+
+bool all_bytes(uintptr_t address, uint64_t bytes, uint8_t value) {
+  const auto* p = reinterpret_cast<const uint8_t*>(address);
+  for (uint64_t i = 0; i < bytes; ++i)
+    if (p[i] != value) return false;
+  return true;
+}
+
+void test_fill_unrestored_makes_discarded_bytes_loud() {
+  for (bool async : {false, true}) {
+    std::unique_ptr<vse::DeviceBackend> backend;
+    if (async)
+      backend = std::make_unique<vse::AsyncHostBackend>(64 * MiB, 100, 5);
+    else
+      backend = std::make_unique<vse::HostBackend>(64 * MiB);
+    Allocator a(std::move(backend));
+    vse::AllocatorOptions o = small_pieces();
+    o.fill_unrestored = true;
+    a.set_options(o);
+    const uint64_t n = MiB + 100;
+    uintptr_t w = a.allocate(n, 0, "weights");  // offloaded: all restored
+    uintptr_t b = a.allocate(n, 0, "buffers");  // preserved ranges only
+    uintptr_t d = a.allocate(n, 0, "kv");       // discarded
+    fill(w, n, 1);
+    fill(b, n, 2);
+    fill(d, n, 3);
+    a.sleep({"weights"}, {{b + 10, b + 5000}, {b + n - 20, b + n}}, {});
+    a.wake(std::nullopt);
+    CHECK(matches(w, n, 1));
+    CHECK(all_bytes(b, 10, 0xFF));
+    CHECK(matches(b + 10, 4990, 2, 10));
+    CHECK(all_bytes(b + 5000, n - 20 - 5000, 0xFF));
+    CHECK(matches(b + n - 20, 20, 2, n - 20));
+    CHECK(all_bytes(b + n, round_up(n, kGranularity) - n, 0xFF));  // the rounding tail too
+    CHECK(all_bytes(d, round_up(n, kGranularity), 0xFF));
+    // Off (the default): nothing is filled (the host backend's fresh memory reads zero).
+    o.fill_unrestored = false;
+    a.set_options(o);
+    a.sleep({"weights"}, {}, {});
+    a.wake(std::nullopt);
+    CHECK(all_bytes(d, n, 0));
+    CHECK(matches(w, n, 1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host arena: not inherited by fork(), no overflow of piece sizes, no terminate when threads can't start.
+
+void test_host_arena_is_not_inherited_by_fork() {
+  vse::HostBackend backend;
+  vse::HostArena arena(backend, 0, 4 * MiB);
+  arena.prepare(4 * MiB, small_pieces().staging, [](uint64_t, uint64_t) {});
+  std::memset(arena.data(), 1, 4 * MiB);
+  pid_t child = fork();
+  if (child == 0) {
+    // Not mapped in the child at all: msync of an unmapped range fails with ENOMEM.
+    bool absent = msync(arena.data(), 4096, MS_ASYNC) != 0 && errno == ENOMEM;
+    _exit(absent ? 0 : 1);
+  }
+  int status = -1;
+  CHECK(child > 0 && waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+void test_staging_piece_bytes_at_the_limits() {
+  auto a = host_allocator(64 * MiB);
+  vse::AllocatorOptions o = a->options();
+  o.staging.piece_bytes = ~uint64_t(0);  // 2**64-1 once wrapped to 0 and divided by it
+  CHECK_THROWS(a->set_options(o), vse::InvalidArgument);
+  o.staging.piece_bytes = vse::kMaxStagingPieceBytes;
+  a->set_options(o);
+  uintptr_t p = a->allocate(5 * MiB, 0, "w");
+  fill(p, 5 * MiB, 1);
+  a->sleep({"w"}, {}, {});
+  a->wake(std::nullopt);
+  CHECK(matches(p, 5 * MiB, 1));
+  // The arena clamps what it is given directly, too.
+  vse::HostBackend backend;
+  vse::HostArena arena(backend, 0, 3 * MiB);
+  vse::StagingOptions huge{2, ~uint64_t(0)};
+  uint64_t ready = 0;
+  arena.prepare(3 * MiB, huge, [&](uint64_t, uint64_t end) { ready = end; });
+  CHECK(ready == 3 * MiB);
+}
+
+std::atomic<int> g_spawns_left{0};
+std::thread spawn_until_bad_alloc(const std::function<void()>& work) {
+  if (g_spawns_left-- <= 0) throw std::bad_alloc();
+  return std::thread(work);
+}
+
+void test_staging_threads_that_cannot_start_are_no_failure() {
+  vse::HostBackend backend;
+  for (int started : {0, 1}) {
+    g_spawns_left = started;
+    vse::HostArena arena(backend, 0, 16 * MiB);
+    uint64_t ready = 0;
+    arena.prepare(16 * MiB, vse::StagingOptions{4, 2 * MiB}, [&](uint64_t, uint64_t end) { ready = end; },
+                  spawn_until_bad_alloc);
+    CHECK(ready == 16 * MiB);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options, and what my_malloc says.
+
+// Two threads changing different options at once: neither change is lost.
+void test_concurrent_option_updates_are_not_lost() {
+  auto a = host_allocator(16 * MiB);
+  constexpr uint64_t kRounds = 2000;
+  std::thread limits([&] {
+    for (uint64_t i = 1; i <= kRounds; ++i) a->update_options([&](vse::AllocatorOptions& o) { o.host_memory_limit = i; });
+  });
+  std::thread threads([&] {
+    for (uint64_t i = 1; i <= kRounds; ++i)
+      a->update_options([&](vse::AllocatorOptions& o) { o.staging.threads = 1 + static_cast<unsigned>(i % 5); });
+  });
+  limits.join();
+  threads.join();
+  CHECK(a->options().host_memory_limit == kRounds);
+  CHECK(a->options().staging.threads == 1 + kRounds % 5);
+  CHECK_THROWS(a->update_options([](vse::AllocatorOptions& o) { o.staging.threads = 0; }), vse::InvalidArgument);
+  CHECK(a->options().staging.threads == 1 + kRounds % 5);  // a rejected update changes nothing
+}
+
+// Out of device memory is PyTorch's to report (it retries after freeing its cache); other failures
+// are said once.
+void test_allocate_or_null_is_silent_only_about_device_memory() {
+  auto a = host_allocator(4 * MiB);
+  CapturedWarnings warnings;
+  CHECK(vse::allocate_or_null(*a, 8 * MiB, 0, "w") == 0);
+  CHECK(vse::allocate_or_null(*a, 8 * MiB, 0, "w") == 0);
+  CHECK(warnings.count() == 0);
+  CHECK(vse::allocate_or_null(*a, 0, 0, "w") == 0);
+  CHECK(vse::allocate_or_null(*a, MiB, 3, "w") == 0);
+  CHECK(warnings.count() == 2);
+  uintptr_t p = vse::allocate_or_null(*a, MiB, 0, "w");
+  CHECK(p != 0);
+  a->free(p);
+}
+
+// A failure met while undoing a failed wake is said, not swallowed; the wake's own error is raised.
+void test_failure_while_undoing_a_wake_is_warned() {
+  FaultyBackend* b = nullptr;
+  auto a = faulty_allocator(64 * MiB, &b);
+  uintptr_t p = a->allocate(MiB, 0, "w");
+  uintptr_t q = a->allocate(MiB, 0, "w");
+  fill(p, MiB, 1);
+  fill(q, MiB, 2);
+  a->sleep({"w"}, {}, {});
+  CapturedWarnings warnings;
+  b->map_fault.arm(1);      // the second map fails ...
+  b->release_fault.arm(1);  // ... and giving back the first one's memory in the undo fails too
+  CHECK_THROWS(a->wake(std::nullopt), vse::Error);
+  CHECK(warnings.count() >= 1);
+  CHECK(state_of(*a, p) == State::BackedUp && state_of(*a, q) == State::BackedUp);
+  a->wake(std::nullopt);  // maps the handle left behind
+  CHECK(matches(p, MiB, 1) && matches(q, MiB, 2));
+  a->free(p);
+  a->free(q);
+  CHECK(b->real_free() == 64 * MiB);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA backend over a fake driver table: the flags and descriptors it hands the driver. (Only the
+// plumbing: whether RDMA and peer access work is for the GPU suite.)
+
+namespace fake_cuda {
+constexpr int kDevices = 3;
+CUmemAllocationProp last_prop{};
+std::vector<CUmemAccessDesc> last_access;
+CUresult host_register_result = CUDA_SUCCESS;
+CUstream last_memset_stream = nullptr;
+unsigned char last_memset_value = 0;
+
+vse::CudaDriver table() {
+  vse::CudaDriver d;
+  d.cuDeviceGetCount = [](int* n) { *n = kDevices; return CUDA_SUCCESS; };
+  d.cuDeviceGet = [](CUdevice* dev, int i) { *dev = i; return CUDA_SUCCESS; };
+  d.cuDevicePrimaryCtxRetain = [](CUcontext* c, CUdevice dev) {
+    *c = reinterpret_cast<CUcontext>(uintptr_t(0x1000 + dev));
+    return CUDA_SUCCESS;
+  };
+  d.cuCtxPushCurrent = [](CUcontext) { return CUDA_SUCCESS; };
+  d.cuCtxPopCurrent = [](CUcontext* c) { *c = nullptr; return CUDA_SUCCESS; };
+  d.cuStreamCreate = [](CUstream* s, unsigned) { *s = reinterpret_cast<CUstream>(uintptr_t(0x2000)); return CUDA_SUCCESS; };
+  // Device 0 supports GPUDirect RDMA with VMM; devices 1 and 2 do not.
+  d.cuDeviceGetAttribute = [](int* v, CUdevice_attribute attr, CUdevice dev) {
+    *v = attr == CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED && dev == 0;
+    return CUDA_SUCCESS;
+  };
+  // Devices 0 and 1 are peers of each other; device 2 is nobody's peer.
+  d.cuDeviceCanAccessPeer = [](int* can, CUdevice from, CUdevice to) {
+    *can = from != to && from < 2 && to < 2;
+    return CUDA_SUCCESS;
+  };
+  d.cuMemGetAllocationGranularity = [](size_t* g, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) {
+    *g = 2 << 20;
+    return CUDA_SUCCESS;
+  };
+  d.cuMemCreate = [](CUmemGenericAllocationHandle* h, size_t, const CUmemAllocationProp* p, unsigned long long) {
+    last_prop = *p;
+    *h = 42;
+    return CUDA_SUCCESS;
+  };
+  d.cuMemMap = [](CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) { return CUDA_SUCCESS; };
+  d.cuMemSetAccess = [](CUdeviceptr, size_t, const CUmemAccessDesc* desc, size_t count) {
+    last_access.assign(desc, desc + count);
+    return CUDA_SUCCESS;
+  };
+  d.cuMemHostRegister = [](void*, size_t, unsigned) { return host_register_result; };
+  d.cuMemsetD8Async = [](CUdeviceptr, unsigned char value, size_t, CUstream stream) {
+    last_memset_value = value;
+    last_memset_stream = stream;
+    return CUDA_SUCCESS;
+  };
+  d.cuGetErrorName = [](CUresult r, const char** name) {
+    *name = r == CUDA_ERROR_OUT_OF_MEMORY ? "CUDA_ERROR_OUT_OF_MEMORY" : "CUDA_ERROR_OTHER";
+    return CUDA_SUCCESS;
+  };
+  d.cuGetErrorString = [](CUresult, const char** text) { *text = "fake"; return CUDA_SUCCESS; };
+  return d;
+}
+
+bool accessible_to(const std::vector<CUmemAccessDesc>& access, std::vector<int> devices) {
+  std::vector<int> got;
+  for (const CUmemAccessDesc& a : access) {
+    if (a.location.type != CU_MEM_LOCATION_TYPE_DEVICE || a.flags != CU_MEM_ACCESS_FLAGS_PROT_READWRITE) return false;
+    got.push_back(a.location.id);
+  }
+  std::sort(got.begin(), got.end());
+  std::sort(devices.begin(), devices.end());
+  return got == devices;
+}
+}  // namespace fake_cuda
+
+void test_cuda_backend_asks_for_rdma_and_peer_access() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  vse::CudaBackend b(driver);
+  b.create(0, 2 * MiB);
+  CHECK(fake_cuda::last_prop.allocFlags.gpuDirectRDMACapable == 1);
+  CHECK(fake_cuda::last_prop.location.id == 0);
+  b.create(1, 2 * MiB);
+  CHECK(fake_cuda::last_prop.allocFlags.gpuDirectRDMACapable == 0);
+  b.map(0, 0x10000000, 2 * MiB, 42);
+  CHECK(fake_cuda::accessible_to(fake_cuda::last_access, {0, 1}));
+  b.map(2, 0x10000000, 2 * MiB, 42);
+  CHECK(fake_cuda::accessible_to(fake_cuda::last_access, {2}));
+  b.fill(1, 0x10000000, 100, 0xFF);
+  CHECK(fake_cuda::last_memset_value == 0xFF);
+  CHECK(fake_cuda::last_memset_stream == reinterpret_cast<CUstream>(uintptr_t(0x2000)));  // the copy stream
+}
+
+// cuMemHostRegister out of memory is about host memory: HostOutOfMemory, naming the call and the code.
+void test_cuda_pin_out_of_memory_is_host_out_of_memory() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  vse::CudaBackend b(driver);
+  char page[4096];
+  fake_cuda::host_register_result = CUDA_ERROR_OUT_OF_MEMORY;
+  const std::string message = message_of<vse::HostOutOfMemory>([&] { b.pin(0, page, sizeof page); });
+  fake_cuda::host_register_result = CUDA_SUCCESS;
+  CHECK(message.find("cuMemHostRegister") != std::string::npos);
+  CHECK(message.find("CUDA_ERROR_OUT_OF_MEMORY (2)") != std::string::npos);
+  CHECK_THROWS(vse::check_cuda(driver, CUDA_ERROR_OUT_OF_MEMORY, "cuMemCreate"), vse::DeviceOutOfMemory);
+}
+
 struct Test {
   const char* name;
   void (*fn)();
@@ -1167,6 +1610,20 @@ const Test kTests[] = {
     {"sleep_failing_while_releasing_loses_nothing", test_sleep_failing_while_releasing_loses_nothing},
     {"destructor_releases_everything", test_destructor_releases_everything},
     {"concurrent_alloc_free_during_sleep_wake", test_concurrent_alloc_free_during_sleep_wake},
+    {"failed_release_keeps_the_handle_and_the_row_honest", test_failed_release_keeps_the_handle_and_the_row_honest},
+    {"device_memory_map_failure_gives_the_new_handle_back", test_device_memory_map_failure_gives_the_new_handle_back},
+    {"sleep_releases_each_allocation_only_after_its_own_copies",
+     test_sleep_releases_each_allocation_only_after_its_own_copies},
+    {"fences_release_themselves_and_wait_for_their_prefix", test_fences_release_themselves_and_wait_for_their_prefix},
+    {"fill_unrestored_makes_discarded_bytes_loud", test_fill_unrestored_makes_discarded_bytes_loud},
+    {"host_arena_is_not_inherited_by_fork", test_host_arena_is_not_inherited_by_fork},
+    {"staging_piece_bytes_at_the_limits", test_staging_piece_bytes_at_the_limits},
+    {"staging_threads_that_cannot_start_are_no_failure", test_staging_threads_that_cannot_start_are_no_failure},
+    {"concurrent_option_updates_are_not_lost", test_concurrent_option_updates_are_not_lost},
+    {"allocate_or_null_is_silent_only_about_device_memory", test_allocate_or_null_is_silent_only_about_device_memory},
+    {"failure_while_undoing_a_wake_is_warned", test_failure_while_undoing_a_wake_is_warned},
+    {"cuda_backend_asks_for_rdma_and_peer_access", test_cuda_backend_asks_for_rdma_and_peer_access},
+    {"cuda_pin_out_of_memory_is_host_out_of_memory", test_cuda_pin_out_of_memory_is_host_out_of_memory},
 };
 
 }  // namespace

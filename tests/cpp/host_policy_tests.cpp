@@ -72,6 +72,7 @@ class CountingBackend final : public vse::DeviceBackend {
     host_.enqueue_copies(d, dir, s);
   }
   void wait_copies(int d) override { host_.wait_copies(d); }
+  void fill(int d, uintptr_t a, uint64_t n, uint8_t v) override { host_.fill(d, a, n, v); }
   uint64_t record_mark(int d) override { return host_.record_mark(d); }
   void wait_mark(int d, uint64_t m) override { host_.wait_mark(d, m); }
   void release_mark(int d, uint64_t m) noexcept override { host_.release_mark(d, m); }

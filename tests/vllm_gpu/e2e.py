@@ -1,0 +1,270 @@
+"""Real vLLM engines on a GPU, driven the way RLHF frameworks drive them, with and without this allocator.
+
+One engine per run. Which allocator serves it is vLLM's choice through its plugin loader:
+``VLLM_PLUGINS=vllm_sleep_ext`` (ours) or ``VLLM_PLUGINS=""`` (stock), so the same command measures both.
+
+    python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # outputs identical?
+    python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
+    python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
+
+Every flow overwrites the GPU memory a sleep released before waking (freed pages often come back with
+their old contents, which would hide a lost byte), and compares greedy tokens *and* their logprobs
+bit for bit with the outputs from before the first sleep. Level 2 is the RLHF flow: sleep(2), memory
+overwritten, wake weights, the parameters (only) copied back in by the "trainer", wake kv_cache.
+Results go to stdout as ``RESULT {json}`` lines, and to ``--json`` if given. Exit status 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: gpu_helpers
+sys.path.insert(0, HERE)
+
+# Before vLLM is imported: callables sent to workers, settings the GPU machines need.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
+
+PROMPTS = [list(range(1 + 7 * i, 41 + 7 * i)) for i in range(4)]
+GiB = float(1 << 30)
+
+
+# -- run inside each worker (collective_rpc passes the worker first) ---------------------------------
+
+def worker_info(worker) -> dict:
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    allocator = CuMemAllocator.get_instance()
+    cls = type(allocator)
+    return {"pid": os.getpid(), "allocator": f"{cls.__module__}.{cls.__qualname__}",
+            "rank": getattr(worker, "rank", None)}
+
+
+def pool_bytes(worker) -> dict[str, int]:
+    """Bytes per tag in the worker's sleep-mode pools, asleep or awake (stock or ours)."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    per_tag: dict[str, int] = {}
+    for data in CuMemAllocator.get_instance().pointer_to_data.values():
+        size = getattr(data, "size", None)
+        if size is None:  # stock vLLM: handle = (device, size, ptr, handle)
+            size = data.handle[1]
+        per_tag[data.tag] = per_tag.get(data.tag, 0) + int(size)
+    return per_tag
+
+
+def save_params(worker) -> int:
+    """The trainer's copy of the parameters (named_parameters only: never buffers or anything else)."""
+    import torch
+
+    model = worker.get_model()
+    worker._vse_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    torch.cuda.synchronize()
+    return sum(t.numel() * t.element_size() for t in worker._vse_params.values())
+
+
+def load_params(worker) -> int:
+    """The trainer sends the parameters after a level-2 wake of the weights: in place, same addresses."""
+    import torch
+
+    model = worker.get_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.data.copy_(worker._vse_params[name], non_blocking=True)
+    torch.cuda.synchronize()
+    return len(worker._vse_params)
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+def gpu_used_mib() -> list[int]:
+    """Device memory in use per GPU, every process counted (nvidia-smi: no CUDA context needed here)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def scribble(tp: int) -> int:
+    """Overwrites the GPU memory that a sleep released (in this process, then gives it back)."""
+    from gpu_helpers import scribble_free_gpu_memory
+
+    return sum(scribble_free_gpu_memory(leave_free_bytes=1 << 30, device=d) for d in range(tp))
+
+
+def make_llm(args):
+    from models import model_dir
+    from vllm import LLM
+
+    kwargs = dict(model=model_dir(args.model), load_format="dummy", skip_tokenizer_init=True,
+                  enable_sleep_mode=True, seed=0, max_model_len=1024, tensor_parallel_size=args.tp,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  attention_config={"backend": "TRITON_ATTN"})
+    if args.eager:
+        kwargs["enforce_eager"] = True
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    return llm, time.perf_counter() - t0
+
+
+def generate(llm) -> list[tuple[list[int], list[float]]]:
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=16, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        result.append((list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]))
+    return result
+
+
+class Run:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.llm, self.startup_s = make_llm(args)
+        self.workers = self.llm.collective_rpc(worker_info)
+        self.result: dict = {"command": args.command, "model": args.model, "tp": args.tp,
+                             "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
+                             "workers": self.workers, "startup_s": round(self.startup_s, 2), "checks": {}}
+        print(f"workers' allocator: {self.workers}", flush=True)
+        self.reference = generate(self.llm)
+        self.failed = False
+
+    def rpc(self, fn):
+        return self.llm.collective_rpc(fn)
+
+    def check(self, name: str) -> bool:
+        self.llm.reset_prefix_cache()
+        got = generate(self.llm)
+        same = got == self.reference
+        self.result["checks"][name] = same
+        if not same:
+            self.failed = True
+            print(f"MISMATCH {name}: before {self.reference[0]} after {got[0]}", flush=True)
+        print(f"{'PASS' if same else 'FAIL'} {name}: outputs {'identical' if same else 'DIFFER'}", flush=True)
+        return same
+
+    def timed(self, fn, *a, **kw) -> float:
+        t0 = time.perf_counter()
+        fn(*a, **kw)
+        return time.perf_counter() - t0
+
+    def level1(self, overwrite: bool = True) -> tuple[float, float]:
+        s = self.timed(self.llm.sleep, level=1)
+        if overwrite:
+            scribble(self.args.tp)
+        w = self.timed(self.llm.wake_up)
+        return s, w
+
+    def level2(self, overwrite: bool = True, pause: float = 0.0) -> tuple[float, float, float]:
+        s = self.timed(self.llm.sleep, level=2)
+        if overwrite:
+            scribble(self.args.tp)
+        time.sleep(pause)
+        ww = self.timed(self.llm.wake_up, tags=["weights"])
+        self.rpc(load_params)
+        wk = self.timed(self.llm.wake_up, tags=["kv_cache"])
+        return s, ww, wk
+
+    def finish(self) -> int:
+        self.result["failed"] = self.failed
+        print("RESULT " + json.dumps(self.result), flush=True)
+        if self.args.json:
+            with open(self.args.json, "w") as f:
+                json.dump(self.result, f, indent=1)
+        return 1 if self.failed else 0
+
+
+def cmd_flows(run: Run) -> None:
+    """Level 1, then the level-2 RLHF flow, then level 1 again, each checked."""
+    run.rpc(save_params)
+    run.level1()
+    run.check("level1")
+    run.level2()
+    run.check("level2_rlhf")
+    run.level1()
+    run.check("level1_after_level2")
+
+
+def cmd_timing(run: Run) -> None:
+    """llm.sleep()/wake_up() seconds: the first level-1 sleep of the process, warm ones, level 2."""
+    r = run.result
+    r["weights_bytes"] = sum(run.rpc(save_params))
+    r["pools_awake"] = run.rpc(pool_bytes)
+    first = run.level1(overwrite=True)
+    run.check("level1_first")
+    warm = [run.level1(overwrite=False) for _ in range(3)]
+    run.check("level1_warm")
+    l2 = [run.level2(overwrite=(i == 0), pause=1.0) for i in range(3)]
+    run.check("level2_rlhf")
+    gb = r["weights_bytes"] / 1e9
+    r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
+    r["level1_warm_sleep_s"] = sorted(s for s, _ in warm)[1]
+    r["level1_warm_wake_s"] = sorted(w for _, w in warm)[1]
+    r["level2_sleep_s"] = sorted(x[0] for x in l2)[1]
+    r["level2_wake_weights_s"] = sorted(x[1] for x in l2)[1]
+    r["level2_wake_kv_s"] = sorted(x[2] for x in l2)[1]
+    print(f"weights {gb:.2f} GB; level 1 first sleep {first[0]:.3f} s ({gb / first[0]:.1f} GB/s), "
+          f"wake {first[1]:.3f} s; warm sleep {r['level1_warm_sleep_s']:.3f} s "
+          f"({gb / r['level1_warm_sleep_s']:.1f} GB/s), wake {r['level1_warm_wake_s']:.3f} s "
+          f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
+          f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s", flush=True)
+
+
+def cmd_cycles(run: Run) -> None:
+    """Many cycles, alternating level 1 and the level-2 RLHF flow; memory while asleep must stay flat."""
+    run.rpc(save_params)
+    asleep_mib, pools = [], []
+    for i in range(run.args.cycles):
+        level = 1 if i % 2 == 0 else 2
+        run.llm.sleep(level=level)
+        asleep_mib.append(sum(gpu_used_mib()[:run.args.tp]))
+        pools.append(sum(sum(d.values()) for d in run.rpc(pool_bytes)))
+        if level == 1:
+            run.llm.wake_up()
+        else:
+            run.llm.wake_up(tags=["weights"])
+            run.rpc(load_params)
+            run.llm.wake_up(tags=["kv_cache"])
+        if i % 10 == 9:
+            run.check(f"cycle{i + 1}")
+    r = run.result
+    r.update(cycles=run.args.cycles, asleep_mib_first=asleep_mib[0], asleep_mib_last=asleep_mib[-1],
+             asleep_mib_max=max(asleep_mib), pool_bytes_first=pools[0], pool_bytes_last=pools[-1],
+             pool_bytes_max=max(pools))
+    grew = asleep_mib[-1] > asleep_mib[0] + 64 or pools[-1] > pools[0]
+    r["checks"]["memory_flat"] = not grew
+    run.failed |= grew
+    print(f"{'PASS' if not grew else 'FAIL'} memory_flat: GPU used while asleep {asleep_mib[0]} -> "
+          f"{asleep_mib[-1]} MiB (max {max(asleep_mib)}); pool bytes {pools[0]} -> {pools[-1]}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["flows", "timing", "cycles"])
+    p.add_argument("--model", default="llama-tiny")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--inproc", action="store_true", help="engine core and worker in this process")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (default: vLLM's, graphs on)")
+    p.add_argument("--cycles", type=int, default=50)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.inproc:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    run = Run(args)
+    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles}[args.command](run)
+    return run.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

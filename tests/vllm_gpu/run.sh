@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The real-vLLM GPU suite: vLLM 0.26.0 unpacked at /tmp/vsite (../shared/vllm-gpu), this package installed
+# into the machine's python so vLLM's plugin loader finds it, then engines run with our allocator and with
+# stock vLLM's (VLLM_PLUGINS=""), side by side.
+#
+# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows timing cycles plain tp2 (default: flows)
+# Output: $OUT/vllm.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/vllm.log"
+RESULTS="$OUT/vllm-results.jsonl"
+test -d /tmp/vsite || { echo "no /tmp/vsite: install vLLM first (../shared/vllm-gpu/README.md)"; exit 3; }
+export PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+  PYTHONUNBUFFERED=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ! python3 -c "import vllm_sleep_ext._core" 2>/dev/null || [ "${REINSTALL:-1}" = 1 ]; then
+  (PYTHONPATH= python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3) || exit 4
+fi
+# Run from /tmp so that `import vllm_sleep_ext` finds the installed copy, not the source tree.
+REPO=$PWD
+E2E="$REPO/tests/vllm_gpu/e2e.py"
+status=0
+engine() {  # engine ours|stock ARGS...: one engine run, its RESULT line appended to $RESULTS
+  local who=$1; shift
+  local plugins=vllm_sleep_ext
+  [ "$who" = stock ] && plugins=""
+  echo "=== [$who] e2e.py $* ($(date -u +%T))" | tee -a "$LOG"
+  local t0=$SECONDS
+  (cd /tmp && VLLM_PLUGINS="$plugins" timeout 400 python3 "$E2E" "$@" 2>&1) > "$OUT/engine.tmp"
+  local rc=$?
+  cat "$OUT/engine.tmp" >> "$LOG"
+  grep -E "^(PASS|FAIL|MISMATCH|workers' allocator|weights )|vllm_sleep_ext|Traceback|Error" "$OUT/engine.tmp" \
+    | grep -v "^\s*File " | head -40
+  grep "^RESULT " "$OUT/engine.tmp" | sed "s/^RESULT /{\"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
+  rm -f "$OUT/engine.tmp"
+  echo "=== [$who] exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ $rc -eq 0 ] || status=1
+}
+
+scenarios=("$@")
+[ ${#scenarios[@]} -eq 0 ] && scenarios=(flows)
+for s in "${scenarios[@]}"; do
+  case $s in
+    quick)  # one dense and one MoE model, multiprocess engine
+      engine ours flows --model llama-tiny
+      engine ours flows --model qwen3moe-tiny ;;
+    flows)  # level 1 and the level-2 RLHF flow, several architectures, both engine modes
+      engine ours flows --model llama-tiny
+      engine ours flows --model llama-tiny --inproc
+      engine ours flows --model qwen2-tiny
+      engine ours flows --model gptneox-tiny
+      engine ours flows --model qwen3moe-tiny
+      engine ours flows --model llama3-8b --gpu-memory-utilization 0.6 ;;
+    timing)  # the 8B-shaped model, stock then ours, same machine
+      engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
+      engine ours timing --model llama3-8b --gpu-memory-utilization 0.85 ;;
+    cycles)
+      engine stock cycles --model llama-tiny --cycles 50
+      engine ours cycles --model llama-tiny --cycles 50 ;;
+    plain)  # plain-attribute state built after loading (issue 9): stock loses it, ours keeps it
+      for who in stock ours; do
+        plugins=vllm_sleep_ext; [ $who = stock ] && plugins=""
+        echo "=== [$who] check_plain_attributes.py" | tee -a "$LOG"
+        (cd /tmp && VLLM_PLUGINS="$plugins" timeout 300 python3 "$REPO/tests/vllm_gpu/check_plain_attributes.py" \
+          $([ $who = stock ] && echo --expect-differ) 2>&1) | tee -a "$LOG" | grep -E "^(PASS|FAIL)|Error" | head
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done ;;
+    tp2)
+      engine ours flows --model llama-tiny --tp 2
+      engine ours flows --model qwen3moe-tiny --tp 2 ;;
+    *) echo "unknown scenario $s"; status=1 ;;
+  esac
+done
+echo "=== allocator lines in vLLM's log: $(grep -c 'vllm_sleep_ext' "$LOG")"
+exit $status
