@@ -32,9 +32,10 @@ def route_to_vllm() -> logging.Logger:
     package = logging.getLogger(PACKAGE_LOGGER)
     if not any(isinstance(h, _ToLogger) for h in package.handlers):
         package.addHandler(_ToLogger(target))
-        # Our loggers decide first whether a record is made at all: let through what vLLM would print
-        # (its VLLM_LOGGING_LEVEL), and let vLLM's handlers alone print it, not the root logger's too.
-        package.setLevel(target.getEffectiveLevel())
+        # vLLM may configure its logging after plugins load (0.33 does, per process), so the level is
+        # vLLM's at the time of each record: ours makes every record and the handler asks vLLM's logger.
+        # vLLM's handlers alone print it, not the root logger's as well.
+        package.setLevel(logging.DEBUG)
         package.propagate = False
     return target
 
