@@ -152,12 +152,16 @@ def test_segments_emptied_after_the_pool_closed_go_back_at_sleep(alloc: CuMemAll
 def test_nested_pools_tag_by_the_pool_that_holds_the_segment(alloc: CuMemAllocator) -> None:
     alloc.preserve_mode = "off"  # only tags decide what a sleep copies
     with alloc.use_memory_pool(tag="runtime"):
-        runtime_before = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
+        # A segment of exactly its size (>= 10 MiB, a multiple of 2 MiB): the runtime pool has no free
+        # block of a runtime segment left but the one below, so each allocation shows which pool served it.
+        runtime_before = torch.empty(20 * MiB, dtype=torch.uint8, device="cuda")
+        runtime_temp = torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
+        del runtime_temp  # a free runtime block the KV cache would reuse if the runtime pool served it
         with alloc.use_memory_pool(tag="kv_cache"):  # as vLLM 0.33's initialize_kv_cache
             kv = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")
             kv_small = torch.empty(4096, dtype=torch.uint8, device="cuda")
             scratch = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
-            del scratch  # a free kv_cache segment the outer pool must not be handed
+            del scratch  # a free kv_cache block the outer pool must not hand out after the inner one
         runtime_after = torch.empty(8 * MiB, dtype=torch.uint8, device="cuda")
         runtime_small = torch.empty(4096, dtype=torch.uint8, device="cuda")
     for name, t, tag in [("runtime_before", runtime_before, "runtime"), ("kv", kv, "kv_cache"),

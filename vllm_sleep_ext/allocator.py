@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
