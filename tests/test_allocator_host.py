@@ -304,7 +304,10 @@ def test_turning_expandable_segments_off_keeps_every_other_option(settings: str,
     assert not allocator_module.expandable_segments_enabled(off)
 
 
-@pytest.mark.parametrize("settings", ["", "max_split_size_mb:512", "expandable_segments:False", "expandable_segments:True,expandable_segments:False"])
+@pytest.mark.parametrize(
+    "settings",
+    ["", "max_split_size_mb:512", "expandable_segments:False", "expandable_segments:True,expandable_segments:False"],
+)
 def test_expandable_segments_reads_as_off(settings: str) -> None:
     assert not allocator_module.expandable_segments_enabled(settings)
 
@@ -361,7 +364,8 @@ def test_nested_pool_takes_the_outer_pool_out_of_routing_and_puts_it_back(monkey
             assert calls == [("_cuda_endAllocateToPool", 0, (0, 1))]
             with allocator_module._sole_route(Route(None, 0)):  # the CUDA graph pool inside
                 assert len(calls) == 2 and calls[1] == ("_cuda_endAllocateToPool", 0, (0, 2))
-            assert calls[2:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 2)), ("_cuda_releasePool", 0, (0, 2))]
+            assert calls[2:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 2)),
+                                 ("_cuda_releasePool", 0, (0, 2))]
         assert calls[4:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 1)), ("_cuda_releasePool", 0, (0, 1))]
     assert len(calls) == 6 and allocator_module._thread_routes() == []
 

@@ -120,7 +120,7 @@ def test_register_on_cuda_swaps_class_and_says_so_in_vllms_log(
     assert fake.cumem.CuMemAllocator is CuMemAllocator
 
 
-@pytest.mark.parametrize("platform", [FakePlatform(False, "rocm"), FakePlatform(False, "cpu"), FakePlatform(False, "xpu")])
+@pytest.mark.parametrize("platform", [FakePlatform(False, device) for device in ("rocm", "cpu", "xpu")])
 def test_register_on_other_platforms_leaves_vllms_allocator_and_says_why(
     monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler, platform: FakePlatform
 ) -> None:
@@ -132,7 +132,9 @@ def test_register_on_other_platforms_leaves_vllms_allocator_and_says_why(
     assert "vLLM keeps its own sleep-mode allocator" in vllm_log.text()
 
 
-def test_disable_env_leaves_vllms_allocator_and_says_why(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler) -> None:
+def test_disable_env_leaves_vllms_allocator_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+) -> None:
     monkeypatch.setenv(plugin.DISABLE_ENV, "1")
     fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
     plugin.register()

@@ -98,7 +98,10 @@ def _sole_route(route: _Route) -> Iterator[None]:
     finally:
         routes.pop()
         if outer is not None:
-            torch._C._cuda_beginAllocateCurrentThreadToPool(outer.device, outer.pool.id)
+            # torch 2.6 named it _cuda_beginAllocateToPool (also this thread's allocations only).
+            begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
+            begin = begin or torch._C._cuda_beginAllocateToPool
+            begin(outer.device, outer.pool.id)
             torch._C._cuda_releasePool(outer.device, outer.pool.id)  # begin took a count; use_mem_pool holds its own
 
 
