@@ -52,16 +52,21 @@ GiB = float(1 << 30)
 # whose use count is returned with releasePool). The segment's pool and the thread's tag always agree.
 #
 # Free segments. PyTorch caches a pool's freed blocks for that pool and hands whole free segments back
-# (calling my_free) only for pools whose use count is zero: "freeable" (release_cached_blocks). The
-# MemPool object and each use_mem_pool around it hold one count. So a pool is dropped as soon as its
-# context exits: ~MemPool releases its count and empties that pool (releasePool + emptyCache(id));
-# the pool's other segments stay in PyTorch's table while tensors use them, and the next
-# torch.cuda.empty_cache() (pool exit, sleep, wake, trim) hands back those emptied since. This is
-# PyTorch releasing its own cache under the caching allocator's mutex, the one every malloc and free
-# of every thread takes, so other threads allocating at the same time are serialized with it. (The
-# previous way read torch.cuda.memory_snapshot() and freed what it said was empty: that crashed in
-# torch 2.11 with threads allocating, so it was disabled whenever a second thread existed.) Blocks
-# come back with my_free, which releases the core row in any state, awake or asleep.
+# (calling my_free) only for pools whose use count is zero, "freeable" (release_cached_blocks). The
+# MemPool object and each use_mem_pool around it hold one count. So when a pool's context exits we
+# give back the MemPool's count too (releasePool): the pool is freeable, its segments stay in
+# PyTorch's table while tensors use them, and torch.cuda.empty_cache() (on leaving a pool, before a
+# sleep and before a wake: trim()) hands back every segment emptied since. That is PyTorch releasing
+# its own cache under the caching allocator's mutex, the one every malloc and free of every thread
+# takes, so other threads allocating at the same time are serialized with it. The MemPool object
+# itself is never destroyed (one reference leaked): ~MemPool would release a count it no longer holds,
+# and its emptyCache(id) syncs events under TORCH_INTERNAL_ASSERT(captures_underway.empty()), which
+# aborts the process (an exception in a destructor) whenever any thread is inside a pool or a graph
+# capture, e.g. the enclosing pool of a nested one. empty_cache() for all pools skips that sync while
+# captures are underway in torch >= 2.8; an older torch raises there instead, and trim() then leaves
+# the segments for the next call. (The previous way read torch.cuda.memory_snapshot() and freed what
+# it said was empty; that crashed in torch 2.11 with threads allocating, so it was off whenever a
+# second thread existed.) Blocks come back through my_free, which releases the core row in any state.
 
 # One pluggable allocator per process, never freed: PrivatePools keep a plain pointer to it, and the
 # last segments go back through it at interpreter exit, after module globals are cleared.
@@ -103,6 +108,13 @@ def _sole_route(route: _Route) -> Iterator[None]:
             begin = begin or torch._C._cuda_beginAllocateToPool
             begin(outer.device, outer.pool.id)
             torch._C._cuda_releasePool(outer.device, outer.pool.id)  # begin took a count; use_mem_pool holds its own
+
+
+def _retire(pool: torch.cuda.MemPool, device: int) -> None:
+    """Gives back the MemPool object's use count, so PyTorch may free the pool's empty segments, and
+    keeps the object alive for good (Note [Pools, routing and free segments])."""
+    torch._C._cuda_releasePool(device, pool.id)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(pool))
 
 
 # -- allocator settings --------------------------------------------------------------------------------
@@ -266,7 +278,7 @@ class CuMemAllocator:
         # host backend (tests, demo), where capacity_bytes simulates a card of that size.
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
-        self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
+        self._cudagraph_pool: Optional[_Route] = None
         self._pool_lock = threading.Lock()  # guards _cudagraph_pool
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
@@ -299,15 +311,13 @@ class CuMemAllocator:
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
         device = torch.cuda.current_device()
-        pool: Optional[torch.cuda.MemPool] = torch.cuda.MemPool(self._pool_allocator()._allocator)
+        pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
         try:
             with expandable_segments_off(), _sole_route(_Route(pool, device)), torch.cuda.use_mem_pool(pool, device):
                 yield
         finally:
-            # Nothing allocates from this pool again: the last reference goes, ~MemPool makes the pool
-            # freeable and hands back its empty segments; empty_cache those of earlier pools.
-            pool = None
-            self.trim()
+            _retire(pool, device)  # nothing allocates from it again
+            self._trim_quietly()
 
     def trim(self) -> None:
         """Hands pool segments in which nothing is allocated any more back to the driver, for good.
@@ -317,6 +327,12 @@ class CuMemAllocator:
         """
         if self.backend == "cuda":
             torch.cuda.empty_cache()
+
+    def _trim_quietly(self) -> None:
+        try:
+            self.trim()
+        except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
+            logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
@@ -335,8 +351,9 @@ class CuMemAllocator:
         self._require_cuda("cudagraph_pool")
         with self._pool_lock:
             if self._cudagraph_pool is None:
-                self._cudagraph_pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
-            pool = self._cudagraph_pool
+                device = torch.cuda.current_device()
+                self._cudagraph_pool = _Route(torch.cuda.MemPool(self._pool_allocator()._allocator), device)
+            pool = self._cudagraph_pool.pool
         self._used_tags.add("cudagraph")
         previous = _core.set_thread_tag("cudagraph")
         try:
@@ -353,10 +370,12 @@ class CuMemAllocator:
         at shutdown). Run at exit too.
         """
         with self._pool_lock:
-            self._cudagraph_pool = None
+            graph_pool, self._cudagraph_pool = self._cudagraph_pool, None
+        if graph_pool is not None:
+            _retire(graph_pool.pool, graph_pool.device)  # freeable once the graphs captured into it are gone
         if self.backend == "cuda":
             gc.collect()
-            self.trim()
+            self._trim_quietly()
 
     close = release_pools  # vLLM's name for it
 
@@ -369,7 +388,7 @@ class CuMemAllocator:
         only preserved bytes are (see ``preserve_mode``). Pending GPU work finishes first.
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
-        self.trim()  # emptied segments are released for good, neither backed up nor mapped again
+        self._trim_quietly()  # emptied segments are released for good, neither backed up nor mapped again
         preserve, exclude = self._preserved_ranges()
         stats = self._core.sleep(list(tags), preserve, exclude)
         if not logger.isEnabledFor(logging.INFO):
@@ -388,7 +407,7 @@ class CuMemAllocator:
         ``tags=None`` wakes everything; otherwise those tags plus every tag other than "weights" and
         "kv_cache", which vLLM wakes one at a time. On DeviceOutOfMemoryError nothing changes.
         """
-        self.trim()  # emptied pool segments are not mapped again; torch's other cached memory is room
+        self._trim_quietly()  # emptied pool segments are not mapped again; torch's other cached memory is room
         if tags is None:
             stats = self._core.wake(None)
         else:
