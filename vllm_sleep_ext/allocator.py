@@ -329,6 +329,8 @@ class CuMemAllocator:
             torch.cuda.empty_cache()
 
     def _trim_quietly(self) -> None:
+        if self.backend == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # freeing synchronizes the device, which would break the capture: next time
         try:
             self.trim()
         except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
