@@ -15,6 +15,7 @@ import types
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from vllm_sleep_ext import CuMemAllocator, log, plugin
 
@@ -183,7 +184,7 @@ def test_sleep_and_wake_lines_show_in_vllms_log(monkeypatch: pytest.MonkeyPatch,
     log.route_to_vllm()  # what register() does under vLLM
     alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
     with alloc.use_memory_pool(tag="weights"):
-        t = alloc.empty((4 * MiB,), dtype=__import__("torch").uint8)
+        t = alloc.empty((4 * MiB,), dtype=torch.uint8)
     alloc.sleep(offload_tags=("weights",))
     alloc.wake_up()
     sleep_line = next(m for m in vllm_log.messages if m.startswith("sleep:"))
