@@ -7,10 +7,12 @@ host backups and all data movement live in the C++ core (``_core``).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import gc
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import _core, host_tensors
+from vllm_sleep_ext import __version__, _core, host_tensors
 from vllm_sleep_ext.preserve import (
     DEFAULT_PRESERVE_TAGS,
     PreserveMode,
@@ -42,12 +44,154 @@ logger = logging.getLogger(__name__)
 VLLM_TAGS = ("weights", "kv_cache", "runtime", "cudagraph", "workspace")
 SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
 
+# Host memory after a wake: kept pinned for the next sleep (default) or returned. vLLM 0.26-0.33 have
+# no switch of their own for it (their allocator drops each backup after the wake that used it).
+KEEP_HOST_ENV = "VLLM_SLEEP_EXT_KEEP_HOST"
+
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
 LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says so, once
 
-# One pluggable allocator per process, never freed: pools call into it until the very end.
+# Note [Pools, routing and free segments]
+# A pool is a torch.cuda.MemPool over our pluggable allocator; PyTorch calls my_malloc when the pool
+# needs a segment and my_free when it gives one back, and the core tags each segment with the calling
+# thread's tag (set by use_memory_pool).
+#
+# Routing. PyTorch sends a thread's allocations to the first entry of its list of active pools whose
+# filter matches (get_pool walks captures_underway front to back in the torch we read; later ones walk
+# it back to front). One thread inside two pools matches both, so the pool that receives, and hence
+# the tag, would depend on the release: a KV cache allocated inside vLLM 0.33's "runtime" pool could
+# land in runtime segments and be copied to host at every level-2 sleep. So a thread is routed to
+# exactly one of our pools at a time: entering a pool (or the CUDA graph pool) takes the enclosing one
+# out of PyTorch's list (endAllocateToPool) and leaving puts it back (beginAllocateCurrentThreadToPool,
+# whose use count is returned with releasePool). The segment's pool and the thread's tag always agree.
+#
+# Free segments. PyTorch caches a pool's freed blocks for that pool and hands whole free segments back
+# (calling my_free) only for pools whose use count is zero, "freeable" (release_cached_blocks). The
+# MemPool object and each use_mem_pool around it hold one count. So when a pool's context exits we
+# give back the MemPool's count too (releasePool): the pool is freeable, its segments stay in
+# PyTorch's table while tensors use them, and torch.cuda.empty_cache() (on leaving a pool, before a
+# sleep and before a wake: trim()) hands back every segment emptied since. That is PyTorch releasing
+# its own cache under the caching allocator's mutex, the one every malloc and free of every thread
+# takes, so other threads allocating at the same time are serialized with it. The MemPool object
+# itself is never destroyed (one reference leaked): ~MemPool would release a count it no longer holds,
+# and its emptyCache(id) syncs events under TORCH_INTERNAL_ASSERT(captures_underway.empty()), which
+# aborts the process (an exception in a destructor) whenever any thread is inside a pool or a graph
+# capture, e.g. the enclosing pool of a nested one. empty_cache() for all pools skips that sync while
+# captures are underway in torch >= 2.8; an older torch raises there instead, and trim() then leaves
+# the segments for the next call. (The previous way read torch.cuda.memory_snapshot() and freed what
+# it said was empty; that crashed in torch 2.11 with threads allocating, so it was off whenever a
+# second thread existed.) Blocks come back through my_free, which releases the core row in any state.
+
+# One pluggable allocator per process, never freed: PrivatePools keep a plain pointer to it, and the
+# last segments go back through it at interpreter exit, after module globals are cleared.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
+_instance_lock = threading.Lock()
+_threads = threading.local()
+
+
+@dataclasses.dataclass
+class _Route:
+    """One of this thread's pools: `pool` None is the CUDA graph pool, routed by graph capture itself."""
+
+    pool: Optional[torch.cuda.MemPool]
+    device: int
+
+
+def _thread_routes() -> list[_Route]:
+    routes = getattr(_threads, "routes", None)
+    if routes is None:
+        routes = _threads.routes = []
+    return routes
+
+
+@contextmanager
+def _sole_route(route: _Route) -> Iterator[None]:
+    """Makes `route` the only pool of ours this thread allocates from (Note [Pools, routing ...])."""
+    routes = _thread_routes()
+    outer = routes[-1] if routes and routes[-1].pool is not None else None
+    if outer is not None:
+        torch._C._cuda_endAllocateToPool(outer.device, outer.pool.id)
+    routes.append(route)
+    try:
+        yield
+    finally:
+        routes.pop()
+        if outer is not None:
+            # torch 2.6 named it _cuda_beginAllocateToPool (also this thread's allocations only).
+            begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
+            begin = begin or torch._C._cuda_beginAllocateToPool
+            begin(outer.device, outer.pool.id)
+            torch._C._cuda_releasePool(outer.device, outer.pool.id)  # begin took a count; use_mem_pool holds its own
+
+
+def _retire(pool: torch.cuda.MemPool, device: int) -> None:
+    """Gives back the MemPool object's use count, so PyTorch may free the pool's empty segments, and
+    keeps the object alive for good (Note [Pools, routing and free segments])."""
+    torch._C._cuda_releasePool(device, pool.id)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(pool))
+
+
+# -- allocator settings --------------------------------------------------------------------------------
+# Expandable segments do not work with pluggable-allocator pools (pytorch#147851), so they are off while
+# any of our pools is in use. PyTorch parses a settings string as a whole and resets every option it
+# does not name (vLLM 0.33's alloc_conf.py documents the same), so the whole current string is written
+# back with only the expandable_segments value changed, and the original string afterwards.
+_ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+_EXPANDABLE = re.compile(r"(expandable_segments\s*:\s*)(\w+)")
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_saved: Optional[str] = None
+
+
+def current_allocator_settings() -> str:
+    """PyTorch's allocator settings in effect (torch >= 2.9), else the environment's."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if callable(get):
+        try:
+            return get()
+        except Exception:  # noqa: BLE001 - an older or odd build: the environment is the next best
+            pass
+    return next((os.environ[name] for name in _ALLOC_CONF_ENVS if os.environ.get(name)), "")
+
+
+def _set_allocator_settings(settings: str) -> None:
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if not callable(setter):
+        setter = torch.cuda.memory._set_allocator_settings  # torch before 2.9
+    setter(settings)
+
+
+def expandable_segments_enabled(settings: str) -> bool:
+    values = [m.group(2) for m in _EXPANDABLE.finditer(settings)]
+    return bool(values) and values[-1] == "True"  # PyTorch applies the last occurrence
+
+
+def with_expandable_segments(settings: str, enabled: bool) -> str:
+    """`settings` with every expandable_segments value set, all other options verbatim."""
+    return _EXPANDABLE.sub(lambda m: f"{m.group(1)}{enabled}", settings)
+
+
+@contextmanager
+def expandable_segments_off() -> Iterator[None]:
+    """Expandable segments off while any thread is inside; the first in turns them off, the last out
+    writes back the settings as they were."""
+    global _settings_users, _settings_saved
+    with _settings_lock:
+        if _settings_users == 0:
+            settings = current_allocator_settings()
+            if expandable_segments_enabled(settings):
+                _set_allocator_settings(with_expandable_segments(settings, False))
+                _settings_saved = settings
+        _settings_users += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0 and _settings_saved is not None:
+                saved, _settings_saved = _settings_saved, None
+                _set_allocator_settings(saved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +242,22 @@ class AllocatorStats:
     host_bytes: int  # host memory held for backups, the kept cache included
 
 
+def _keep_host_default() -> bool:
+    """VLLM_SLEEP_EXT_KEEP_HOST=0 returns host memory after each wake; the default keeps it."""
+    value = os.environ.get(KEEP_HOST_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
+    """Version, preserve mode and host memory policy, for the line that says the allocator is active."""
+    if allocator is not None:
+        mode, keep = allocator.preserve_mode, allocator.keep_host_backups
+    else:
+        mode, keep = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value), _keep_host_default()
+    host = "kept pinned after wake for the next sleep" if keep else "returned after each wake"
+    return f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} ({KEEP_HOST_ENV}={int(keep)})"
+
+
 def _memory_snapshot() -> list[dict]:
     try:
         return torch.cuda.memory_snapshot(include_traces=False)
@@ -126,19 +286,24 @@ class CuMemAllocator:
     @staticmethod
     def get_instance() -> "CuMemAllocator":
         """The process's allocator on the CUDA VMM backend (RuntimeError where there is no driver)."""
-        if CuMemAllocator.instance is None:
-            CuMemAllocator.instance = CuMemAllocator(backend="cuda")
-            atexit.register(CuMemAllocator.instance.release_pools)
-        return CuMemAllocator.instance
+        instance = CuMemAllocator.instance
+        if instance is None:
+            with _instance_lock:  # two threads asking first must get the same allocator
+                if CuMemAllocator.instance is None:
+                    allocator = CuMemAllocator(backend="cuda")
+                    atexit.register(allocator.release_pools)
+                    CuMemAllocator.instance = allocator
+                    logger.info("vllm_sleep_ext: sleep-mode allocator active (%s)", describe(allocator))
+                instance = CuMemAllocator.instance
+        return instance
 
     def __init__(self, backend: str = "cuda", capacity_bytes: int = 0) -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
         # host backend (tests, demo), where capacity_bytes simulates a card of that size.
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
-        self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
-        self._closed_pools: list[torch.cuda.MemPool] = []  # no one allocates from these again
-        self._pool_lock = threading.Lock()
+        self._cudagraph_pool: Optional[_Route] = None
+        self._pool_lock = threading.Lock()  # guards _cudagraph_pool
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value)
@@ -147,12 +312,17 @@ class CuMemAllocator:
         self._warned_large = False
         if os.environ.get("VLLM_SLEEP_EXT_FILL_UNRESTORED", "0") not in ("", "0"):
             self.fill_unrestored = True
+        self.keep_host_backups = _keep_host_default()
 
     # -- pools -------------------------------------------------------------------------------------
 
     @contextmanager
     def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
-        """CUDA allocations inside go to a new pool of ``tag`` (default: ``default_tag``)."""
+        """CUDA allocations inside go to a new pool of ``tag`` (default: ``default_tag``).
+
+        Pools nest: inside an inner pool allocations go to it and get its tag, after it the outer
+        pool's again. Segments the pool empties go back to the driver (Note [Pools, routing ...]).
+        """
         tag = self.default_tag if tag is None else tag
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"tag must be a non-empty str, got {tag!r}")
@@ -169,74 +339,74 @@ class CuMemAllocator:
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
+        device = torch.cuda.current_device()
         pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
-        # Expandable segments do not work with pluggable-allocator pools (pytorch#147851).
-        expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-        if expandable:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         try:
-            with torch.cuda.use_mem_pool(pool):
+            with expandable_segments_off(), _sole_route(_Route(pool, device)), torch.cuda.use_mem_pool(pool, device):
                 yield
         finally:
-            if expandable:
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-            # Kept alive: destroying a pool while other threads allocate aborts in PyTorch, and
-            # vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its empty
-            # segments can go; what empties later goes at the next sleep or wake.
-            with self._pool_lock:
-                self._closed_pools.append(pool)
-            self._trim(automatic=True)
+            _retire(pool, device)  # nothing allocates from it again
+            self._trim_quietly()
 
     def trim(self) -> None:
-        """Releases, for good, pool segments in which PyTorch holds nothing (tensors freed since).
+        """Hands pool segments in which nothing is allocated any more back to the driver, for good.
 
-        sleep(), wake_up() and leaving use_memory_pool() do this by themselves when this process
-        runs a single Python thread. With more threads they leave it to an explicit call, made when
-        no other thread uses CUDA memory: PyTorch's memory snapshot, which tells which segments are
-        empty, is not safe against another thread allocating or freeing at the same time.
+        Done by itself on leaving use_memory_pool(), before sleep() and before wake_up(), from any thread
+        in any process: PyTorch releases them itself (Note [Pools, routing and free segments]).
         """
-        self._trim(automatic=False)
+        if self.backend == "cuda":
+            torch.cuda.empty_cache()
 
-    def _trim(self, automatic: bool) -> None:
-        if self.backend != "cuda" or (automatic and threading.active_count() > 1):
-            return
-        with self._pool_lock:
-            closed = {tuple(pool.id) for pool in self._closed_pools}
-            live = {a.ptr for a in self._core.allocations() if a.state != "unused"}
-            # The whole-process snapshot: the per-pool one (MemPool.snapshot) crashed here on pools
-            # whose tensors had all been freed.
-            for segment in _memory_snapshot():
-                in_closed_pool = tuple(segment.get("segment_pool_id", ())) in closed
-                if segment["allocated_size"] == 0 and in_closed_pool and segment["address"] in live:
-                    self._core.trim(segment["address"])
+    def _trim_quietly(self) -> None:
+        if self.backend == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # freeing synchronizes the device, which would break the capture: next time
+        try:
+            self.trim()
+        except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
+            logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
         global _pluggable
-        if _pluggable is None:
-            _pluggable = torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, "my_malloc", "my_free")
+        with _instance_lock:
+            if _pluggable is None:
+                pluggable = torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, "my_malloc", "my_free")
+                # Never destroyed, not even at interpreter exit (see _pluggable): one reference leaked.
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(pluggable))
+                _pluggable = pluggable
         return _pluggable
 
     @contextmanager
     def cudagraph_pool(self) -> Iterator[tuple[int, int]]:
         """Tags CUDA graph capture allocations "cudagraph"; yields the pool id for ``torch.cuda.graph``."""
         self._require_cuda("cudagraph_pool")
-        if self._cudagraph_pool is None:
-            self._cudagraph_pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
+        with self._pool_lock:
+            if self._cudagraph_pool is None:
+                device = torch.cuda.current_device()
+                self._cudagraph_pool = _Route(torch.cuda.MemPool(self._pool_allocator()._allocator), device)
+            pool = self._cudagraph_pool.pool
         self._used_tags.add("cudagraph")
         previous = _core.set_thread_tag("cudagraph")
         try:
-            yield self._cudagraph_pool.id  # capture routes allocations to it on this thread
+            # Capture routes allocations to the pool by stream; this thread's own pool steps aside.
+            with expandable_segments_off(), _sole_route(_Route(None, torch.cuda.current_device())):
+                yield pool.id
         finally:
             _core.set_thread_tag(previous)
 
     def release_pools(self) -> None:
-        """Drops every pool; PyTorch then frees their empty segments. Call it with no pool in use."""
-        self._closed_pools.clear()
-        self._cudagraph_pool = None
-        gc.collect()
+        """Drops the CUDA graph pool; PyTorch then frees the empty segments of every pool we made.
+
+        Call it with no pool in use and no graph captured into the graph pool still needed (vLLM does
+        at shutdown). Run at exit too.
+        """
+        with self._pool_lock:
+            graph_pool, self._cudagraph_pool = self._cudagraph_pool, None
+        if graph_pool is not None:
+            _retire(graph_pool.pool, graph_pool.device)  # freeable once the graphs captured into it are gone
         if self.backend == "cuda":
-            torch.cuda.empty_cache()
+            gc.collect()
+            self._trim_quietly()
 
     close = release_pools  # vLLM's name for it
 
@@ -249,11 +419,9 @@ class CuMemAllocator:
         only preserved bytes are (see ``preserve_mode``). Pending GPU work finishes first.
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
-        self._trim(automatic=True)
+        self._trim_quietly()  # emptied segments are released for good, neither backed up nor mapped again
         preserve, exclude = self._preserved_ranges(tags)
         stats = self._core.sleep(list(tags), preserve, exclude)
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()  # as vLLM does: hand memory freed meanwhile back to the driver
         if not logger.isEnabledFor(logging.INFO):
             return
         preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
@@ -271,9 +439,7 @@ class CuMemAllocator:
         ``tags=None`` wakes everything; otherwise those tags plus every tag other than "weights" and
         "kv_cache", which vLLM wakes one at a time. On DeviceOutOfMemoryError nothing changes.
         """
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()  # memory torch caches outside the pools is room for the wake
-        self._trim(automatic=True)
+        self._trim_quietly()  # emptied pool segments are not mapped again; torch's other cached memory is room
         if tags is None:
             stats = self._core.wake(None)
         else:
