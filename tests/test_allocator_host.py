@@ -284,6 +284,7 @@ def test_host_backend_helpers_refuse_cuda_only_calls(alloc: CuMemAllocator) -> N
 
 import threading  # noqa: E402
 
+from vllm_sleep_ext import alloc_conf, pools  # noqa: E402
 from vllm_sleep_ext import allocator as allocator_module  # noqa: E402
 
 
@@ -299,10 +300,10 @@ from vllm_sleep_ext import allocator as allocator_module  # noqa: E402
     ],
 )
 def test_turning_expandable_segments_off_keeps_every_other_option(settings: str, expected: str) -> None:
-    assert allocator_module.expandable_segments_enabled(settings)
-    off = allocator_module.with_expandable_segments(settings, False)
+    assert alloc_conf.expandable_segments_enabled(settings)
+    off = alloc_conf.with_expandable_segments(settings, False)
     assert off == expected
-    assert not allocator_module.expandable_segments_enabled(off)
+    assert not alloc_conf.expandable_segments_enabled(off)
 
 
 @pytest.mark.parametrize(
@@ -310,17 +311,17 @@ def test_turning_expandable_segments_off_keeps_every_other_option(settings: str,
     ["", "max_split_size_mb:512", "expandable_segments:False", "expandable_segments:True,expandable_segments:False"],
 )
 def test_expandable_segments_reads_as_off(settings: str) -> None:
-    assert not allocator_module.expandable_segments_enabled(settings)
+    assert not alloc_conf.expandable_segments_enabled(settings)
 
 
 def test_settings_come_from_pytorch_alloc_conf_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", None, raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:512")
-    assert allocator_module.current_allocator_settings() == "expandable_segments:True,max_split_size_mb:512"
+    assert alloc_conf.current_allocator_settings() == "expandable_segments:True,max_split_size_mb:512"
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    assert allocator_module.current_allocator_settings() == "expandable_segments:True"
+    assert alloc_conf.current_allocator_settings() == "expandable_segments:True"
 
 
 def test_expandable_segments_off_writes_whole_settings_and_restores_after_the_last_user(
@@ -335,15 +336,15 @@ def test_expandable_segments_off_writes_whole_settings_and_restores_after_the_la
 
     monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: state["settings"], raising=False)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", set_settings, raising=False)
-    with allocator_module.expandable_segments_off():
+    with alloc_conf.expandable_segments_off():
         assert state["settings"] == "expandable_segments:False,max_split_size_mb:512,garbage_collection_threshold:0.6"
-        with allocator_module.expandable_segments_off():  # a nested pool, or another thread's
+        with alloc_conf.expandable_segments_off():  # a nested pool, or another thread's
             pass
         assert len(writes) == 1, "an inner user must neither write again nor restore early"
     assert state["settings"] == "expandable_segments:True,max_split_size_mb:512,garbage_collection_threshold:0.6"
     assert len(writes) == 2
     state["settings"] = "max_split_size_mb:512"
-    with allocator_module.expandable_segments_off():
+    with alloc_conf.expandable_segments_off():
         pass
     assert len(writes) == 2, "settings without expandable segments are left alone"
 
@@ -358,17 +359,17 @@ def test_nested_pool_takes_the_outer_pool_out_of_routing_and_puts_it_back(monkey
         def __init__(self, pool_id: tuple[int, int]) -> None:
             self.id = pool_id
 
-    Route = allocator_module._Route
-    with allocator_module._sole_route(Route(Pool((0, 1)), 0)):
+    Route = pools.Route
+    with pools.sole_route(Route(Pool((0, 1)), 0)):
         assert calls == [], "a pool with no pool of ours around it changes nothing"
-        with allocator_module._sole_route(Route(Pool((0, 2)), 0)):
+        with pools.sole_route(Route(Pool((0, 2)), 0)):
             assert calls == [("_cuda_endAllocateToPool", 0, (0, 1))]
-            with allocator_module._sole_route(Route(None, 0)):  # the CUDA graph pool inside
+            with pools.sole_route(Route(None, 0)):  # the CUDA graph pool inside
                 assert len(calls) == 2 and calls[1] == ("_cuda_endAllocateToPool", 0, (0, 2))
             assert calls[2:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 2)),
                                  ("_cuda_releasePool", 0, (0, 2))]
         assert calls[4:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 1)), ("_cuda_releasePool", 0, (0, 1))]
-    assert len(calls) == 6 and allocator_module._thread_routes() == []
+    assert len(calls) == 6 and pools.thread_routes() == []
 
 
 def test_get_instance_makes_one_allocator_for_racing_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,7 @@ def test_register_on_cuda_swaps_class_and_says_so_in_vllms_log(
     assert fake.worker.CuMemAllocator is CuMemAllocator
     assert fake.cumem.cumem_available is True
     assert "vllm_sleep_ext.CuMemAllocator" in vllm_log.text()
-    assert "preserve mode 'buffers'" in vllm_log.text() and "host memory" in vllm_log.text()
+    assert "preserve mode 'live'" in vllm_log.text() and "host memory" in vllm_log.text()
     plugin.register()  # idempotent
     assert fake.cumem.CuMemAllocator is CuMemAllocator
 

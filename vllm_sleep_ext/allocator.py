@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, host_tensors
+from vllm_sleep_ext import __version__, _core, alloc_conf, host_tensors, pools
 from vllm_sleep_ext.preserve import (
     DEFAULT_PRESERVE_TAGS,
     PreserveMode,
@@ -52,146 +51,12 @@ Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
 LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says so, once
 
-# Note [Pools, routing and free segments]
-# A pool is a torch.cuda.MemPool over our pluggable allocator; PyTorch calls my_malloc when the pool
-# needs a segment and my_free when it gives one back, and the core tags each segment with the calling
-# thread's tag (set by use_memory_pool).
-#
-# Routing. PyTorch sends a thread's allocations to the first entry of its list of active pools whose
-# filter matches (get_pool walks captures_underway front to back in the torch we read; later ones walk
-# it back to front). One thread inside two pools matches both, so the pool that receives, and hence
-# the tag, would depend on the release: a KV cache allocated inside vLLM 0.33's "runtime" pool could
-# land in runtime segments and be copied to host at every level-2 sleep. So a thread is routed to
-# exactly one of our pools at a time: entering a pool (or the CUDA graph pool) takes the enclosing one
-# out of PyTorch's list (endAllocateToPool) and leaving puts it back (beginAllocateCurrentThreadToPool,
-# whose use count is returned with releasePool). The segment's pool and the thread's tag always agree.
-#
-# Free segments. PyTorch caches a pool's freed blocks for that pool and hands whole free segments back
-# (calling my_free) only for pools whose use count is zero, "freeable" (release_cached_blocks). The
-# MemPool object and each use_mem_pool around it hold one count. So when a pool's context exits we
-# give back the MemPool's count too (releasePool): the pool is freeable, its segments stay in
-# PyTorch's table while tensors use them, and torch.cuda.empty_cache() (on leaving a pool, before a
-# sleep and before a wake: trim()) hands back every segment emptied since. That is PyTorch releasing
-# its own cache under the caching allocator's mutex, the one every malloc and free of every thread
-# takes, so other threads allocating at the same time are serialized with it. The MemPool object
-# itself is never destroyed (one reference leaked): ~MemPool would release a count it no longer holds,
-# and its emptyCache(id) syncs events under TORCH_INTERNAL_ASSERT(captures_underway.empty()), which
-# aborts the process (an exception in a destructor) whenever any thread is inside a pool or a graph
-# capture, e.g. the enclosing pool of a nested one. empty_cache() for all pools skips that sync while
-# captures are underway in torch >= 2.8; an older torch raises there instead, and trim() then leaves
-# the segments for the next call. (The previous way read torch.cuda.memory_snapshot() and freed what
-# it said was empty; that crashed in torch 2.11 with threads allocating, so it was off whenever a
-# second thread existed.) Blocks come back through my_free, which releases the core row in any state.
-
 # One pluggable allocator per process, never freed: PrivatePools keep a plain pointer to it, and the
 # last segments go back through it at interpreter exit, after module globals are cleared.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
 _instance_lock = threading.Lock()
 _threads = threading.local()
 
-
-@dataclasses.dataclass
-class _Route:
-    """One of this thread's pools: `pool` None is the CUDA graph pool, routed by graph capture itself."""
-
-    pool: Optional[torch.cuda.MemPool]
-    device: int
-
-
-def _thread_routes() -> list[_Route]:
-    routes = getattr(_threads, "routes", None)
-    if routes is None:
-        routes = _threads.routes = []
-    return routes
-
-
-@contextmanager
-def _sole_route(route: _Route) -> Iterator[None]:
-    """Makes `route` the only pool of ours this thread allocates from (Note [Pools, routing ...])."""
-    routes = _thread_routes()
-    outer = routes[-1] if routes and routes[-1].pool is not None else None
-    if outer is not None:
-        torch._C._cuda_endAllocateToPool(outer.device, outer.pool.id)
-    routes.append(route)
-    try:
-        yield
-    finally:
-        routes.pop()
-        if outer is not None:
-            # torch 2.6 named it _cuda_beginAllocateToPool (also this thread's allocations only).
-            begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
-            begin = begin or torch._C._cuda_beginAllocateToPool
-            begin(outer.device, outer.pool.id)
-            torch._C._cuda_releasePool(outer.device, outer.pool.id)  # begin took a count; use_mem_pool holds its own
-
-
-def _retire(pool: torch.cuda.MemPool, device: int) -> None:
-    """Gives back the MemPool object's use count, so PyTorch may free the pool's empty segments, and
-    keeps the object alive for good (Note [Pools, routing and free segments])."""
-    torch._C._cuda_releasePool(device, pool.id)
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(pool))
-
-
-# -- allocator settings --------------------------------------------------------------------------------
-# Expandable segments do not work with pluggable-allocator pools (pytorch#147851), so they are off while
-# any of our pools is in use. PyTorch parses a settings string as a whole and resets every option it
-# does not name (vLLM 0.33's alloc_conf.py documents the same), so the whole current string is written
-# back with only the expandable_segments value changed, and the original string afterwards.
-_ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-_EXPANDABLE = re.compile(r"(expandable_segments\s*:\s*)(\w+)")
-_settings_lock = threading.Lock()
-_settings_users = 0
-_settings_saved: Optional[str] = None
-
-
-def current_allocator_settings() -> str:
-    """PyTorch's allocator settings in effect (torch >= 2.9), else the environment's."""
-    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    if callable(get):
-        try:
-            return get()
-        except Exception:  # noqa: BLE001 - an older or odd build: the environment is the next best
-            pass
-    return next((os.environ[name] for name in _ALLOC_CONF_ENVS if os.environ.get(name)), "")
-
-
-def _set_allocator_settings(settings: str) -> None:
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    if not callable(setter):
-        setter = torch.cuda.memory._set_allocator_settings  # torch before 2.9
-    setter(settings)
-
-
-def expandable_segments_enabled(settings: str) -> bool:
-    values = [m.group(2) for m in _EXPANDABLE.finditer(settings)]
-    return bool(values) and values[-1] == "True"  # PyTorch applies the last occurrence
-
-
-def with_expandable_segments(settings: str, enabled: bool) -> str:
-    """`settings` with every expandable_segments value set, all other options verbatim."""
-    return _EXPANDABLE.sub(lambda m: f"{m.group(1)}{enabled}", settings)
-
-
-@contextmanager
-def expandable_segments_off() -> Iterator[None]:
-    """Expandable segments off while any thread is inside; the first in turns them off, the last out
-    writes back the settings as they were."""
-    global _settings_users, _settings_saved
-    with _settings_lock:
-        if _settings_users == 0:
-            settings = current_allocator_settings()
-            if expandable_segments_enabled(settings):
-                _set_allocator_settings(with_expandable_segments(settings, False))
-                _settings_saved = settings
-        _settings_users += 1
-    try:
-        yield
-    finally:
-        with _settings_lock:
-            _settings_users -= 1
-            if _settings_users == 0 and _settings_saved is not None:
-                saved, _settings_saved = _settings_saved, None
-                _set_allocator_settings(saved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +118,7 @@ def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
     if allocator is not None:
         mode, keep = allocator.preserve_mode, allocator.keep_host_backups
     else:
-        mode, keep = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value), _keep_host_default()
+        mode, keep = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value), _keep_host_default()
     host = "kept pinned after wake for the next sleep" if keep else "returned after each wake"
     return f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} ({KEEP_HOST_ENV}={int(keep)})"
 
@@ -302,7 +167,7 @@ class CuMemAllocator:
         # host backend (tests, demo), where capacity_bytes simulates a card of that size.
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
-        self._cudagraph_pool: Optional[_Route] = None
+        self._cudagraph_pool: Optional[pools.Route] = None
         self._pool_lock = threading.Lock()  # guards _cudagraph_pool
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
@@ -342,10 +207,11 @@ class CuMemAllocator:
         device = torch.cuda.current_device()
         pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
         try:
-            with expandable_segments_off(), _sole_route(_Route(pool, device)), torch.cuda.use_mem_pool(pool, device):
+            route = pools.Route(pool, device)
+            with alloc_conf.expandable_segments_off(), pools.sole_route(route), torch.cuda.use_mem_pool(pool, device):
                 yield
         finally:
-            _retire(pool, device)  # nothing allocates from it again
+            pools.retire(pool, device)  # nothing allocates from it again
             self._trim_quietly()
 
     def trim(self) -> None:
@@ -383,13 +249,13 @@ class CuMemAllocator:
         with self._pool_lock:
             if self._cudagraph_pool is None:
                 device = torch.cuda.current_device()
-                self._cudagraph_pool = _Route(torch.cuda.MemPool(self._pool_allocator()._allocator), device)
+                self._cudagraph_pool = pools.Route(torch.cuda.MemPool(self._pool_allocator()._allocator), device)
             pool = self._cudagraph_pool.pool
         self._used_tags.add("cudagraph")
         previous = _core.set_thread_tag("cudagraph")
         try:
             # Capture routes allocations to the pool by stream; this thread's own pool steps aside.
-            with expandable_segments_off(), _sole_route(_Route(None, torch.cuda.current_device())):
+            with alloc_conf.expandable_segments_off(), pools.sole_route(pools.Route(None, torch.cuda.current_device())):
                 yield pool.id
         finally:
             _core.set_thread_tag(previous)
@@ -403,7 +269,7 @@ class CuMemAllocator:
         with self._pool_lock:
             graph_pool, self._cudagraph_pool = self._cudagraph_pool, None
         if graph_pool is not None:
-            _retire(graph_pool.pool, graph_pool.device)  # freeable once the graphs captured into it are gone
+            pools.retire(graph_pool.pool, graph_pool.device)  # freeable once the graphs captured into it are gone
         if self.backend == "cuda":
             gc.collect()
             self._trim_quietly()
