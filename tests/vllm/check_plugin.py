@@ -22,7 +22,7 @@ import sys
 KEEPS = "vLLM keeps its own sleep-mode allocator"
 SCENARIOS = {
     # name: (extra environment, our class installed?, text vLLM's log must show)
-    "cuda": ({}, True, ["vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator", "preserve mode 'buffers'",
+    "cuda": ({}, True, ["vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator", "preserve mode 'live'",
                         "sleep: released", "GB/s", "wake_up: mapped"]),
     "platform": ({}, False, [KEEPS]),
     "disabled": ({"VLLM_SLEEP_EXT_DISABLE": "1"}, False, ["turned off by VLLM_SLEEP_EXT_DISABLE=1", KEEPS]),
