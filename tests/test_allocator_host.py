@@ -278,3 +278,132 @@ def test_host_backend_helpers_refuse_cuda_only_calls(alloc: CuMemAllocator) -> N
     with pytest.raises(RuntimeError, match="CUDA backend"):
         with alloc.cudagraph_pool():
             pass
+
+
+# -- Python-side machinery that the GPU suite relies on, checked here with PyTorch's calls stubbed ------
+
+import threading  # noqa: E402
+
+from vllm_sleep_ext import alloc_conf, pools  # noqa: E402
+from vllm_sleep_ext import allocator as allocator_module  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ("expandable_segments:True,max_split_size_mb:512", "expandable_segments:False,max_split_size_mb:512"),
+        ("max_split_size_mb:512, expandable_segments : True", "max_split_size_mb:512, expandable_segments : False"),
+        (
+            "roundup_power2_divisions:[256:1,512:2,>:8],expandable_segments:True,garbage_collection_threshold:0.6",
+            "roundup_power2_divisions:[256:1,512:2,>:8],expandable_segments:False,garbage_collection_threshold:0.6",
+        ),
+    ],
+)
+def test_turning_expandable_segments_off_keeps_every_other_option(settings: str, expected: str) -> None:
+    assert alloc_conf.expandable_segments_enabled(settings)
+    off = alloc_conf.with_expandable_segments(settings, False)
+    assert off == expected
+    assert not alloc_conf.expandable_segments_enabled(off)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    ["", "max_split_size_mb:512", "expandable_segments:False", "expandable_segments:True,expandable_segments:False"],
+)
+def test_expandable_segments_reads_as_off(settings: str) -> None:
+    assert not alloc_conf.expandable_segments_enabled(settings)
+
+
+def test_settings_come_from_pytorch_alloc_conf_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", None, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:512")
+    assert alloc_conf.current_allocator_settings() == "expandable_segments:True,max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert alloc_conf.current_allocator_settings() == "expandable_segments:True"
+
+
+def test_expandable_segments_off_writes_whole_settings_and_restores_after_the_last_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = {"settings": "expandable_segments:True,max_split_size_mb:512,garbage_collection_threshold:0.6"}
+    writes: list[str] = []
+
+    def set_settings(s: str) -> None:
+        writes.append(s)
+        state["settings"] = s
+
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: state["settings"], raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", set_settings, raising=False)
+    with alloc_conf.expandable_segments_off():
+        assert state["settings"] == "expandable_segments:False,max_split_size_mb:512,garbage_collection_threshold:0.6"
+        with alloc_conf.expandable_segments_off():  # a nested pool, or another thread's
+            pass
+        assert len(writes) == 1, "an inner user must neither write again nor restore early"
+    assert state["settings"] == "expandable_segments:True,max_split_size_mb:512,garbage_collection_threshold:0.6"
+    assert len(writes) == 2
+    state["settings"] = "max_split_size_mb:512"
+    with alloc_conf.expandable_segments_off():
+        pass
+    assert len(writes) == 2, "settings without expandable segments are left alone"
+
+
+def test_nested_pool_takes_the_outer_pool_out_of_routing_and_puts_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    for name in ("_cuda_endAllocateToPool", "_cuda_beginAllocateCurrentThreadToPool", "_cuda_releasePool"):
+        monkeypatch.setattr(torch._C, name, lambda device, pool_id, name=name: calls.append((name, device, pool_id)),
+                            raising=False)
+
+    class Pool:
+        def __init__(self, pool_id: tuple[int, int]) -> None:
+            self.id = pool_id
+
+    Route = pools.Route
+    with pools.sole_route(Route(Pool((0, 1)), 0)):
+        assert calls == [], "a pool with no pool of ours around it changes nothing"
+        with pools.sole_route(Route(Pool((0, 2)), 0)):
+            assert calls == [("_cuda_endAllocateToPool", 0, (0, 1))]
+            with pools.sole_route(Route(None, 0)):  # the CUDA graph pool inside
+                assert len(calls) == 2 and calls[1] == ("_cuda_endAllocateToPool", 0, (0, 2))
+            assert calls[2:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 2)),
+                                 ("_cuda_releasePool", 0, (0, 2))]
+        assert calls[4:] == [("_cuda_beginAllocateCurrentThreadToPool", 0, (0, 1)), ("_cuda_releasePool", 0, (0, 1))]
+    assert len(calls) == 6 and pools.thread_routes() == []
+
+
+def test_get_instance_makes_one_allocator_for_racing_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[CuMemAllocator] = []
+    real_init = CuMemAllocator.__init__
+    barrier = threading.Barrier(8)
+
+    def slow_init(self: CuMemAllocator, backend: str = "cuda", capacity_bytes: int = 0) -> None:
+        made.append(self)
+        real_init(self, backend="host", capacity_bytes=MiB)
+
+    monkeypatch.setattr(CuMemAllocator, "instance", None)
+    monkeypatch.setattr(CuMemAllocator, "__init__", slow_init)
+    monkeypatch.setattr(allocator_module.atexit, "register", lambda fn: fn)
+    got: list[CuMemAllocator] = []
+
+    def ask() -> None:
+        barrier.wait()
+        got.append(CuMemAllocator.get_instance())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and all(g is made[0] for g in got) and len(got) == 8
+
+
+@pytest.mark.parametrize(("value", "keep"), [(None, True), ("1", True), ("0", False), ("false", False)])
+def test_host_memory_policy_follows_keep_host_env(monkeypatch: pytest.MonkeyPatch, value, keep: bool) -> None:
+    if value is None:
+        monkeypatch.delenv(allocator_module.KEEP_HOST_ENV, raising=False)
+    else:
+        monkeypatch.setenv(allocator_module.KEEP_HOST_ENV, value)
+    alloc = CuMemAllocator(backend="host", capacity_bytes=MiB)
+    assert alloc.keep_host_backups is keep
+    assert f"{allocator_module.KEEP_HOST_ENV}={int(keep)}" in allocator_module.describe(alloc)

@@ -386,9 +386,8 @@ def test_freeing_a_tensor_while_asleep(alloc, held):
     assert alloc.pointer_to_data[victim_ptr].is_asleep
     held.pop("victim")  # the last reference: the tensor dies while asleep
     gc.collect()
-    # PyTorch keeps the empty segment cached in its (closed) pool; trim() releases it for good, so
-    # wake_up does not map it again. (wake_up trims by itself only in a single-threaded process.)
-    alloc.trim()
+    # PyTorch held the empty segment cached in its (closed) pool; wake_up hands it back first (no
+    # trim() call needed), so it is freed for good and not mapped again.
     scribble_free_gpu_memory()
     alloc.wake_up()
     assert not anything_asleep(alloc)

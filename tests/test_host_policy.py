@@ -238,3 +238,12 @@ def test_prepare_host_backups_is_off_by_default_on_the_host_backend_and_blocking
     assert alloc.stats().host_bytes == 0
     alloc.prepare_host_backups()
     assert alloc._core.host_pinned_bytes() >= w.nbytes == 4 * MiB
+
+
+def test_the_active_line_names_the_host_policy(monkeypatch):
+    from vllm_sleep_ext import allocator as allocator_module
+
+    monkeypatch.setenv(allocator_module.HOST_POLICY_ENV, "reclaimable")
+    alloc = allocator_module.CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    assert f"{allocator_module.HOST_POLICY_ENV}=reclaimable" in allocator_module.describe(alloc)
+    assert "unpinned" in allocator_module.describe(None)

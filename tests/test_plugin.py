@@ -1,14 +1,96 @@
-"""The vLLM general plugin: found through its entry point, and it swaps the allocator class in."""
+"""The vLLM general plugin, without vLLM installed: fake `vllm` modules stand in for it.
+
+vLLM calls register() in every process with no try around it, and prints only what reaches its own
+`vllm` logger. So: register() installs the class where it can serve, never raises, leaves vLLM's
+allocator where it cannot (no CUDA platform, opted out, core not loadable) and says why in vLLM's log;
+our sleep/wake lines show there too.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import sys
 import types
+from collections.abc import Iterator
 
 import pytest
+import torch
 
-from vllm_sleep_ext import CuMemAllocator, plugin
+from vllm_sleep_ext import CuMemAllocator, log, plugin
+
+MiB = 1 << 20
+
+
+class VllmCuMemAllocator:  # stands in for vLLM's own class
+    pass
+
+
+class FakePlatform:
+    def __init__(self, cuda: bool, device_type: str) -> None:
+        self._cuda = cuda
+        self.device_type = device_type
+
+    def is_cuda(self) -> bool:
+        return self._cuda
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+@pytest.fixture
+def vllm_log() -> Iterator[ListHandler]:
+    """vLLM's logging as vllm/logger.py sets it up: a handler on `vllm`, INFO, no propagation."""
+    vllm_logger = logging.getLogger("vllm")
+    package = logging.getLogger(log.PACKAGE_LOGGER)
+    saved = (vllm_logger.level, vllm_logger.propagate, package.level, package.propagate, list(package.handlers))
+    handler = ListHandler()
+    vllm_logger.addHandler(handler)
+    vllm_logger.setLevel(logging.INFO)
+    vllm_logger.propagate = False
+    yield handler
+    vllm_logger.removeHandler(handler)
+    vllm_logger.level, vllm_logger.propagate, package.level, package.propagate = saved[:4]
+    package.handlers[:] = saved[4]
+
+
+def install_fake_vllm(monkeypatch: pytest.MonkeyPatch, platform: FakePlatform) -> types.SimpleNamespace:
+    vllm = types.ModuleType("vllm")
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = platform
+    device_allocator = types.ModuleType("vllm.device_allocator")
+    cumem = types.ModuleType("vllm.device_allocator.cumem")
+    cumem.CuMemAllocator = VllmCuMemAllocator
+    cumem.cumem_available = False
+    worker = types.ModuleType("vllm.v1.worker.gpu_worker")
+    worker.CuMemAllocator = VllmCuMemAllocator  # imported by name before plugins loaded
+    vllm.platforms = platforms
+    vllm.device_allocator = device_allocator
+    device_allocator.cumem = cumem
+    for name, module in [
+        ("vllm", vllm),
+        ("vllm.platforms", platforms),
+        ("vllm.device_allocator", device_allocator),
+        ("vllm.device_allocator.cumem", cumem),
+        ("vllm.v1.worker.gpu_worker", worker),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(cumem=cumem, worker=worker)
+
+
+def assert_vllm_keeps_its_allocator(fake: types.SimpleNamespace) -> None:
+    assert fake.cumem.CuMemAllocator is VllmCuMemAllocator
+    assert fake.worker.CuMemAllocator is VllmCuMemAllocator
+    assert fake.cumem.cumem_available is False
 
 
 def test_entry_point_is_registered_in_vllms_plugin_group() -> None:
@@ -24,30 +106,101 @@ def test_register_without_vllm_is_a_quiet_no_op(monkeypatch: pytest.MonkeyPatch)
     plugin.register()
 
 
-def test_register_swaps_class_into_vllm_cumem(monkeypatch: pytest.MonkeyPatch) -> None:
-    class VllmCuMemAllocator:  # stands in for vLLM's own class
-        pass
-
-    vllm = types.ModuleType("vllm")
-    device_allocator = types.ModuleType("vllm.device_allocator")
-    cumem = types.ModuleType("vllm.device_allocator.cumem")
-    cumem.CuMemAllocator = VllmCuMemAllocator
-    cumem.cumem_available = False
-    worker = types.ModuleType("vllm.v1.worker.gpu_worker")
-    worker.CuMemAllocator = VllmCuMemAllocator  # imported by name before plugins loaded
-    vllm.device_allocator = device_allocator
-    device_allocator.cumem = cumem
-    for name, module in [
-        ("vllm", vllm),
-        ("vllm.device_allocator", device_allocator),
-        ("vllm.device_allocator.cumem", cumem),
-        ("vllm.v1.worker.gpu_worker", worker),
-    ]:
-        monkeypatch.setitem(sys.modules, name, module)
-
+def test_register_on_cuda_swaps_class_and_says_so_in_vllms_log(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+) -> None:
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
     plugin.register()
-    assert cumem.CuMemAllocator is CuMemAllocator
-    assert worker.CuMemAllocator is CuMemAllocator
-    assert cumem.cumem_available is True
+    assert fake.cumem.CuMemAllocator is CuMemAllocator
+    assert fake.worker.CuMemAllocator is CuMemAllocator
+    assert fake.cumem.cumem_available is True
+    assert "vllm_sleep_ext.CuMemAllocator" in vllm_log.text()
+    assert "preserve mode 'live'" in vllm_log.text() and "host memory" in vllm_log.text()
     plugin.register()  # idempotent
-    assert cumem.CuMemAllocator is CuMemAllocator
+    assert fake.cumem.CuMemAllocator is CuMemAllocator
+
+
+@pytest.mark.parametrize("platform", [FakePlatform(False, device) for device in ("rocm", "cpu", "xpu")])
+def test_register_on_other_platforms_leaves_vllms_allocator_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler, platform: FakePlatform
+) -> None:
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    fake = install_fake_vllm(monkeypatch, platform)
+    plugin.register()
+    assert_vllm_keeps_its_allocator(fake)
+    assert f"(device type {platform.device_type!r}), not CUDA" in vllm_log.text()
+    assert "vLLM keeps its own sleep-mode allocator" in vllm_log.text()
+
+
+def test_disable_env_leaves_vllms_allocator_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+) -> None:
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    plugin.register()
+    assert_vllm_keeps_its_allocator(fake)
+    assert f"turned off by {plugin.DISABLE_ENV}=1" in vllm_log.text()
+
+
+def test_disable_env_zero_does_not_disable(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler) -> None:
+    monkeypatch.setenv(plugin.DISABLE_ENV, "0")
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    plugin.register()
+    assert fake.cumem.CuMemAllocator is CuMemAllocator
+
+
+def test_core_that_fails_to_load_leaves_vllms_allocator_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+) -> None:
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    monkeypatch.setitem(sys.modules, "vllm_sleep_ext.allocator", None)  # its import (and the core's) fails
+    plugin.register()
+    assert_vllm_keeps_its_allocator(fake)
+    assert "its core failed to load" in vllm_log.text()
+
+
+def test_register_never_raises(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler) -> None:
+    class BrokenPlatform(FakePlatform):
+        def is_cuda(self) -> bool:
+            raise RuntimeError("no platform detected")
+
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    fake = install_fake_vllm(monkeypatch, BrokenPlatform(cuda=True, device_type="?"))
+    plugin.register()
+    assert_vllm_keeps_its_allocator(fake)
+    assert "platform could not be determined" in vllm_log.text()
+
+    def explode() -> None:
+        raise ValueError("anything at all")
+
+    monkeypatch.setattr(plugin, "_install", explode)
+    plugin.register()
+    assert "not installed" in vllm_log.text() and "anything at all" in vllm_log.text()
+
+
+def test_sleep_and_wake_lines_show_in_vllms_log(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler) -> None:
+    log.route_to_vllm()  # what register() does under vLLM
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    with alloc.use_memory_pool(tag="weights"):
+        t = alloc.empty((4 * MiB,), dtype=torch.uint8)
+    alloc.sleep(offload_tags=("weights",))
+    alloc.wake_up()
+    sleep_line = next(m for m in vllm_log.messages if m.startswith("sleep:"))
+    wake_line = next(m for m in vllm_log.messages if m.startswith("wake_up:"))
+    for line in (sleep_line, wake_line):
+        assert "GiB" in line and " s (" in line and "GB/s" in line
+    del t
+
+
+def test_without_vllm_lines_go_to_plain_logging(caplog: pytest.LogCaptureFixture) -> None:
+    assert not log.routed_to_vllm()
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    with alloc.use_memory_pool(tag="weights"):
+        t = alloc.empty((MiB,))
+    with caplog.at_level(logging.INFO, logger="vllm_sleep_ext"):
+        alloc.sleep(offload_tags=("weights",))
+    assert any(r.name == "vllm_sleep_ext.allocator" and r.getMessage().startswith("sleep:") for r in caplog.records)
+    alloc.wake_up()
+    del t

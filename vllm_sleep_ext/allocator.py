@@ -7,6 +7,7 @@ host backups and all data movement live in the C++ core (``_core``).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -19,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import _core, host_tensors
+from vllm_sleep_ext import __version__, _core, alloc_conf, host_tensors, pools
 from vllm_sleep_ext.preserve import (
     DEFAULT_PRESERVE_TAGS,
     PreserveMode,
@@ -42,12 +43,21 @@ logger = logging.getLogger(__name__)
 VLLM_TAGS = ("weights", "kv_cache", "runtime", "cudagraph", "workspace")
 SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
 
+# Host memory after a wake: kept pinned for the next sleep (default) or returned. vLLM 0.26-0.33 have
+# no switch of their own for it (their allocator drops each backup after the wake that used it).
+KEEP_HOST_ENV = "VLLM_SLEEP_EXT_KEEP_HOST"
+HOST_POLICY_ENV = "VLLM_SLEEP_EXT_HOST_POLICY"  # pinned | reclaimable | release; wins over KEEP_HOST
+
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
 LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says so, once
 
-# One pluggable allocator per process, never freed: pools call into it until the very end.
+# One pluggable allocator per process, never freed: PrivatePools keep a plain pointer to it, and the
+# last segments go back through it at interpreter exit, after module globals are cleared.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
+_instance_lock = threading.Lock()
+_threads = threading.local()
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,28 @@ class AllocatorStats:
     host_bytes: int  # host memory held for backups, the kept cache included
 
 
+def _keep_host_default() -> bool:
+    """VLLM_SLEEP_EXT_KEEP_HOST=0 returns host memory after each wake; the default keeps it."""
+    value = os.environ.get(KEEP_HOST_ENV, "").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
+    """Version, preserve mode and host memory policy, for the line that says the allocator is active."""
+    if allocator is not None:
+        mode, keep, policy = allocator.preserve_mode, allocator.keep_host_backups, allocator.host_policy
+    else:
+        mode, keep = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value), _keep_host_default()
+        policy = os.environ.get(HOST_POLICY_ENV) or ("pinned" if keep else "release")
+    host = {
+        "pinned": "kept pinned after wake for the next sleep",
+        "reclaimable": "kept after wake, unpinned, for the kernel to take back if it must",
+        "release": "returned after each wake",
+    }.get(policy, policy)
+    return (f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} "
+            f"({KEEP_HOST_ENV}={int(keep)}, {HOST_POLICY_ENV}={policy})")
+
+
 def _memory_snapshot() -> list[dict]:
     try:
         return torch.cuda.memory_snapshot(include_traces=False)
@@ -126,19 +158,24 @@ class CuMemAllocator:
     @staticmethod
     def get_instance() -> "CuMemAllocator":
         """The process's allocator on the CUDA VMM backend (RuntimeError where there is no driver)."""
-        if CuMemAllocator.instance is None:
-            CuMemAllocator.instance = CuMemAllocator(backend="cuda")
-            atexit.register(CuMemAllocator.instance.release_pools)
-        return CuMemAllocator.instance
+        instance = CuMemAllocator.instance
+        if instance is None:
+            with _instance_lock:  # two threads asking first must get the same allocator
+                if CuMemAllocator.instance is None:
+                    allocator = CuMemAllocator(backend="cuda")
+                    atexit.register(allocator.release_pools)
+                    CuMemAllocator.instance = allocator
+                    logger.info("vllm_sleep_ext: sleep-mode allocator active (%s)", describe(allocator))
+                instance = CuMemAllocator.instance
+        return instance
 
     def __init__(self, backend: str = "cuda", capacity_bytes: int = 0) -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
         # host backend (tests, demo), where capacity_bytes simulates a card of that size.
         self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
         self.backend = backend
-        self._cudagraph_pool: Optional[torch.cuda.MemPool] = None
-        self._closed_pools: list[torch.cuda.MemPool] = []  # no one allocates from these again
-        self._pool_lock = threading.Lock()
+        self._cudagraph_pool: Optional[pools.Route] = None
+        self._pool_lock = threading.Lock()  # guards _cudagraph_pool
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value)
@@ -147,8 +184,9 @@ class CuMemAllocator:
         self._warned_large = False
         if os.environ.get("VLLM_SLEEP_EXT_FILL_UNRESTORED", "0") not in ("", "0"):
             self.fill_unrestored = True
-        if "VLLM_SLEEP_EXT_HOST_POLICY" in os.environ:
-            self.host_policy = os.environ["VLLM_SLEEP_EXT_HOST_POLICY"]
+        self.keep_host_backups = _keep_host_default()
+        if os.environ.get(HOST_POLICY_ENV):
+            self.host_policy = os.environ[HOST_POLICY_ENV]
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         self.prepare_host = os.environ.get("VLLM_SLEEP_EXT_PREPARE_HOST", "1" if backend == "cuda" else "0") != "0"
 
@@ -156,7 +194,11 @@ class CuMemAllocator:
 
     @contextmanager
     def use_memory_pool(self, tag: Optional[str] = None) -> Iterator[None]:
-        """CUDA allocations inside go to a new pool of ``tag`` (default: ``default_tag``)."""
+        """CUDA allocations inside go to a new pool of ``tag`` (default: ``default_tag``).
+
+        Pools nest: inside an inner pool allocations go to it and get its tag, after it the outer
+        pool's again. Segments the pool empties go back to the driver (Note [Pools, routing ...]).
+        """
         tag = self.default_tag if tag is None else tag
         if not isinstance(tag, str) or not tag:
             raise TypeError(f"tag must be a non-empty str, got {tag!r}")
@@ -175,74 +217,75 @@ class CuMemAllocator:
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
+        device = torch.cuda.current_device()
         pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
-        # Expandable segments do not work with pluggable-allocator pools (pytorch#147851).
-        expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-        if expandable:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         try:
-            with torch.cuda.use_mem_pool(pool):
+            route = pools.Route(pool, device)
+            with alloc_conf.expandable_segments_off(), pools.sole_route(route), torch.cuda.use_mem_pool(pool, device):
                 yield
         finally:
-            if expandable:
-                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-            # Kept alive: destroying a pool while other threads allocate aborts in PyTorch, and
-            # vLLM keeps them too (pytorch#146431). Nothing allocates from it again, so its empty
-            # segments can go; what empties later goes at the next sleep or wake.
-            with self._pool_lock:
-                self._closed_pools.append(pool)
-            self._trim(automatic=True)
+            pools.retire(pool, device)  # nothing allocates from it again
+            self._trim_quietly()
 
     def trim(self) -> None:
-        """Releases, for good, pool segments in which PyTorch holds nothing (tensors freed since).
+        """Hands pool segments in which nothing is allocated any more back to the driver, for good.
 
-        sleep(), wake_up() and leaving use_memory_pool() do this by themselves when this process
-        runs a single Python thread. With more threads they leave it to an explicit call, made when
-        no other thread uses CUDA memory: PyTorch's memory snapshot, which tells which segments are
-        empty, is not safe against another thread allocating or freeing at the same time.
+        Done by itself on leaving use_memory_pool(), before sleep() and before wake_up(), from any thread
+        in any process: PyTorch releases them itself (Note [Pools, routing and free segments]).
         """
-        self._trim(automatic=False)
+        if self.backend == "cuda":
+            torch.cuda.empty_cache()
 
-    def _trim(self, automatic: bool) -> None:
-        if self.backend != "cuda" or (automatic and threading.active_count() > 1):
-            return
-        with self._pool_lock:
-            closed = {tuple(pool.id) for pool in self._closed_pools}
-            live = {a.ptr for a in self._core.allocations() if a.state != "unused"}
-            # The whole-process snapshot: the per-pool one (MemPool.snapshot) crashed here on pools
-            # whose tensors had all been freed.
-            for segment in _memory_snapshot():
-                in_closed_pool = tuple(segment.get("segment_pool_id", ())) in closed
-                if segment["allocated_size"] == 0 and in_closed_pool and segment["address"] in live:
-                    self._core.trim(segment["address"])
+    def _trim_quietly(self) -> None:
+        if self.backend == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # freeing synchronizes the device, which would break the capture: next time
+        try:
+            self.trim()
+        except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
+            logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
         global _pluggable
-        if _pluggable is None:
-            _pluggable = torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, "my_malloc", "my_free")
+        with _instance_lock:
+            if _pluggable is None:
+                pluggable = torch.cuda.memory.CUDAPluggableAllocator(_core.__file__, "my_malloc", "my_free")
+                # Never destroyed, not even at interpreter exit (see _pluggable): one reference leaked.
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(pluggable))
+                _pluggable = pluggable
         return _pluggable
 
     @contextmanager
     def cudagraph_pool(self) -> Iterator[tuple[int, int]]:
         """Tags CUDA graph capture allocations "cudagraph"; yields the pool id for ``torch.cuda.graph``."""
         self._require_cuda("cudagraph_pool")
-        if self._cudagraph_pool is None:
-            self._cudagraph_pool = torch.cuda.MemPool(self._pool_allocator()._allocator)
+        with self._pool_lock:
+            if self._cudagraph_pool is None:
+                device = torch.cuda.current_device()
+                self._cudagraph_pool = pools.Route(torch.cuda.MemPool(self._pool_allocator()._allocator), device)
+            pool = self._cudagraph_pool.pool
         self._used_tags.add("cudagraph")
         previous = _core.set_thread_tag("cudagraph")
         try:
-            yield self._cudagraph_pool.id  # capture routes allocations to it on this thread
+            # Capture routes allocations to the pool by stream; this thread's own pool steps aside.
+            with alloc_conf.expandable_segments_off(), pools.sole_route(pools.Route(None, torch.cuda.current_device())):
+                yield pool.id
         finally:
             _core.set_thread_tag(previous)
 
     def release_pools(self) -> None:
-        """Drops every pool; PyTorch then frees their empty segments. Call it with no pool in use."""
-        self._closed_pools.clear()
-        self._cudagraph_pool = None
-        gc.collect()
+        """Drops the CUDA graph pool; PyTorch then frees the empty segments of every pool we made.
+
+        Call it with no pool in use and no graph captured into the graph pool still needed (vLLM does
+        at shutdown). Run at exit too.
+        """
+        with self._pool_lock:
+            graph_pool, self._cudagraph_pool = self._cudagraph_pool, None
+        if graph_pool is not None:
+            pools.retire(graph_pool.pool, graph_pool.device)  # freeable once the graphs captured into it are gone
         if self.backend == "cuda":
-            torch.cuda.empty_cache()
+            gc.collect()
+            self._trim_quietly()
 
     close = release_pools  # vLLM's name for it
 
@@ -256,11 +299,9 @@ class CuMemAllocator:
         """
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
         self._log_host_error()
-        self._trim(automatic=True)
+        self._trim_quietly()  # emptied segments are released for good, neither backed up nor mapped again
         preserve, exclude = self._preserved_ranges(tags)
         stats = self._core.sleep(list(tags), preserve, exclude)
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()  # as vLLM does: hand memory freed meanwhile back to the driver
         if not logger.isEnabledFor(logging.INFO):
             return
         preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
@@ -278,9 +319,7 @@ class CuMemAllocator:
         ``tags=None`` wakes everything; otherwise those tags plus every tag other than "weights" and
         "kv_cache", which vLLM wakes one at a time. On DeviceOutOfMemoryError nothing changes.
         """
-        if self.backend == "cuda":
-            torch.cuda.empty_cache()  # memory torch caches outside the pools is room for the wake
-        self._trim(automatic=True)
+        self._trim_quietly()  # emptied pool segments are not mapped again; torch's other cached memory is room
         if tags is None:
             stats = self._core.wake(None)
         else:

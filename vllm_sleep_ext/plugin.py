@@ -1,32 +1,93 @@
 """vLLM general plugin: makes vLLM's sleep mode use this allocator, with no change to user code.
 
-vLLM calls every entry point of the group ``vllm.general_plugins`` in each process it starts (engine
-core, workers, Ray actors), before the model is built. ``register`` swaps our class into
-``vllm.device_allocator.cumem``, where vLLM's worker looks it up at sleep-mode time.
+vLLM calls every entry point of the group ``vllm.general_plugins`` in each process it starts (front
+end, engine core, workers, Ray actors), before the model is built, and calls it without a ``try``: an
+exception here would stop every vLLM process from starting, sleep mode on or off. So ``register``
+never raises. Where it cannot serve it leaves vLLM's allocator in place and says why in vLLM's log:
+- ``VLLM_SLEEP_EXT_DISABLE=1`` (opt-out, e.g. to compare with vLLM's own allocator);
+- a platform other than CUDA (ROCm, XPU, CPU, TPU: the core drives the CUDA driver only);
+- vLLM without ``vllm.device_allocator.cumem``, or our core failing to load.
+Otherwise it swaps our class into ``vllm.device_allocator.cumem``, where vLLM looks the class up at
+each use (``get_mem_allocator_instance()``, and the ``cumem`` backend of 0.33's
+``SleepModeBackendFactory``, which goes through it), and into vLLM modules that imported the name
+before plugins were loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from types import ModuleType
+from typing import Optional
+
+from vllm_sleep_ext import log
 
 logger = logging.getLogger(__name__)
 
+DISABLE_ENV = "VLLM_SLEEP_EXT_DISABLE"
+_KEPT = "vLLM keeps its own sleep-mode allocator"
+
 
 def register() -> None:
+    """Entry point of ``vllm.general_plugins``; never raises (see the module note)."""
+    try:
+        _install()
+    except Exception as e:  # noqa: BLE001 - a plugin must not stop vLLM from starting
+        logger.warning("vllm_sleep_ext: not installed, %s: %s: %s", _KEPT, type(e).__name__, e, exc_info=True)
+
+
+def _install() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return  # registered by pip, run without vLLM: nothing to do and no vLLM log to write to
+    log.route_to_vllm()
+    if _env_flag(DISABLE_ENV):
+        logger.info("vllm_sleep_ext: turned off by %s=%s; %s", DISABLE_ENV, os.environ[DISABLE_ENV], _KEPT)
+        return
+    reason = _not_cuda_reason()
+    if reason is not None:
+        logger.info("vllm_sleep_ext: %s; %s", reason, _KEPT)
+        return
     try:
         import vllm.device_allocator.cumem as cumem
-    except ImportError as e:  # vLLM absent, or built without its allocator: nothing to do
-        logger.debug("vllm_sleep_ext plugin: vllm.device_allocator.cumem not importable (%s); not installed", e)
+    except Exception as e:  # noqa: BLE001 - vLLM's module may fail in ways of its own
+        logger.warning("vllm_sleep_ext: vllm.device_allocator.cumem does not import (%s); not installed", e)
         return
-    from vllm_sleep_ext.allocator import CuMemAllocator
+    try:
+        from vllm_sleep_ext.allocator import CuMemAllocator, describe
+    except Exception as e:  # noqa: BLE001 - ImportError, or an OSError from the shared object
+        logger.warning("vllm_sleep_ext: its core failed to load (%s: %s); %s", type(e).__name__, e, _KEPT)
+        return
+    if cumem.CuMemAllocator is not CuMemAllocator:
+        _swap_class(cumem, CuMemAllocator)
+        logger.info("vllm_sleep_ext: vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator (%s; %s=1 turns "
+                    "it off)", describe(), DISABLE_ENV)
 
+
+def _swap_class(cumem: ModuleType, ours: type) -> None:
     original = cumem.CuMemAllocator
-    if original is CuMemAllocator:
-        return
-    # Also rebind the name in vLLM modules that imported it before plugins were loaded.
     for name, module in list(sys.modules.items()):
-        if name.startswith("vllm") and getattr(module, "CuMemAllocator", None) is original:
-            module.CuMemAllocator = CuMemAllocator
+        if (name == "vllm" or name.startswith("vllm.")) and getattr(module, "CuMemAllocator", None) is original:
+            module.CuMemAllocator = ours
+    # vLLM's flag says whether *its* extension loaded; on CUDA ours serves instead of it.
     cumem.cumem_available = True
-    logger.info("vllm_sleep_ext: vLLM sleep mode now uses vllm_sleep_ext.CuMemAllocator")
+
+
+def _not_cuda_reason() -> Optional[str]:
+    """Why this process cannot use the allocator (None: it can)."""
+    try:
+        from vllm.platforms import current_platform
+
+        is_cuda = current_platform.is_cuda()
+    except Exception as e:  # noqa: BLE001 - an unknown vLLM or platform: do not guess
+        return f"vLLM's platform could not be determined ({type(e).__name__}: {e})"
+    if not is_cuda:
+        device = getattr(current_platform, "device_type", "?")
+        return f"vLLM runs on {type(current_platform).__name__} (device type {device!r}), not CUDA"
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
