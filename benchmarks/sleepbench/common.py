@@ -44,29 +44,28 @@ def cuda_problem() -> Optional[str]:
     return None
 
 
-def host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (a large number if it can't be read)."""
+def proc_kib_field(path: str, field: str) -> Optional[int]:
+    """A "Field:   N kB" line of a /proc file, in bytes; None when the file or the field is missing."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * KiB
     except OSError:
         pass
-    return 1 << 50
+    return None
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (a large number if it can't be read)."""
+    found = proc_kib_field("/proc/meminfo", "MemAvailable")
+    return 1 << 50 if found is None else found
 
 
 def lazyfree_bytes() -> Optional[int]:
     """Bytes of this process the kernel may take back at will (MADV_FREE'd, not yet reclaimed):
     LazyFree in /proc/self/smaps_rollup; None where the kernel does not say."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("LazyFree:"):
-                    return int(line.split()[1]) * KiB
-    except OSError:
-        pass
-    return None
+    return proc_kib_field("/proc/self/smaps_rollup", "LazyFree")
 
 
 def to_plain(obj: Any, depth: int = 0) -> Any:
