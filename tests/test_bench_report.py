@@ -40,7 +40,8 @@ def _results():
                    "cycles_no_pause": [{"sleep_ms": 5, "wake_weights_ms": 20, "wake_kv_ms": 20, "total_ms": 45,
                                         "returned_pct": 99.95, "buffers_intact": True}] * 3},
         "load": {"torch_s": 1.0, "pool_s": 1.05, "ratio": 1.05},
-        "host": {"size_gib": 1.0, "prepare_s": 0.5, "prepare_error": "",
+        "host": {"size_gib": 1.0, "prepare_s": 0.5, "prepare_error": "", "serving_steps_per_s_before": 200.0,
+                 "serving_steps_per_s_during": 190.0, "serving_probe_overlapped": True,
                  "first_sleep": _op(48.0, stats={"last_sleep": {"populate_seconds": 0.0, "pin_seconds": 0.0}}),
                  "policies": {p: {"sleep": [_op(g), _op(g)], "wake": [_op(49.0)] * 2,
                                   "awake": [{"host_bytes": held, "pinned_bytes": pinned}] * 2}
@@ -75,6 +76,7 @@ def test_report_shows_each_host_policy_and_the_first_sleep_after_prepare():
     assert rows[("ext: L1 warm sleep, host_policy=release", 1.0)].verdict == "info"
     assert rows[("ext: host bytes pinned while awake, host_policy=reclaimable", 1.0)].value == 0
     assert rows[("ext: host bytes held while awake / backed up, host_policy=pinned", 1.0)].value == 1.0
+    assert rows[("ext: serving-like steps/s during background prepare / before", 1.0)].value == 0.95
 
 
 def test_targets_read_from_one_table():

@@ -28,6 +28,7 @@ def host_workers(monkeypatch):
         monkeypatch.setattr(module, "sync", lambda: None)
         monkeypatch.setattr(module, "mem_free", lambda: 8 << 30)
     monkeypatch.setattr(common, "host_available_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(workers, "serving_probe", lambda seconds: 100.0)
     monkeypatch.setattr(workers, "alloc_tensors",
                         lambda sizes: [alloc.empty((n // 2,), torch.bfloat16) for n in sizes])
     return alloc
@@ -43,6 +44,7 @@ def test_level1_worker_runs_cycles_and_checks_them(host_workers):
 def test_host_worker_measures_each_policy_after_a_background_prepare(host_workers):
     r = workers.worker_host({"size_gib": 16 / 1024, "headroom_gib": 0, "seed": 2, "cycles": 2})
     assert r["verified"] and r["prepare_error"] == "" and r["prepared_pinned_bytes"] >= 16 * MiB
+    assert r["serving_steps_per_s_during"] == r["serving_steps_per_s_before"] == 100.0
     first = r["first_sleep"]["stats"]["last_sleep"]
     assert first["populate_seconds"] == 0 and first["pin_seconds"] == 0
     awake = {p: r["policies"][p]["awake"][-1] for p in workers.HOST_POLICIES}

@@ -201,6 +201,12 @@ def rows_host(res: dict) -> list[Row]:
     first.note = (f"prepare done {r['prepare_s']:.2f} s after the weights pool closed; staging in the sleep "
                   f"{staging * 1e3:.1f} ms" + (f"; prepare error: {r['prepare_error']}" if r.get("prepare_error") else ""))
     rows = [first]
+    before, during = r.get("serving_steps_per_s_before"), r.get("serving_steps_per_s_during")
+    if before and during:
+        rows.append(Row("ext: serving-like steps/s during background prepare / before", size, during / before, "x",
+                        note=f"{before:.0f} steps/s before; prepare "
+                             + ("still running when the probe ended" if r.get("serving_probe_overlapped")
+                                else "done before the probe ended: the probe overlaps only part of it")))
     for policy, pr in (r.get("policies") or {}).items():
         key = POLICY_TARGETS.get(policy)
         backed = median(x["bytes"] for x in pr["sleep"]) or 1

@@ -229,6 +229,24 @@ def worker_load(p: dict) -> dict:
 HOST_POLICIES = ("pinned", "reclaimable", "release")
 
 
+def serving_probe(seconds: float) -> float:
+    """Steps per second of a serving-like loop: per step a 2048x2048 bf16 matmul and a 1 MiB copy from
+    pageable host memory (a decode step's inputs), synchronized every 10 steps."""
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    host = torch.ones(MiB, dtype=torch.uint8)
+    dev = torch.empty(MiB, dtype=torch.uint8, device="cuda")
+    steps = 0
+    sync()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ a
+            dev.copy_(host)
+        sync()
+        steps += 10
+    return steps / (time.perf_counter() - t0)
+
+
 def worker_host(p: dict) -> dict:
     """This project only: the first level-1 sleep after host memory was prepared in the background
     (started by leaving the weights pool), then warm cycles under each host policy, with the host
@@ -238,10 +256,14 @@ def worker_host(p: dict) -> dict:
     nbytes = clamp_bytes(int(p["size_gib"] * GiB), int(p["headroom_gib"] * GiB), f"host {p['size_gib']:g} GiB",
                          host_too=True)
     sizes = model_like_sizes(nbytes, p["seed"])
+    serving_probe(0.2)  # warm-up (cuBLAS, pageable copies)
+    serving_before = serving_probe(0.5)
     t0 = time.perf_counter()
     with impl.region("weights"):
         tensors = alloc_tensors(sizes)
     started = time.perf_counter()  # leaving the pool started the background prepare
+    serving_during = serving_probe(0.5)
+    overlapped = core.host_pinned_bytes() < sum(sizes)  # still preparing when the probe ended
     fill_random(tensors, p["seed"])
     ref = Reference.capture(tensors)
     sync()
@@ -252,7 +274,9 @@ def worker_host(p: dict) -> dict:
     res: dict = {"impl": impl.name, "size_gib": p["size_gib"], "tensor_bytes": sum(sizes), "pool_bytes": pool,
                  "n_tensors": len(sizes), "prepare_s": done - started, "prepare_wait_s": done - waited,
                  "load_s": started - t0, "prepare_error": core.host_error(),
-                 "prepared_pinned_bytes": core.host_pinned_bytes(), "prepare_rate": core.host_prepare_rate}
+                 "prepared_pinned_bytes": core.host_pinned_bytes(), "prepare_rate": core.host_prepare_rate,
+                 "serving_steps_per_s_before": serving_before, "serving_steps_per_s_during": serving_during,
+                 "serving_probe_overlapped": overlapped}
     say(f"  background prepare of {pool / GiB:.2f} GiB: done {res['prepare_s']:.2f} s after the weights pool "
         f"closed ({res['prepared_pinned_bytes'] / GiB:.2f} GiB pinned){'; ' + res['prepare_error'] if res['prepare_error'] else ''}")
     res["first_sleep"], res["first_wake"] = _cycle(impl, tensors, ref, pool, pool)
