@@ -70,6 +70,7 @@ def build_workload(alloc: Any, weights_gib: float, kv_gib: float, seed: int,
     with alloc.use_memory_pool(tag="weights"):
         weights = bs.alloc_tensors(sizes)
         mods = bs.make_buffer_modules(n_modules)
+    mods.append(bs.as_parameters(weights))  # the weights are parameters, as in a model
     with alloc.use_memory_pool(tag="kv_cache"):
         kv = bs.alloc_kv(int(kv_gib * GiB), chunk=GiB)
     bs.fill_random(weights, seed)

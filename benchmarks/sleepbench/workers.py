@@ -17,8 +17,8 @@ from .impls import make_impl
 from .impls.ext import ExtImpl, ext_backed_up_bytes, ext_stats, get_ext_allocator
 from .impls.limit import worker_limit
 from .impls.tms import TmsImpl
-from .workloads import (Reference, alloc_kv, alloc_tensors, buffers_mismatch, fill_random, make_buffer_modules,
-                        model_like_sizes, module_buffers)
+from .workloads import (Reference, alloc_kv, alloc_tensors, as_parameters, buffers_mismatch, fill_random,
+                        make_buffer_modules, model_like_sizes, module_buffers)
 
 RESULT_PREFIX = "@@BENCH_RESULT@@ "
 
@@ -135,6 +135,7 @@ def worker_level2(p: dict) -> dict:
     with alloc.use_memory_pool(tag="weights"):
         weights = alloc_tensors(model_like_sizes(w_bytes, p["seed"]))
         mods = make_buffer_modules(p["n_modules"])
+    mods.append(as_parameters(weights))  # the weights are parameters, as in a model
     with alloc.use_memory_pool(tag="kv_cache"):
         kv = alloc_kv(kv_bytes)
     fill_random(weights, p["seed"])

@@ -47,6 +47,16 @@ def alloc_tensors(sizes: Sequence[int], device: str = "cuda") -> list["torch.Ten
     return [torch.empty(n // 2, dtype=torch.bfloat16, device=device) for n in sizes]
 
 
+def as_parameters(tensors: Sequence["torch.Tensor"]) -> "torch.nn.Module":
+    """A module holding `tensors` as frozen parameters (same storage), as a model's weights are: level 2
+    discards parameters (the trainer sends them) and keeps the rest of the weights pool. Keep it alive
+    as long as the tensors are used."""
+    holder = torch.nn.Module()
+    for i, t in enumerate(tensors):
+        holder.register_parameter(f"w{i}", torch.nn.Parameter(t, requires_grad=False))
+    return holder
+
+
 def fill_random(tensors: Sequence["torch.Tensor"], seed: int) -> None:
     gen = torch.Generator(device=tensors[0].device) if tensors else None
     if gen is not None:
