@@ -38,6 +38,20 @@
 // device reports failed, a driver error) leaves the allocations released so far asleep with complete
 // backups and the rest mapped. Either way the same call can be retried.
 //
+// Slabs (option slab_bytes; 0 = off). The driver's cost is per physical handle mapped, not per byte,
+// so rows of at most slab_bytes/2 share slabs: one reserved range of slab_bytes per (device, tag),
+// owned by a Slab in slabs_ through one DeviceMemory with ONE handle mapped over the whole range
+// while the slab is awake. Such a row holds no DeviceMemory of its own; it points at its slab and
+// takes a granularity-aligned range of it (first fit). Rows keep their own state; a slab is awake
+// (mapped) exactly while one of its rows is Mapped. All rows of a slab share a tag, so sleep,
+// discard and wake move them together, and the slab is the unit they unmap, release and map: sleep
+// releases it only after the copies of every one of its rows are done, wake maps it before any of
+// its rows' backups are copied back, and a failed wake releases it again. free() gives the row's
+// range back; trim() keeps the range taken (an Unused row keeps its address, as above) and both
+// leave the physical memory to the slab, which releases it once no row is Mapped and is unreserved
+// once it has no rows. New rows go only into awake slabs; a slab that cannot be created (device
+// full) is no error: the row gets its own memory, as do larger rows.
+//
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
 // what its backup put back; the rest is undefined. (The tests overwrite freed memory for that reason;
@@ -72,13 +86,29 @@ struct HostBackup {
   bool whole = false;  // the tag was offloaded (else: preserved ranges only)
 };
 
+// Physical memory shared by the small rows of one (device, tag): see "Slabs" in the note above.
+struct Slab {
+  Slab(DeviceBackend& backend, int device, std::string tag, uint64_t bytes);
+
+  // A slab-relative range of `bytes` (a multiple of the granularity), first fit; none when full.
+  std::optional<uint64_t> take(uint64_t bytes);
+  void give_back(uint64_t offset, uint64_t bytes);
+
+  DeviceMemory memory;  // the whole range, one handle; mapped while awake
+  const std::string tag;
+  RangeSet free;        // slab-relative
+  uint64_t rows = 0;    // rows of the table in this slab, in any state
+};
+
 struct Allocation {
   uintptr_t address = 0;
-  uint64_t size = 0;  // as asked by the caller; memory->size() is rounded up to the granularity
+  uint64_t size = 0;  // as asked by the caller
+  uint64_t span = 0;  // size rounded up to the granularity: the address range the row owns
   int device = 0;
   std::string tag;
   State state = State::Mapped;
-  std::unique_ptr<DeviceMemory> memory;  // mapped while Mapped
+  std::unique_ptr<DeviceMemory> memory;  // its own memory, mapped while Mapped; null in a slab
+  Slab* slab = nullptr;                  // owned by Allocator::slabs_, when the row lives in a slab
   std::optional<HostBackup> backup;
 };
 
@@ -105,6 +135,7 @@ struct OpStats {
   uint64_t bytes_copied = 0;
   uint64_t bytes_device = 0;  // released by a sleep, mapped by a wake
   uint64_t allocations = 0;
+  uint64_t mappings = 0;      // physical handles released by a sleep, mapped by a wake
   StagingTimes staging;       // sleep: making new host memory resident and pinned (0 when reused)
 };
 
@@ -113,7 +144,10 @@ struct AllocatorOptions {
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
+  uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
 };
+
+constexpr uint64_t kMaxSlabBytes = 4ull << 30;
 
 class Allocator {
  public:
@@ -162,11 +196,16 @@ class Allocator {
   uint64_t host_bytes_locked() const;
   void set_options_locked(const AllocatorOptions& options);
   void unmap_and_release(Allocation& a, State asleep);
+  // An awake slab of (device, tag) with `span` bytes taken for a new row, or none when the row gets
+  // its own memory (slabs off, row too big, device too full for a new slab).
+  std::optional<std::pair<Slab*, uint64_t>> place_in_slab(uint64_t span, int device, const std::string& tag);
+  bool other_rows_mapped(const Slab& slab, const Allocation& except) const;
   void synchronize_devices(const std::vector<Allocation*>& rows);
   void drain_copies(const std::set<int>& devices) noexcept;
 
   std::unique_ptr<DeviceBackend> backend_;
   mutable std::mutex mutex_;
+  std::map<uintptr_t, std::unique_ptr<Slab>> slabs_;  // by base address; outlives the rows in table_
   std::map<uintptr_t, Allocation> table_;
   std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
   AllocatorOptions options_;
