@@ -6,6 +6,7 @@
 //
 // Usage: slab_tests [substring]   -- runs only the tests whose name contains the substring.
 #include <atomic>
+#include <chrono>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "allocator.h"
@@ -560,6 +562,56 @@ void test_slab_bytes_option_is_checked_and_changes_only_new_rows() {
   CHECK(f.backend->reservations() == 0);
 }
 
+// Threads allocate, fill, check and free small rows of one tag (so they share slabs) while another
+// thread puts the tag to sleep and wakes it; every row a thread sees awake holds its own data.
+void test_concurrent_small_allocations_during_sleep_wake() {
+  auto f = make(true, 16 * MiB);
+  Allocator& a = *f.allocator;
+  std::atomic<bool> stop{false};
+  std::atomic<long> bad{0}, done{0};
+  std::mutex sleeping;  // held across a sleep..wake, so the workers touch memory only while it is mapped
+  auto worker = [&](uint64_t id) {
+    for (int i = 0; i < 60; ++i) {
+      std::lock_guard<std::mutex> awake(sleeping);
+      const uint64_t n = (1 + (i + id) % 3) * MiB;
+      const uintptr_t p = a.allocate(n, 0, "weights");
+      fill(p, n, id * 1000 + i);
+      if (!matches(p, n, id * 1000 + i)) ++bad;
+      if (i % 4 == 0) {
+        a.trim(p);
+      }
+      a.free(p);
+      ++done;
+    }
+  };
+  std::vector<Row> kept;
+  for (uint64_t i = 0; i < 4; ++i) {
+    kept.push_back({a.allocate(2 * MiB - 8 * i, 0, "weights"), 2 * MiB - 8 * i, "weights", 500 + i});
+    fill(kept.back().p, kept.back().n, kept.back().seed);
+  }
+  std::thread sleeper([&] {
+    while (!stop) {
+      {
+        std::lock_guard<std::mutex> asleep(sleeping);
+        a.sleep({"weights"}, {}, {});
+        a.wake(std::nullopt);
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::vector<std::thread> workers;
+  for (uint64_t id = 1; id <= 3; ++id) workers.emplace_back(worker, id);
+  for (auto& t : workers) t.join();
+  stop = true;
+  sleeper.join();
+  CHECK(bad == 0);
+  CHECK(done == 180);
+  for (const Row& r : kept) CHECK(matches(r.p, r.n, r.seed));
+  CHECK(f.backend->early_releases() == 0);
+  for (const Row& r : kept) a.free(r.p);
+  CHECK(f.backend->reservations() == 0);
+}
+
 struct Test {
   const char* name;
   void (*fn)();
@@ -579,6 +631,7 @@ const Test kTests[] = {
     {"trim_of_every_row_releases_the_slab", test_trim_of_every_row_releases_the_slab},
     {"no_room_for_a_slab_falls_back_to_own_memory", test_no_room_for_a_slab_falls_back_to_own_memory},
     {"slab_bytes_option_is_checked_and_changes_only_new_rows", test_slab_bytes_option_is_checked_and_changes_only_new_rows},
+    {"concurrent_small_allocations_during_sleep_wake", test_concurrent_small_allocations_during_sleep_wake},
 };
 
 }  // namespace
