@@ -16,7 +16,8 @@
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
-// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h): the reserved range
+// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h; a row in a slab uses
+// its slab's, see Slabs below): the reserved range
 // and the physical handle, with map()/unmap()/release() that change what it holds only after the
 // driver call succeeded. No other code calls reserve/create/map/unmap/release. A row leaves Mapped
 // only once its unmap succeeded, and is Mapped only once its map succeeded; a release that fails
@@ -39,18 +40,21 @@
 // backups and the rest mapped. Either way the same call can be retried.
 //
 // Slabs (option slab_bytes; 0 = off). The driver's cost is per physical handle mapped, not per byte,
-// so rows of at most slab_bytes/2 share slabs: one reserved range of slab_bytes per (device, tag),
-// owned by a Slab in slabs_ through one DeviceMemory with ONE handle mapped over the whole range
-// while the slab is awake. Such a row holds no DeviceMemory of its own; it points at its slab and
-// takes a granularity-aligned range of it (first fit). Rows keep their own state; a slab is awake
-// (mapped) exactly while one of its rows is Mapped. All rows of a slab share a tag, so sleep,
-// discard and wake move them together, and the slab is the unit they unmap, release and map: sleep
-// releases it only after the copies of every one of its rows are done, wake maps it before any of
-// its rows' backups are copied back, and a failed wake releases it again. free() gives the row's
-// range back; trim() keeps the range taken (an Unused row keeps its address, as above) and both
-// leave the physical memory to the slab, which releases it once no row is Mapped and is unreserved
-// once it has no rows. New rows go only into awake slabs; a slab that cannot be created (device
-// full) is no error: the row gets its own memory, as do larger rows.
+// so rows of at most slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: a
+// reserved range of slab_bytes for one (device, tag), owned by a Slab in slabs_ through one
+// DeviceMemory with ONE handle mapped over the whole range while the slab is awake. Such a row holds
+// no DeviceMemory of its own; it points at its slab and takes a granularity-aligned range of it
+// (first fit). Rows keep their own state; a slab is awake (mapped) exactly while one of its rows is
+// Mapped. All rows of a slab share a tag, so sleep, discard and wake move them together, and the
+// slab is the unit they unmap, release and map: sleep releases it only after the copies of every one
+// of its rows are done (a failing sleep leaves each slab wholly asleep or wholly mapped), wake maps
+// it before any of its rows' backups are copied back, and a failed wake releases it again. free()
+// gives the row's range back; trim() keeps it taken (an Unused row keeps its address, as above).
+// Both leave the physical memory to the slab, which releases it once no row is Mapped, and is
+// unreserved once it has no rows. New rows go only into awake slabs; when a new slab cannot be had
+// (device full), the row gets its own memory, as rows over the threshold do. The price, while awake:
+// the free part of the slabs is physical memory too (one partly filled slab per (device, tag) as rows
+// come, plus the holes freed rows leave).
 //
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
