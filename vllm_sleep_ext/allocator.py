@@ -119,6 +119,9 @@ class CuMemAllocator:
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
         self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.BUFFERS.value)
+        slab_bytes = os.environ.get("VLLM_SLEEP_EXT_SLAB_BYTES")  # 0: one physical handle per allocation
+        if slab_bytes:
+            self._core.slab_bytes = int(slab_bytes)
 
     # -- pools -------------------------------------------------------------------------------------
 
