@@ -95,7 +95,7 @@ class CountingBackend final : public vse::DeviceBackend {
     }
   }
 
-  Fault create_fault, map_fault, wait_mark_fault;
+  Fault create_fault, map_fault, release_fault, wait_mark_fault;
   std::atomic<long> creates{0}, maps{0}, unmaps{0}, releases{0};
 
   const char* name() const override { return inner_->name(); }
@@ -118,6 +118,7 @@ class CountingBackend final : public vse::DeviceBackend {
     return inner_->create(device, size);
   }
   void release(int device, vse::PhysicalHandle handle) override {
+    if (release_fault.fire()) throw vse::Error("injected: release");
     ++releases;
     inner_->release(device, handle);
   }
@@ -612,6 +613,65 @@ void test_concurrent_small_allocations_during_sleep_wake() {
   CHECK(f.backend->reservations() == 0);
 }
 
+// A slab whose release fails keeps its handle: its rows are asleep with complete backups, the next
+// wake maps that handle again (and restores the rows), or the next sleep or free gives it back.
+void test_failed_slab_release_keeps_the_handle_and_the_rows_honest() {
+  auto f = make(false, kSlab, 256 * MiB);
+  Allocator& a = *f.allocator;
+  std::vector<Row> rows;
+  for (uint64_t i = 0; i < 4; ++i) {
+    rows.push_back({a.allocate(2 * MiB, 0, "weights"), 2 * MiB, "weights", 40 + i});
+    fill(rows.back().p, rows.back().n, rows.back().seed);
+  }
+  f.backend->release_fault.arm(0);
+  bool threw = false;
+  try {
+    a.sleep({"weights"}, {}, {});
+  } catch (const vse::Error&) {
+    threw = true;
+  }
+  CHECK(threw);
+  for (const auto& i : a.allocations()) CHECK(i.state == State::BackedUp && i.backup_bytes == i.size);
+  CHECK(f.backend->free_bytes() == 256 * MiB - kSlab);  // the handle is still held
+  f.backend->reset_counts();
+  a.wake(std::nullopt);  // maps the held handle: no create
+  CHECK(f.backend->creates == 0 && f.backend->maps == 1);
+  for (const Row& r : rows) CHECK(matches(r.p, r.n, r.seed));
+
+  // The same on the last free of the slab; the retried free gives everything back.
+  for (size_t i = 1; i < rows.size(); ++i) a.free(rows[i].p);
+  f.backend->release_fault.arm(0);
+  threw = false;
+  try {
+    a.free(rows[0].p);
+  } catch (const vse::Error&) {
+    threw = true;
+  }
+  CHECK(threw);
+  CHECK(state_of(a, rows[0].p) == State::Discarded);
+  a.free(rows[0].p);
+  CHECK(a.allocations().empty());
+  CHECK(f.backend->reservations() == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB);
+}
+
+void test_fill_unrestored_covers_rows_in_a_slab() {
+  auto f = make(false, kSlab);
+  Allocator& a = *f.allocator;
+  a.update_options([](vse::AllocatorOptions& o) { o.fill_unrestored = true; });
+  const uintptr_t p = a.allocate(MiB, 0, "weights");
+  const uintptr_t q = a.allocate(MiB, 0, "weights");
+  fill(p, MiB, 1);
+  fill(q, MiB, 2);
+  a.sleep({}, {{q, q + 4096}}, {});
+  a.wake(std::nullopt);
+  CHECK(matches(q, 4096, 2));
+  bool loud = true;
+  for (uint64_t i = 0; i < 2 * MiB; ++i) loud = loud && reinterpret_cast<const uint8_t*>(p)[i] == 0xFF;
+  for (uint64_t i = 4096; i < 2 * MiB; ++i) loud = loud && reinterpret_cast<const uint8_t*>(q)[i] == 0xFF;
+  CHECK(loud);
+}
+
 struct Test {
   const char* name;
   void (*fn)();
@@ -632,6 +692,9 @@ const Test kTests[] = {
     {"no_room_for_a_slab_falls_back_to_own_memory", test_no_room_for_a_slab_falls_back_to_own_memory},
     {"slab_bytes_option_is_checked_and_changes_only_new_rows", test_slab_bytes_option_is_checked_and_changes_only_new_rows},
     {"concurrent_small_allocations_during_sleep_wake", test_concurrent_small_allocations_during_sleep_wake},
+    {"failed_slab_release_keeps_the_handle_and_the_rows_honest",
+     test_failed_slab_release_keeps_the_handle_and_the_rows_honest},
+    {"fill_unrestored_covers_rows_in_a_slab", test_fill_unrestored_covers_rows_in_a_slab},
 };
 
 }  // namespace
