@@ -50,11 +50,12 @@ using vse::ByteRange;
 using vse::State;
 
 // Word patterns, never zero, different per seed (fast under TSan); `bytes` need not be a multiple of 8.
-uint64_t word(uint64_t seed, uint64_t i) { return ((seed + 1) << 40) ^ ((i + 1) * 0x9E3779B97F4A7C15ull) | 1; }
+uint64_t word(uint64_t seed, uint64_t i) { return (((seed + 1) << 40) ^ ((i + 1) * 0x9E3779B97F4A7C15ull)) | 1; }
 
 void fill(uintptr_t address, uint64_t bytes, uint64_t seed) {
   for (uint64_t i = 0; i < bytes / 8; ++i) reinterpret_cast<uint64_t*>(address)[i] = word(seed, i);
-  for (uint64_t i = bytes / 8 * 8; i < bytes; ++i) reinterpret_cast<uint8_t*>(address)[i] = static_cast<uint8_t>(seed | 1);
+  for (uint64_t i = bytes / 8 * 8; i < bytes; ++i)
+    reinterpret_cast<uint8_t*>(address)[i] = static_cast<uint8_t>(seed | 1);
 }
 
 bool matches(uintptr_t address, uint64_t bytes, uint64_t seed) {
@@ -690,7 +691,8 @@ const Test kTests[] = {
     {"sleep_failing_while_releasing_moves_whole_slabs", test_sleep_failing_while_releasing_moves_whole_slabs},
     {"trim_of_every_row_releases_the_slab", test_trim_of_every_row_releases_the_slab},
     {"no_room_for_a_slab_falls_back_to_own_memory", test_no_room_for_a_slab_falls_back_to_own_memory},
-    {"slab_bytes_option_is_checked_and_changes_only_new_rows", test_slab_bytes_option_is_checked_and_changes_only_new_rows},
+    {"slab_bytes_option_is_checked_and_changes_only_new_rows",
+     test_slab_bytes_option_is_checked_and_changes_only_new_rows},
     {"concurrent_small_allocations_during_sleep_wake", test_concurrent_small_allocations_during_sleep_wake},
     {"failed_slab_release_keeps_the_handle_and_the_rows_honest",
      test_failed_slab_release_keeps_the_handle_and_the_rows_honest},
