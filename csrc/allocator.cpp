@@ -176,10 +176,10 @@ void Allocator::free(uintptr_t address) {
   auto it = table_.find(address);
   if (it == table_.end()) throw InvalidArgument("free of " + hex(address) + ", which this allocator did not allocate");
   Allocation& a = it->second;
-  if (a.state == State::Mapped) backend_->synchronize(a.device);  // kernels still using it must finish first
   if (Slab* slab = a.slab) {
     // The slab's memory goes when its last Mapped row goes (and stays for the others).
     if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
+      backend_->synchronize(a.device);  // kernels still using the memory must finish before it is unmapped
       slab->memory.unmap();
       a.state = State::Discarded;
     }
@@ -189,7 +189,10 @@ void Allocator::free(uintptr_t address) {
     table_.erase(it);
     if (slab->rows == 0) slabs_.erase(slab->memory.address());  // frees the slab's address range
   } else {
-    if (a.state == State::Mapped) unmap_and_release(a, State::Discarded);
+    if (a.state == State::Mapped) {
+      backend_->synchronize(a.device);
+      unmap_and_release(a, State::Discarded);
+    }
     a.memory->release();  // a handle left by an earlier failed release
     table_.erase(it);     // frees the address range
   }
@@ -416,17 +419,20 @@ void Allocator::trim(uintptr_t address) {
   auto it = table_.find(address);
   if (it == table_.end()) throw InvalidArgument("trim of " + hex(address) + ", which this allocator did not allocate");
   Allocation& a = it->second;
-  if (a.state == State::Mapped) backend_->synchronize(a.device);
   if (Slab* slab = a.slab) {
     // The row keeps its range (its address stays its own until freed); the slab's memory goes when
     // its last Mapped row goes.
     if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
+      backend_->synchronize(a.device);
       slab->memory.unmap();
       a.state = State::Unused;
     }
     if (!slab->memory.mapped()) slab->memory.release();  // also a handle left by an earlier failed release
   } else {
-    if (a.state == State::Mapped) unmap_and_release(a, State::Unused);
+    if (a.state == State::Mapped) {
+      backend_->synchronize(a.device);
+      unmap_and_release(a, State::Unused);
+    }
     a.memory->release();  // a handle left by an earlier failed release
   }
   a.backup.reset();
