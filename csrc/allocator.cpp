@@ -36,6 +36,30 @@ std::set<int> devices_of(const std::vector<Allocation*>& rows) {
   return devices;
 }
 
+// What one driver call maps or releases: a row's own memory, or a slab with the rows of it at hand.
+struct Unit {
+  DeviceMemory* memory;
+  std::vector<size_t> members;  // indices into the caller's list of rows
+};
+
+// Groups rows (in table order) by their backing memory, in the order each first appears.
+template <typename RowOf>
+std::vector<Unit> units_of(size_t count, RowOf row_of) {
+  std::vector<Unit> units;
+  std::map<const Slab*, size_t> slab_unit;
+  for (size_t i = 0; i < count; ++i) {
+    const Allocation& a = row_of(i);
+    if (a.slab) {
+      auto [it, fresh] = slab_unit.try_emplace(a.slab, units.size());
+      if (fresh) units.push_back({&a.slab->memory, {}});
+      units[it->second].members.push_back(i);
+    } else {
+      units.push_back({a.memory.get(), {i}});
+    }
+  }
+  return units;
+}
+
 }  // namespace
 
 const char* state_name(State state) {
@@ -48,6 +72,21 @@ const char* state_name(State state) {
   return "?";
 }
 
+Slab::Slab(DeviceBackend& backend, int device, std::string tag, uint64_t bytes)
+    : memory(backend, device, bytes), tag(std::move(tag)), free({0, bytes}) {}
+
+std::optional<uint64_t> Slab::take(uint64_t bytes) {
+  for (const ByteRange& r : free.ranges()) {
+    if (r.size() < bytes) continue;
+    const uint64_t offset = r.begin;
+    free.subtract({offset, offset + bytes});
+    return offset;
+  }
+  return std::nullopt;
+}
+
+void Slab::give_back(uint64_t offset, uint64_t bytes) { free.add({offset, offset + bytes}); }
+
 Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)) {}
 
 // Each row's DeviceMemory gives its memory back (instances on the host backend come and go in tests).
@@ -55,25 +94,55 @@ Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::mov
 // work ends first: its jobs hold arenas.
 Allocator::~Allocator() { host_worker_.cancel_and_wait(); }
 
+std::optional<std::pair<Slab*, uint64_t>> Allocator::place_in_slab(uint64_t span, int device, const std::string& tag) {
+  if (options_.slab_bytes == 0) return std::nullopt;
+  const uint64_t slab_bytes = round_up(options_.slab_bytes, backend_->granularity(device));
+  if (span > slab_bytes / 2) return std::nullopt;
+  for (auto& [base, slab] : slabs_) {
+    if (slab->memory.device() != device || slab->tag != tag || !slab->memory.mapped()) continue;
+    if (auto offset = slab->take(span)) return std::make_pair(slab.get(), *offset);
+  }
+  auto slab = std::make_unique<Slab>(*backend_, device, tag, slab_bytes);
+  try {
+    slab->memory.map();
+  } catch (const DeviceOutOfMemory&) {
+    return std::nullopt;  // no room for a whole slab: the row gets just its own size
+  }
+  Slab* s = slab.get();
+  slabs_.emplace(s->memory.address(), std::move(slab));
+  return std::make_pair(s, *s->take(span));
+}
+
 uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag) {
   if (size == 0) throw InvalidArgument("allocation size must be positive, got 0");
   if (tag.empty()) throw InvalidArgument("allocation tag must not be empty");
   std::lock_guard<std::mutex> lock(mutex_);
-  auto memory = std::make_unique<DeviceMemory>(*backend_, device, round_up(size, backend_->granularity(device)));
-  try {
-    memory->map();
-  } catch (const DeviceOutOfMemory& e) {
-    throw DeviceOutOfMemory("cannot allocate " + format_bytes(memory->size()) + " for tag '" + tag +
-                            "' on device " + std::to_string(device) + ": " + e.what());
+  const uint64_t span = round_up(size, backend_->granularity(device));
+  std::unique_ptr<DeviceMemory> memory;
+  uintptr_t address = 0;
+  auto place = place_in_slab(span, device, tag);
+  if (place) {
+    address = place->first->memory.address() + place->second;
+    place->first->rows += 1;
+  } else {
+    memory = std::make_unique<DeviceMemory>(*backend_, device, span);
+    try {
+      memory->map();
+    } catch (const DeviceOutOfMemory& e) {
+      throw DeviceOutOfMemory("cannot allocate " + format_bytes(memory->size()) + " for tag '" + tag +
+                              "' on device " + std::to_string(device) + ": " + e.what());
+    }
+    address = memory->address();
   }
-  const uintptr_t address = memory->address();
   Allocation& a = table_[address];
   a.address = address;
   a.size = size;
+  a.span = span;
   a.device = device;
   a.tag = tag;
   a.state = State::Mapped;
   a.memory = std::move(memory);
+  a.slab = place ? place->first : nullptr;
   return address;
 }
 
@@ -83,6 +152,13 @@ void Allocator::unmap_and_release(Allocation& a, State asleep) {
   a.memory->unmap();
   a.state = asleep;
   a.memory->release();
+}
+
+bool Allocator::other_rows_mapped(const Slab& slab, const Allocation& except) const {
+  const uintptr_t base = slab.memory.address();
+  for (auto it = table_.lower_bound(base); it != table_.end() && it->first < base + slab.memory.size(); ++it)
+    if (&it->second != &except && it->second.state == State::Mapped) return true;
+  return false;
 }
 
 void Allocator::drain_copies(const std::set<int>& devices) noexcept {
@@ -101,12 +177,26 @@ void Allocator::free(uintptr_t address) {
   auto it = table_.find(address);
   if (it == table_.end()) throw InvalidArgument("free of " + hex(address) + ", which this allocator did not allocate");
   Allocation& a = it->second;
-  if (a.state == State::Mapped) {
-    backend_->synchronize(a.device);  // kernels still using the memory must finish before it is unmapped
-    unmap_and_release(a, State::Discarded);
+  if (Slab* slab = a.slab) {
+    // The slab's memory goes when its last Mapped row goes (and stays for the others).
+    if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
+      backend_->synchronize(a.device);  // kernels still using the memory must finish before it is unmapped
+      slab->memory.unmap();
+      a.state = State::Discarded;
+    }
+    if (!slab->memory.mapped()) slab->memory.release();  // also a handle left by an earlier failed release
+    slab->give_back(a.address - slab->memory.address(), a.span);
+    slab->rows -= 1;
+    table_.erase(it);
+    if (slab->rows == 0) slabs_.erase(slab->memory.address());  // frees the slab's address range
+  } else {
+    if (a.state == State::Mapped) {
+      backend_->synchronize(a.device);
+      unmap_and_release(a, State::Discarded);
+    }
+    a.memory->release();  // a handle left by an earlier failed release
+    table_.erase(it);     // frees the address range
   }
-  a.memory->release();    // a handle left by an earlier failed release
-  table_.erase(it);       // frees the address range
   recycle_arenas();
 }
 
@@ -118,7 +208,9 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
 
   // Handles whose release failed before go back first (a second failure is raised here, unchanged).
   for (auto& [address, a] : table_)
-    if (a.state != State::Mapped) a.memory->release();
+    if (a.state != State::Mapped && a.memory) a.memory->release();
+  for (auto& [base, slab] : slabs_)
+    if (!slab->memory.mapped()) slab->memory.release();
 
   RangeSet kept_elsewhere;  // absolute: preserved bytes of allocations whose tag is not offloaded
   for (const ByteRange& r : preserve) kept_elsewhere.add(r);
@@ -174,29 +266,39 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     throw;
   }
 
-  // Release each allocation once the copies of its bytes are done, while later copies still run;
-  // allocations with nothing to keep go first. A failure here (a copy the device reports failed, a
-  // driver error) leaves the allocations released so far asleep with complete backups and the rest
-  // mapped: nothing is lost, and the same sleep can be retried.
+  // Release each allocation (a slab: once all of its rows) once the copies of its bytes are done,
+  // while later copies still run; those with nothing to keep go first. A failure here (a copy the
+  // device reports failed, a driver error) leaves those released so far asleep with complete backups
+  // and the rest mapped: nothing is lost, and the same sleep can be retried.
   uint64_t released_bytes = 0;
-  auto release = [&](Step& s) {
-    Allocation& a = *s.row;
-    a.memory->unmap();
-    if (s.backup.ranges.empty()) {
-      a.state = State::Discarded;
-    } else {
-      a.state = State::BackedUp;
-      a.backup = std::move(s.backup);
+  auto release = [&](const Unit& u) {
+    u.memory->unmap();
+    for (size_t i : u.members) {
+      Step& s = steps[i];
+      Allocation& a = *s.row;
+      if (s.backup.ranges.empty()) {
+        a.state = State::Discarded;
+      } else {
+        a.state = State::BackedUp;
+        a.backup = std::move(s.backup);
+      }
     }
-    released_bytes += a.memory->size();
-    a.memory->release();
+    released_bytes += u.memory->size();
+    stats.mappings += 1;
+    u.memory->release();
   };
-  for (Step& s : steps)
-    if (s.backup.ranges.empty()) release(s);
-  for (Step& s : steps) {
-    if (s.backup.ranges.empty()) continue;
-    copies->wait_copied(s.row->device, s.backup.offset + s.backup.ranges.bytes());
-    release(s);
+  const std::vector<Unit> units = units_of(steps.size(), [&](size_t i) -> const Allocation& { return *steps[i].row; });
+  std::vector<uint64_t> host_end(units.size(), 0);  // past its last byte copied; 0: it keeps nothing
+  for (size_t k = 0; k < units.size(); ++k)
+    for (size_t i : units[k].members)
+      if (!steps[i].backup.ranges.empty())
+        host_end[k] = std::max(host_end[k], steps[i].backup.offset + steps[i].backup.ranges.bytes());
+  for (size_t k = 0; k < units.size(); ++k)
+    if (host_end[k] == 0) release(units[k]);
+  for (size_t k = 0; k < units.size(); ++k) {
+    if (host_end[k] == 0) continue;
+    copies->wait_copied(units[k].memory->device(), host_end[k]);
+    release(units[k]);
   }
   copies.reset();
   stats.bytes_device = released_bytes;
@@ -211,18 +313,21 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   std::lock_guard<std::mutex> lock(mutex_);
 
   std::vector<Allocation*> rows;
-  std::map<int, uint64_t> needed;  // device -> bytes
-  std::map<int, std::set<std::string>> tags_on;
   for (auto& [address, a] : table_) {
     bool asleep = a.state == State::BackedUp || a.state == State::Discarded;
     if (!asleep || (tags && !contains(*tags, a.tag))) continue;
     rows.push_back(&a);
-    needed[a.device] += a.memory->size();
-    tags_on[a.device].insert(a.tag);
   }
   OpStats stats;
   stats.allocations = rows.size();
   if (rows.empty()) return stats;  // nothing asleep: last_wake_ keeps the last real wake
+
+  // The rows of a slab are mapped with it, in one go (Note [Allocation states]).
+  const std::vector<Unit> units = units_of(rows.size(), [&](size_t i) -> const Allocation& { return *rows[i]; });
+  std::map<int, uint64_t> needed;  // device -> bytes
+  std::map<int, std::set<std::string>> tags_on;
+  for (const Unit& u : units) needed[u.memory->device()] += u.memory->size();
+  for (const Allocation* a : rows) tags_on[a->device].insert(a->tag);
 
   auto no_room = [&](int device, const std::string& why) {
     std::string names;
@@ -236,39 +341,42 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   for (const auto& [device, bytes] : needed)
     if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
 
-  // Map each allocation and start its copies at once, so mapping the next overlaps them; undo all
-  // of it if any step fails. (Driver calls on several threads were measured slower, not faster.)
+  // Map each allocation (or slab) and start its copies at once, so mapping the next overlaps them;
+  // undo all of it if any step fails. (Driver calls on several threads were measured slower.)
   std::set<int> copying;
   auto undo = [&] {
     drain_copies(copying);  // nothing may still write into memory that is unmapped here
-    for (Allocation* a : rows)
-      warn_on_failure("undoing a failed wake", [&] { a->memory->release(); });
+    for (const Unit& u : units)
+      warn_on_failure("undoing a failed wake", [&] { u.memory->release(); });
   };
   try {
     std::vector<CopySpan> spans;
-    for (Allocation* row : rows) {
-      Allocation& a = *row;
+    for (const Unit& u : units) {
       try {
-        a.memory->map();
+        u.memory->map();
       } catch (const DeviceOutOfMemory& e) {
-        throw no_room(a.device, e.what());
+        throw no_room(u.memory->device(), e.what());
       }
-      if (options_.fill_unrestored) {
-        RangeSet unrestored({0, a.memory->size()});
-        if (a.backup) unrestored.subtract(a.backup->ranges);
-        for (const ByteRange& r : unrestored.ranges()) backend_->fill(a.device, a.address + r.begin, r.size(), 0xFF);
+      for (size_t i : u.members) {
+        Allocation& a = *rows[i];
+        if (options_.fill_unrestored) {
+          RangeSet unrestored({0, a.span});
+          if (a.backup) unrestored.subtract(a.backup->ranges);
+          for (const ByteRange& r : unrestored.ranges())
+            backend_->fill(a.device, a.address + r.begin, r.size(), 0xFF);
+          copying.insert(a.device);
+        }
+        if (!a.backup) continue;
+        spans.clear();
+        uint8_t* host = a.backup->arena->data() + a.backup->offset;
+        for (const ByteRange& r : a.backup->ranges.ranges()) {
+          a.backup->arena->split_at_registrations({a.address + r.begin, host, r.size()}, spans);
+          host += r.size();
+          stats.bytes_copied += r.size();
+        }
         copying.insert(a.device);
+        backend_->enqueue_copies(a.device, CopyDirection::ToDevice, spans);
       }
-      if (!a.backup) continue;
-      spans.clear();
-      uint8_t* host = a.backup->arena->data() + a.backup->offset;
-      for (const ByteRange& r : a.backup->ranges.ranges()) {
-        a.backup->arena->split_at_registrations({a.address + r.begin, host, r.size()}, spans);
-        host += r.size();
-        stats.bytes_copied += r.size();
-      }
-      copying.insert(a.device);
-      backend_->enqueue_copies(a.device, CopyDirection::ToDevice, spans);
     }
     for (int device : copying) backend_->wait_copies(device);
   } catch (...) {
@@ -279,8 +387,9 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   for (Allocation* a : rows) {
     a->state = State::Mapped;
     a->backup.reset();
-    stats.bytes_device += a->memory->size();
   }
+  for (const Unit& u : units) stats.bytes_device += u.memory->size();
+  stats.mappings = units.size();
   recycle_arenas();
   stats.seconds = seconds_since(start);
   last_wake_ = stats;
@@ -293,7 +402,12 @@ void Allocator::discard(const std::vector<std::string>& tags) {
   for (auto& [address, a] : table_)
     if (a.state == State::Mapped && contains(tags, a.tag)) mapped.push_back(&a);
   synchronize_devices(mapped);
-  for (Allocation* a : mapped) unmap_and_release(*a, State::Discarded);
+  // A slab's Mapped rows all have its tag, so they go together, with its memory.
+  for (const Unit& u : units_of(mapped.size(), [&](size_t i) -> const Allocation& { return *mapped[i]; })) {
+    u.memory->unmap();
+    for (size_t i : u.members) mapped[i]->state = State::Discarded;
+    u.memory->release();
+  }
   for (auto& [address, a] : table_) {
     if (a.state == State::BackedUp && contains(tags, a.tag)) {
       a.backup.reset();
@@ -308,11 +422,22 @@ void Allocator::trim(uintptr_t address) {
   auto it = table_.find(address);
   if (it == table_.end()) throw InvalidArgument("trim of " + hex(address) + ", which this allocator did not allocate");
   Allocation& a = it->second;
-  if (a.state == State::Mapped) {
-    backend_->synchronize(a.device);
-    unmap_and_release(a, State::Unused);
+  if (Slab* slab = a.slab) {
+    // The row keeps its range (its address stays its own until freed); the slab's memory goes when
+    // its last Mapped row goes.
+    if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
+      backend_->synchronize(a.device);
+      slab->memory.unmap();
+      a.state = State::Unused;
+    }
+    if (!slab->memory.mapped()) slab->memory.release();  // also a handle left by an earlier failed release
+  } else {
+    if (a.state == State::Mapped) {
+      backend_->synchronize(a.device);
+      unmap_and_release(a, State::Unused);
+    }
+    a.memory->release();  // a handle left by an earlier failed release
   }
-  a.memory->release();  // a handle left by an earlier failed release
   a.backup.reset();
   a.state = State::Unused;
   recycle_arenas();
@@ -430,6 +555,9 @@ void Allocator::set_options(const AllocatorOptions& options) {
 }
 
 void Allocator::set_options_locked(const AllocatorOptions& options) {
+  if (options.slab_bytes > kMaxSlabBytes)
+    throw InvalidArgument("slab bytes must be at most " + format_bytes(kMaxSlabBytes) + ", got " +
+                          std::to_string(options.slab_bytes));
   if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
   if (options.staging.piece_bytes > kMaxStagingPieceBytes)
     throw InvalidArgument("staging piece bytes must be at most " + format_bytes(kMaxStagingPieceBytes) + ", got " +

@@ -16,7 +16,8 @@
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
-// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h): the reserved range
+// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h; a row in a slab uses
+// its slab's, see Slabs below): the reserved range
 // and the physical handle, with map()/unmap()/release() that change what it holds only after the
 // driver call succeeded. No other code calls reserve/create/map/unmap/release. A row leaves Mapped
 // only once its unmap succeeded, and is Mapped only once its map succeeded; a release that fails
@@ -37,6 +38,23 @@
 // releases each allocation as soon as its copies are done, so a failure found only then (a copy the
 // device reports failed, a driver error) leaves the allocations released so far asleep with complete
 // backups and the rest mapped. Either way the same call can be retried.
+//
+// Slabs (option slab_bytes; 0 = off). The driver's cost is per physical handle mapped, not per byte,
+// so rows of at most slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: a
+// reserved range of slab_bytes for one (device, tag), owned by a Slab in slabs_ through one
+// DeviceMemory with ONE handle mapped over the whole range while the slab is awake. Such a row holds
+// no DeviceMemory of its own; it points at its slab and takes a granularity-aligned range of it
+// (first fit). Rows keep their own state; a slab is awake (mapped) exactly while one of its rows is
+// Mapped. All rows of a slab share a tag, so sleep, discard and wake move them together, and the
+// slab is the unit they unmap, release and map: sleep releases it only after the copies of every one
+// of its rows are done (a failing sleep leaves each slab wholly asleep or wholly mapped), wake maps
+// it before any of its rows' backups are copied back, and a failed wake releases it again. free()
+// gives the row's range back; trim() keeps it taken (an Unused row keeps its address, as above).
+// Both leave the physical memory to the slab, which releases it once no row is Mapped, and is
+// unreserved once it has no rows. New rows go only into awake slabs; when a new slab cannot be had
+// (device full), the row gets its own memory, as rows over the threshold do. The price, while awake:
+// the free part of the slabs is physical memory too (one partly filled slab per (device, tag) as rows
+// come, plus the holes freed rows leave).
 //
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
@@ -73,13 +91,29 @@ struct HostBackup {
   bool whole = false;  // the tag was offloaded (else: preserved ranges only)
 };
 
+// Physical memory shared by the small rows of one (device, tag): see "Slabs" in the note above.
+struct Slab {
+  Slab(DeviceBackend& backend, int device, std::string tag, uint64_t bytes);
+
+  // A slab-relative range of `bytes` (a multiple of the granularity), first fit; none when full.
+  std::optional<uint64_t> take(uint64_t bytes);
+  void give_back(uint64_t offset, uint64_t bytes);
+
+  DeviceMemory memory;  // the whole range, one handle; mapped while awake
+  const std::string tag;
+  RangeSet free;        // slab-relative
+  uint64_t rows = 0;    // rows of the table in this slab, in any state
+};
+
 struct Allocation {
   uintptr_t address = 0;
-  uint64_t size = 0;  // as asked by the caller; memory->size() is rounded up to the granularity
+  uint64_t size = 0;  // as asked by the caller
+  uint64_t span = 0;  // size rounded up to the granularity: the address range the row owns
   int device = 0;
   std::string tag;
   State state = State::Mapped;
-  std::unique_ptr<DeviceMemory> memory;  // mapped while Mapped
+  std::unique_ptr<DeviceMemory> memory;  // its own memory, mapped while Mapped; null in a slab
+  Slab* slab = nullptr;                  // owned by Allocator::slabs_, when the row lives in a slab
   std::optional<HostBackup> backup;
 };
 
@@ -106,6 +140,7 @@ struct OpStats {
   uint64_t bytes_copied = 0;
   uint64_t bytes_device = 0;  // released by a sleep, mapped by a wake
   uint64_t allocations = 0;
+  uint64_t mappings = 0;      // physical handles released by a sleep, mapped by a wake
   StagingTimes staging;       // sleep: making new host memory resident and pinned (0 when reused)
 };
 
@@ -131,9 +166,12 @@ struct AllocatorOptions {
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
+  uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
 
   HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
+
+constexpr uint64_t kMaxSlabBytes = 4ull << 30;
 
 class Allocator {
  public:
@@ -190,11 +228,16 @@ class Allocator {
   uint64_t host_bytes_locked() const;
   void set_options_locked(const AllocatorOptions& options);
   void unmap_and_release(Allocation& a, State asleep);
+  // An awake slab of (device, tag) with `span` bytes taken for a new row, or none when the row gets
+  // its own memory (slabs off, row too big, device too full for a new slab).
+  std::optional<std::pair<Slab*, uint64_t>> place_in_slab(uint64_t span, int device, const std::string& tag);
+  bool other_rows_mapped(const Slab& slab, const Allocation& except) const;
   void synchronize_devices(const std::vector<Allocation*>& rows);
   void drain_copies(const std::set<int>& devices) noexcept;
 
   std::unique_ptr<DeviceBackend> backend_;
   mutable std::mutex mutex_;
+  std::map<uintptr_t, std::unique_ptr<Slab>> slabs_;  // by base address; outlives the rows in table_
   std::map<uintptr_t, Allocation> table_;
   std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
   AllocatorOptions options_;

@@ -83,6 +83,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("bytes_copied", &vse::OpStats::bytes_copied)
       .def_readonly("bytes_device", &vse::OpStats::bytes_device)
       .def_readonly("allocations", &vse::OpStats::allocations)
+      .def_readonly("mappings", &vse::OpStats::mappings)
       .def_property_readonly("populate_seconds", [](const vse::OpStats& s) { return s.staging.populate_seconds; })
       .def_property_readonly("pin_seconds", [](const vse::OpStats& s) { return s.staging.pin_seconds; });
 
@@ -111,6 +112,7 @@ PYBIND11_MODULE(_core, m) {
   auto staging_piece_bytes = option([](auto& o) -> auto& { return o.staging.piece_bytes; });
   auto fill_unrestored = option([](auto& o) -> auto& { return o.fill_unrestored; });
   auto host_prepare_rate = option([](auto& o) -> auto& { return o.host_prepare_rate; });
+  auto slab_bytes = option([](auto& o) -> auto& { return o.slab_bytes; });
 
   py::class_<vse::Allocator>(m, "Allocator")
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0)
@@ -174,7 +176,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property("host_memory_limit", host_memory_limit.first, host_memory_limit.second)
       .def_property("staging_threads", staging_threads.first, staging_threads.second)
       .def_property("staging_piece_bytes", staging_piece_bytes.first, staging_piece_bytes.second)
-      .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second);
+      .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second)
+      .def_property("slab_bytes", slab_bytes.first, slab_bytes.second);
 
   m.def("cuda_allocator", &vse::process_cuda_allocator, py::return_value_policy::reference,
         "The process-wide CUDA allocator behind my_malloc/my_free.");

@@ -21,6 +21,9 @@ AllocatorOptions default_options() {
   // stops scaling past ~8 threads, and 32 MiB pieces start copies early without many small pins.
   options.staging.threads = std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u);
   options.staging.piece_bytes = 32ull << 20;
+  // Level 2 costs per physical handle (benchmarks/RESULTS.md, VMM call costs): PyTorch's 2 and 20 MiB
+  // segments share 64 MiB slabs, one handle each (Note [Allocation states] in allocator.h).
+  options.slab_bytes = 64ull << 20;
   return options;
 }
 

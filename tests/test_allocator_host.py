@@ -169,6 +169,12 @@ def test_live_mode_keeps_every_tensor_but_parameters(alloc: CuMemAllocator, mode
     assert torch.equal(derived, torch.arange(64.0))
 
 
+def test_slab_bytes_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert CuMemAllocator(backend="host")._core.slab_bytes == 64 * MiB
+    monkeypatch.setenv("VLLM_SLEEP_EXT_SLAB_BYTES", "0")
+    assert CuMemAllocator(backend="host")._core.slab_bytes == 0
+
+
 def test_preserve_mode_rejects_unknown_modes(alloc: CuMemAllocator) -> None:
     with pytest.raises(ValueError, match="preserve_mode must be one of"):
         alloc.preserve_mode = "everything"

@@ -236,10 +236,11 @@ def test_failed_calls_leave_no_sticky_state():
 def test_stats_views_carry_the_core_numbers():
     a = make()
     assert a.last_sleep is None and a.last_wake is None and a.tag_stats() == {}
+    a.slab_bytes = 0  # one handle per allocation: bytes_device is the allocations' own
     w = a.malloc(MiB + 5, tag="weights")
     kv = a.malloc(2 * MiB, tag="kv_cache")
     s = a.sleep(["weights"], preserve=[(kv + 100, 300)])
-    assert (s.allocations, s.bytes_copied, s.bytes_device) == (2, MiB + 5 + 300, 4 * MiB)
+    assert (s.allocations, s.bytes_copied, s.bytes_device, s.mappings) == (2, MiB + 5 + 300, 4 * MiB, 2)
     assert s.seconds >= 0 and s.populate_seconds >= 0 and s.pin_seconds >= 0
     assert a.last_sleep.bytes_copied == s.bytes_copied
     assert stats_tuple(a) == {"weights": (1, 0, MiB + 5, MiB + 5, 0), "kv_cache": (1, 0, 2 * MiB, 300, 300)}
@@ -250,15 +251,30 @@ def test_stats_views_carry_the_core_numbers():
 def test_option_properties_round_trip_and_reject_bad_values():
     a = make()
     for name, value in [("keep_host_backups", False), ("host_memory_limit", 3 * MiB), ("staging_threads", 3),
-                        ("staging_piece_bytes", 8 * MiB), ("fill_unrestored", True)]:
+                        ("staging_piece_bytes", 8 * MiB), ("fill_unrestored", True), ("slab_bytes", 8 * MiB)]:
         setattr(a, name, value)
         assert getattr(a, name) == value
     assert core.Allocator("host").fill_unrestored is False  # off by default
+    assert core.Allocator("host").slab_bytes == 64 * MiB  # on by default
+    with pytest.raises(ValueError):
+        a.slab_bytes = 2**64 - 1
     with pytest.raises(ValueError):
         a.staging_threads = 0
     with pytest.raises(ValueError):
         a.staging_piece_bytes = 2**64 - 1  # once wrapped to 0 and killed the process with SIGFPE
     assert (a.staging_threads, a.staging_piece_bytes) == (3, 8 * MiB)
+
+
+def test_small_allocations_share_slabs_and_sleep_as_one_handle():
+    a = make(256 * MiB)
+    a.slab_bytes = 64 * MiB
+    rows = [filled(a, 2 * MiB, "weights", seed) for seed in range(20)]  # 40 MiB: one slab
+    big, big_data = filled(a, 40 * MiB, "weights", 99)  # over half a slab: its own handle
+    s = a.sleep(["weights"])
+    assert (s.allocations, s.mappings, s.bytes_device) == (21, 2, 64 * MiB + 40 * MiB)
+    w = a.wake(None)
+    assert (w.allocations, w.mappings) == (21, 2)
+    assert all(read(p, 2 * MiB) == data for p, data in rows) and read(big, 40 * MiB) == big_data
 
 
 def test_fill_unrestored_reaches_the_core():

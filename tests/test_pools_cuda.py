@@ -206,7 +206,7 @@ def test_cuda_graph_captured_inside_a_pool_lands_in_the_graph_pool(alloc: CuMemA
 SETTINGS_PROBE = textwrap.dedent("""
     import json, torch
     from vllm_sleep_ext import CuMemAllocator
-    from vllm_sleep_ext.allocator import current_allocator_settings
+    from vllm_sleep_ext.alloc_conf import current_allocator_settings
 
     def parsed():  # what PyTorch's allocator really uses, not the string it was last given
         s = torch.cuda.memory._snapshot().get("allocator_settings", {})

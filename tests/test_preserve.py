@@ -21,7 +21,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def alloc() -> CuMemAllocator:
-    return CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    return CuMemAllocator(backend="host", capacity_bytes=256 * MiB)
 
 
 def level2(alloc: CuMemAllocator) -> None:

@@ -88,6 +88,7 @@ class OpStats:
     bytes_copied: int
     bytes_device: int  # released by a sleep, mapped by a wake
     allocations: int
+    mappings: int  # physical handles released by a sleep, mapped by a wake (allocations share slabs)
     populate_seconds: float  # sleep: faulting in new host backup memory, summed over staging threads
     pin_seconds: float  # sleep: pinning it (cuMemHostRegister), summed over staging threads
 
@@ -189,6 +190,9 @@ class CuMemAllocator:
             self.host_policy = os.environ[HOST_POLICY_ENV]
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         self.prepare_host = os.environ.get("VLLM_SLEEP_EXT_PREPARE_HOST", "1" if backend == "cuda" else "0") != "0"
+        slab_bytes = os.environ.get("VLLM_SLEEP_EXT_SLAB_BYTES")  # 0: one physical handle per allocation
+        if slab_bytes:
+            self._core.slab_bytes = int(slab_bytes)
 
     # -- pools -------------------------------------------------------------------------------------
 
@@ -306,10 +310,10 @@ class CuMemAllocator:
             return
         preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
         logger.info(
-            "sleep: released %.2f GiB in %d allocations; %.2f GiB to host (%.2f MiB of it preserved in %d "
-            "ranges, preserve_mode=%s) in %.3f s (%.1f GB/s)",
-            stats.bytes_device / GiB, stats.allocations, stats.bytes_copied / GiB, preserved / (1 << 20),
-            self.last_preserved.ranges, self.preserve_mode,
+            "sleep: released %.2f GiB in %d allocations (%d mappings); %.2f GiB to host (%.2f MiB of it "
+            "preserved in %d ranges, preserve_mode=%s) in %.3f s (%.1f GB/s)",
+            stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB,
+            preserved / (1 << 20), self.last_preserved.ranges, self.preserve_mode,
             stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9,
         )
 
@@ -327,8 +331,8 @@ class CuMemAllocator:
             wanted |= {t for t in self._known_tags() if t not in SEPARATELY_WOKEN_TAGS}
             stats = self._core.wake(sorted(wanted))
         logger.info(
-            "wake_up: mapped %.2f GiB in %d allocations; %.2f GiB from host in %.3f s (%.1f GB/s)",
-            stats.bytes_device / GiB, stats.allocations, stats.bytes_copied / GiB, stats.seconds,
+            "wake_up: mapped %.2f GiB in %d allocations (%d mappings); %.2f GiB from host in %.3f s (%.1f GB/s)",
+            stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
             stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9,
         )
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the C++ core tests (targets core_tests and host_policy_tests, tests/cpp/) under AddressSanitizer (with
-# LeakSanitizer), UndefinedBehaviorSanitizer and ThreadSanitizer, into build/asan, build/ubsan and
+# Builds the C++ core tests (targets core_tests, slab_tests and host_policy_tests, tests/cpp/*_tests.cpp) under
+# AddressSanitizer (with LeakSanitizer), UndefinedBehaviorSanitizer and ThreadSanitizer, into build/asan, build/ubsan and
 # build/tsan, and runs each. Fails on any failed check and on any sanitizer report.
 #
 # Usage: tests/cpp/run_sanitizers.sh [asan] [ubsan] [tsan]     (default: all three, in that order)
@@ -40,7 +40,6 @@ mkdir -p build
 for san in "$@"; do
   flags="$(flags_for "$san")"
   build="build/$san"
-  log="$build/core_tests.log"
   echo "=== $san: configure + build ($build) ==="
   "$cmake_bin" -S . -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -48,38 +47,39 @@ for san in "$@"; do
     "-DCMAKE_CXX_FLAGS=$flags" >"$build.configure.log" 2>&1 \
     || { cat "$build.configure.log" >&2; echo "=== $san: configure FAILED ===" >&2; failed+=("$san"); continue; }
   rm -f "$build.configure.log"
-  "$cmake_bin" --build "$build" --target core_tests host_policy_tests \
+  "$cmake_bin" --build "$build" --target core_tests slab_tests host_policy_tests \
     || { echo "=== $san: build FAILED ===" >&2; failed+=("$san"); continue; }
+  for tests in core_tests slab_tests host_policy_tests; do
+    log="$build/$tests.log"
 
-  echo "=== $san: run ==="
-  runner=()
-  status=0
-  ${runner[@]+"${runner[@]}"} "$build/core_tests" >"$log" 2>&1 || status=$?
-  ${runner[@]+"${runner[@]}"} "$build/host_policy_tests" >>"$log" 2>&1 || status=$?  # last line: its own count
-  # ThreadSanitizer of older toolchains (gcc 12) cannot map its shadow under the larger mmap
-  # randomization of recent kernels; it then dies at start with "unexpected memory mapping".
-  # Rerun without address-space randomization in that case.
-  if [[ "$san" == tsan && $status -ne 0 ]] && grep -q "unexpected memory mapping" "$log"; then
-    echo "(tsan: rerunning with address-space randomization off: setarch -R)"
-    runner=(setarch "$(uname -m)" -R)
+    echo "=== $san: run $tests ==="
+    runner=()
     status=0
-    ${runner[@]+"${runner[@]}"} "$build/core_tests" >"$log" 2>&1 || status=$?
-    ${runner[@]+"${runner[@]}"} "$build/host_policy_tests" >>"$log" 2>&1 || status=$?
-  fi
-  cat "$log"
-  last="$(tail -n 1 "$log")"
-  if [[ $status -ne 0 ]]; then
-    echo "=== $san: FAILED (exit status $status) ===" >&2
-    failed+=("$san")
-  elif grep -Eq "$report_pattern" "$log"; then
-    echo "=== $san: FAILED (sanitizer report above) ===" >&2
-    failed+=("$san")
-  elif ! [[ "$last" =~ ^[0-9]+\ passed,\ 0\ failed$ ]]; then
-    echo "=== $san: FAILED (unexpected last line: '$last') ===" >&2
-    failed+=("$san")
-  else
-    echo "=== $san: OK ($last) ==="
-  fi
+    ${runner[@]+"${runner[@]}"} "$build/$tests" >"$log" 2>&1 || status=$?
+    # ThreadSanitizer of older toolchains (gcc 12) cannot map its shadow under the larger mmap
+    # randomization of recent kernels; it then dies at start with "unexpected memory mapping".
+    # Rerun without address-space randomization in that case.
+    if [[ "$san" == tsan && $status -ne 0 ]] && grep -q "unexpected memory mapping" "$log"; then
+      echo "(tsan: rerunning with address-space randomization off: setarch -R)"
+      runner=(setarch "$(uname -m)" -R)
+      status=0
+      ${runner[@]+"${runner[@]}"} "$build/$tests" >"$log" 2>&1 || status=$?
+    fi
+    cat "$log"
+    last="$(tail -n 1 "$log")"
+    if [[ $status -ne 0 ]]; then
+      echo "=== $san: $tests FAILED (exit status $status) ===" >&2
+      failed+=("$san:$tests")
+    elif grep -Eq "$report_pattern" "$log"; then
+      echo "=== $san: $tests FAILED (sanitizer report above) ===" >&2
+      failed+=("$san:$tests")
+    elif ! [[ "$last" =~ ^[0-9]+\ passed,\ 0\ failed$ ]]; then
+      echo "=== $san: $tests FAILED (unexpected last line: '$last') ===" >&2
+      failed+=("$san:$tests")
+    else
+      echo "=== $san: $tests OK ($last) ==="
+    fi
+  done
 done
 
 if [[ ${#failed[@]} -ne 0 ]]; then
