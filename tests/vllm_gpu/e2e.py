@@ -62,6 +62,35 @@ def pool_bytes(worker) -> dict[str, int]:
     return per_tag
 
 
+def weights_pool_nonparams(worker) -> dict:
+    """Python-visible tensors in the weights pool that are not parameters: what level 2 must keep."""
+    import gc
+
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    spans = []
+    for data in CuMemAllocator.get_instance().pointer_to_data.values():
+        if data.tag == "weights":
+            size = getattr(data, "size", None) or data.handle[1]
+            spans.append((data.ptr, data.ptr + int(size)))
+    params = {p.untyped_storage().data_ptr() for p in worker.get_model().parameters()}
+    found: dict[int, tuple] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or isinstance(obj, torch.nn.Parameter) or not obj.is_cuda:
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - wrapper subclasses and the like
+            continue
+        ptr = storage.data_ptr()
+        if ptr in params or ptr in found or not any(a <= ptr < b for a, b in spans):
+            continue
+        found[ptr] = (storage.nbytes(), list(obj.shape), str(obj.dtype))
+    largest = sorted(found.values(), key=lambda v: -v[0])[:6]
+    return {"tensors": len(found), "bytes": sum(v[0] for v in found.values()), "largest": largest}
+
+
 def save_params(worker) -> int:
     """The trainer's copy of the parameters (named_parameters only: never buffers or anything else)."""
     import torch
@@ -200,12 +229,24 @@ def cmd_timing(run: Run) -> None:
     r = run.result
     r["weights_bytes"] = sum(run.rpc(save_params))
     r["pools_awake"] = run.rpc(pool_bytes)
+    r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
+    print(f"weights pool, non-parameter tensors: {r['weights_pool_nonparams']}", flush=True)
     first = run.level1(overwrite=True)
     run.check("level1_first")
     warm = [run.level1(overwrite=False) for _ in range(3)]
     run.check("level1_warm")
     l2 = [run.level2(overwrite=(i == 0), pause=1.0) for i in range(3)]
     run.check("level2_rlhf")
+    # Device memory in use while asleep (every process on the GPU: this driver's scribble context too).
+    run.llm.sleep(level=1)
+    r["asleep_mib_level1"] = sum(gpu_used_mib()[:run.args.tp])
+    run.llm.wake_up()
+    run.llm.sleep(level=2)
+    r["asleep_mib_level2"] = sum(gpu_used_mib()[:run.args.tp])
+    run.llm.wake_up(tags=["weights"])
+    run.rpc(load_params)
+    run.llm.wake_up(tags=["kv_cache"])
+    run.check("memory_probe_cycle")
     gb = r["weights_bytes"] / 1e9
     r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
     r["level1_warm_sleep_s"] = sorted(s for s, _ in warm)[1]
@@ -217,7 +258,8 @@ def cmd_timing(run: Run) -> None:
           f"wake {first[1]:.3f} s; warm sleep {r['level1_warm_sleep_s']:.3f} s "
           f"({gb / r['level1_warm_sleep_s']:.1f} GB/s), wake {r['level1_warm_wake_s']:.3f} s "
           f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
-          f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s", flush=True)
+          f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
+          f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB", flush=True)
 
 
 def cmd_cycles(run: Run) -> None:

@@ -53,9 +53,13 @@ for s in "${scenarios[@]}"; do
       engine ours flows --model gptneox-tiny
       engine ours flows --model qwen3moe-tiny
       engine ours flows --model llama3-8b --gpu-memory-utilization 0.6 ;;
-    timing)  # the 8B-shaped model, stock then ours, same machine
+    timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
-      engine ours timing --model llama3-8b --gpu-memory-utilization 0.85 ;;
+      engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
+      echo "=== pinned-copy limit, 16 GiB (this machine, this run)" | tee -a "$LOG"
+      (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
+r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
+print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT ;;
     cycles)
       engine stock cycles --model llama-tiny --cycles 50
       engine ours cycles --model llama-tiny --cycles 50 ;;
