@@ -72,8 +72,8 @@ def weights_pool_nonparams(worker) -> dict:
     spans = []
     for data in CuMemAllocator.get_instance().pointer_to_data.values():
         if data.tag == "weights":
-            size = getattr(data, "size", None) or data.handle[1]
-            spans.append((data.ptr, data.ptr + int(size)))
+            ptr, size = (data.ptr, data.size) if hasattr(data, "ptr") else data.handle[2:0:-1]  # stock: handle
+            spans.append((int(ptr), int(ptr) + int(size)))
     params = {p.untyped_storage().data_ptr() for p in worker.get_model().parameters()}
     found: dict[int, tuple] = {}
     for obj in gc.get_objects():
