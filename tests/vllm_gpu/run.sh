@@ -3,7 +3,7 @@
 # into the machine's python so vLLM's plugin loader finds it, then engines run with our allocator and with
 # stock vLLM's (VLLM_PLUGINS=""), side by side.
 #
-# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows timing cycles plain tp2 (default: flows)
+# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing cycles plain tp2 (default: flows)
 # Output: $OUT/vllm.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -53,6 +53,12 @@ for s in "${scenarios[@]}"; do
       engine ours flows --model gptneox-tiny
       engine ours flows --model qwen3moe-tiny
       engine ours flows --model llama3-8b --gpu-memory-utilization 0.6 ;;
+    flows-small)  # the same without the 8B shape (the timing scenario checks its outputs)
+      engine ours flows --model llama-tiny
+      engine ours flows --model llama-tiny --inproc
+      engine ours flows --model qwen2-tiny
+      engine ours flows --model gptneox-tiny
+      engine ours flows --model qwen3moe-tiny ;;
     timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
