@@ -3,7 +3,7 @@
 # into the machine's python so vLLM's plugin loader finds it, then engines run with our allocator and with
 # stock vLLM's (VLLM_PLUGINS=""), side by side.
 #
-# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing cycles plain tp2 (default: flows)
+# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing timing-stock cycles plain tp2 (default: flows)
 # Output: $OUT/vllm.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,6 +66,8 @@ for s in "${scenarios[@]}"; do
       (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
 r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
 print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT ;;
+    timing-stock)  # stock vLLM only (ours measured in another call on the same machine)
+      engine stock timing --model llama3-8b --gpu-memory-utilization 0.85 ;;
     cycles)
       engine stock cycles --model llama-tiny --cycles 50
       engine ours cycles --model llama-tiny --cycles 50 ;;
