@@ -38,39 +38,9 @@
 #include "host_backend.h"
 #include "process.h"
 #include "range_set.h"
+#include "test_harness.h"
 
 namespace {
-
-std::atomic<long> g_passed{0};
-std::atomic<long> g_failed{0};
-
-void report(bool ok, const char* file, int line, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, what.c_str());
-  }
-}
-
-#define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
-
-// Checks that `expr` throws exactly `Type` (or a subclass); any other outcome is a failure.
-#define CHECK_THROWS(expr, Type)                                                                  \
-  do {                                                                                            \
-    bool vse_thrown_ = false;                                                                     \
-    std::string vse_other_;                                                                       \
-    try {                                                                                         \
-      (void)(expr);                                                                               \
-    } catch (const Type&) {                                                                       \
-      vse_thrown_ = true;                                                                         \
-    } catch (const std::exception& e) {                                                           \
-      vse_other_ = std::string(" (threw another exception: ") + e.what() + ")";                  \
-    } catch (...) {                                                                               \
-      vse_other_ = " (threw a non-std exception)";                                                \
-    }                                                                                             \
-    report(vse_thrown_, __FILE__, __LINE__, std::string(#expr " throws " #Type) + vse_other_);    \
-  } while (0)
 
 // Returns the message of the `Type` that `expr` throws ("" when it does not throw one).
 template <typename Type, typename F>
@@ -145,22 +115,9 @@ bool words_match(uintptr_t address, uint64_t bytes, uint64_t seed) {
 
 // ---------------------------------------------------------------------------------------------
 // A backend over HostBackend that fails chosen calls, to test that every failed operation undoes
-// its own work. Each fault is a countdown: n >= 0 fails the (n+1)-th call from now, once.
+// its own work (each fault a vse_test::Fault).
 
-class Fault {
- public:
-  void arm(int calls_before_failure) { countdown_ = calls_before_failure; }
-  void disarm() { countdown_ = -1; }
-  bool fire() {
-    int c = countdown_.load();
-    while (c >= 0)
-      if (countdown_.compare_exchange_weak(c, c - 1)) return c == 0;
-    return false;
-  }
-
- private:
-  std::atomic<int> countdown_{-1};
-};
+using vse_test::Fault;
 
 class FaultyBackend final : public vse::DeviceBackend {
  public:
@@ -1584,10 +1541,7 @@ void test_cuda_pin_out_of_memory_is_host_out_of_memory() {
   CHECK_THROWS(vse::check_cuda(driver, CUDA_ERROR_OUT_OF_MEMORY, "cuMemCreate"), vse::DeviceOutOfMemory);
 }
 
-struct Test {
-  const char* name;
-  void (*fn)();
-};
+using vse_test::Test;
 
 const Test kTests[] = {
     {"range_set_add", test_range_set_add},
@@ -1628,23 +1582,4 @@ const Test kTests[] = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const char* filter = argc > 1 ? argv[1] : nullptr;
-  for (const Test& t : kTests) {
-    if (filter && !std::strstr(t.name, filter)) continue;
-    std::printf("[ RUN  ] %s\n", t.name);
-    std::fflush(stdout);
-    const long failed_before = g_failed;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      report(false, __FILE__, __LINE__, std::string(t.name) + " threw: " + e.what());
-    } catch (...) {
-      report(false, __FILE__, __LINE__, std::string(t.name) + " threw a non-std exception");
-    }
-    std::printf("[ %s ] %s\n", g_failed == failed_before ? " OK " : "FAIL", t.name);
-    std::fflush(stdout);
-  }
-  std::printf("%ld passed, %ld failed\n", g_passed.load(), g_failed.load());
-  return g_failed == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return vse_test::run_tests(kTests, argc, argv); }

@@ -15,21 +15,9 @@
 #include "allocator.h"
 #include "errors.h"
 #include "host_backend.h"
+#include "test_harness.h"
 
 namespace {
-
-std::atomic<long> g_passed{0};
-std::atomic<long> g_failed{0};
-
-void report(bool ok, const char* file, int line, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, what.c_str());
-  }
-}
-#define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
 
 constexpr uint64_t MiB = 1ull << 20;
 
@@ -216,10 +204,7 @@ void host_work_races_nothing_under_concurrent_calls() {
   CHECK(ledger->bad_unpins == 0);
 }
 
-struct Test {
-  const char* name;
-  void (*fn)();
-};
+using vse_test::Test;
 
 const Test kTests[] = {
     {"reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim",
@@ -232,21 +217,4 @@ const Test kTests[] = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const char* filter = argc > 1 ? argv[1] : nullptr;
-  for (const Test& t : kTests) {
-    if (filter && !std::strstr(t.name, filter)) continue;
-    std::printf("[ RUN  ] %s\n", t.name);
-    std::fflush(stdout);
-    const long failed_before = g_failed;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      report(false, __FILE__, __LINE__, std::string(t.name) + " threw: " + e.what());
-    }
-    std::printf("[ %s ] %s\n", g_failed == failed_before ? " OK " : "FAIL", t.name);
-    std::fflush(stdout);
-  }
-  std::printf("%ld passed, %ld failed\n", g_passed.load(), g_failed.load());
-  return g_failed == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return vse_test::run_tests(kTests, argc, argv); }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the C++ core tests (targets core_tests, slab_tests and host_policy_tests, tests/cpp/*_tests.cpp) under
+# Builds the C++ core tests (targets core_tests, slab_tests and host_policy_tests, tests/cpp/*_tests.cpp,
+# sharing tests/cpp/test_harness.h) under
 # AddressSanitizer (with LeakSanitizer), UndefinedBehaviorSanitizer and ThreadSanitizer, into build/asan, build/ubsan and
 # build/tsan, and runs each. Fails on any failed check and on any sanitizer report.
 #

@@ -25,22 +25,9 @@
 #include "async_host_backend.h"
 #include "errors.h"
 #include "host_backend.h"
+#include "test_harness.h"
 
 namespace {
-
-std::atomic<long> g_passed{0};
-std::atomic<long> g_failed{0};
-
-void report(bool ok, const char* file, int line, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", file, line, what.c_str());
-  }
-}
-
-#define CHECK(cond) report(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
 
 constexpr uint64_t MiB = 1ull << 20;
 constexpr uint64_t kSlab = 64 * MiB;
@@ -66,21 +53,7 @@ bool matches(uintptr_t address, uint64_t bytes, uint64_t seed) {
   return true;
 }
 
-// Each fault is a countdown: n >= 0 fails the (n+1)-th call from now, once.
-class Fault {
- public:
-  void arm(int calls_before_failure) { countdown_ = calls_before_failure; }
-  void disarm() { countdown_ = -1; }
-  bool fire() {
-    int c = countdown_.load();
-    while (c >= 0)
-      if (countdown_.compare_exchange_weak(c, c - 1)) return c == 0;
-    return false;
-  }
-
- private:
-  std::atomic<int> countdown_{-1};
-};
+using vse_test::Fault;
 
 // Counts the driver-level calls over a host backend ("host" or "host-async"), remembers the reserved
 // ranges (to tell which slab a row is in), and fails chosen calls.
@@ -673,10 +646,7 @@ void test_fill_unrestored_covers_rows_in_a_slab() {
   CHECK(loud);
 }
 
-struct Test {
-  const char* name;
-  void (*fn)();
-};
+using vse_test::Test;
 
 const Test kTests[] = {
     {"small_allocations_of_one_tag_land_in_few_slabs", test_small_allocations_of_one_tag_land_in_few_slabs},
@@ -701,23 +671,4 @@ const Test kTests[] = {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const char* filter = argc > 1 ? argv[1] : nullptr;
-  for (const Test& t : kTests) {
-    if (filter && !std::strstr(t.name, filter)) continue;
-    std::printf("[ RUN  ] %s\n", t.name);
-    std::fflush(stdout);
-    const long failed_before = g_failed;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      report(false, __FILE__, __LINE__, std::string(t.name) + " threw: " + e.what());
-    } catch (...) {
-      report(false, __FILE__, __LINE__, std::string(t.name) + " threw a non-std exception");
-    }
-    std::printf("[ %s ] %s\n", g_failed == failed_before ? " OK " : "FAIL", t.name);
-    std::fflush(stdout);
-  }
-  std::printf("%ld passed, %ld failed\n", g_passed.load(), g_failed.load());
-  return g_failed == 0 ? 0 : 1;
-}
+int main(int argc, char** argv) { return vse_test::run_tests(kTests, argc, argv); }
