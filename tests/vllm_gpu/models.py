@@ -14,23 +14,21 @@ import tempfile
 _LLAMA_ROPE3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
 
+# Llama-3-8B's shape: the model the timings are for.
+_LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001, "rope_scaling": _LLAMA_ROPE3,
+}
+
 CONFIGS: dict[str, dict] = {
-    # Llama-3-8B's shape: the model the timings are for.
-    "llama3-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001, "rope_scaling": _LLAMA_ROPE3,
-    },
-    # Small Llama with llama3 rope scaling (vLLM's cos_sin_cache is a buffer of the weights pool).
-    "llama-tiny": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
-        "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, "rope_scaling": _LLAMA_ROPE3,
-    },
+    "llama3-8b": _LLAMA3_8B,
+    # The same Llama, small, llama3 rope scaling kept (vLLM's cos_sin_cache is a buffer of the weights pool).
+    "llama-tiny": {**_LLAMA3_8B, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+                   "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
+                   "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2},
     # Qwen2: qkv bias, tied embeddings.
     "qwen2-tiny": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 512,
