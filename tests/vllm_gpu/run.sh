@@ -21,14 +21,16 @@ fi
 # Run from /tmp so that `import vllm_sleep_ext` finds the installed copy, not the source tree.
 REPO=$PWD
 E2E="$REPO/tests/vllm_gpu/e2e.py"
+PLAIN="$REPO/tests/vllm_gpu/check_plain_attributes.py"
 status=0
-engine() {  # engine ours|stock ARGS...: one engine run, its RESULT line appended to $RESULTS
-  local who=$1; shift
+run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run (timeout ENGINE_TIMEOUT, default 400 s),
+                # its RESULT line, if it prints one, appended to $RESULTS
+  local who=$1 script=$2; shift 2
   local plugins=vllm_sleep_ext
   [ "$who" = stock ] && plugins=""
-  echo "=== [$who] e2e.py $* ($(date -u +%T))" | tee -a "$LOG"
+  echo "=== [$who] $(basename "$script") $* ($(date -u +%T))" | tee -a "$LOG"
   local t0=$SECONDS
-  (cd /tmp && VLLM_PLUGINS="$plugins" timeout 400 python3 "$E2E" "$@" 2>&1) > "$OUT/engine.tmp"
+  (cd /tmp && VLLM_PLUGINS="$plugins" timeout "${ENGINE_TIMEOUT:-400}" python3 "$script" "$@" 2>&1) > "$OUT/engine.tmp"
   local rc=$?
   cat "$OUT/engine.tmp" >> "$LOG"
   grep -E "^(PASS|FAIL|MISMATCH|workers' allocator|weights )|vllm_sleep_ext|Traceback|Error" "$OUT/engine.tmp" \
@@ -38,6 +40,7 @@ engine() {  # engine ours|stock ARGS...: one engine run, its RESULT line appende
   echo "=== [$who] exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
   [ $rc -eq 0 ] || status=1
 }
+engine() { local who=$1; shift; run_script "$who" "$E2E" "$@"; }  # engine ours|stock E2E-ARGS...
 
 scenarios=("$@")
 [ ${#scenarios[@]} -eq 0 ] && scenarios=(flows)
@@ -72,13 +75,8 @@ print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/
       engine stock cycles --model llama-tiny --cycles 50
       engine ours cycles --model llama-tiny --cycles 50 ;;
     plain)  # plain-attribute state built after loading (issue 9): stock loses it, ours keeps it
-      for who in stock ours; do
-        plugins=vllm_sleep_ext; [ $who = stock ] && plugins=""
-        echo "=== [$who] check_plain_attributes.py" | tee -a "$LOG"
-        (cd /tmp && VLLM_PLUGINS="$plugins" timeout 300 python3 "$REPO/tests/vllm_gpu/check_plain_attributes.py" \
-          $([ $who = stock ] && echo --expect-differ) 2>&1) | tee -a "$LOG" | grep -E "^(PASS|FAIL)|Error" | head
-        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      done ;;
+      ENGINE_TIMEOUT=300 run_script stock "$PLAIN" --expect-differ
+      ENGINE_TIMEOUT=300 run_script ours "$PLAIN" ;;
     tp2)
       engine ours flows --model llama-tiny --tp 2
       engine ours flows --model qwen3moe-tiny --tp 2 ;;
