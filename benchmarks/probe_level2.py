@@ -1,7 +1,8 @@
 """Where does a level-2 sleep + wake's time go? Splits it into the core's part and the Python layer's.
 
-One process: model-like weights (large matrices and thousands of small tensors, with registered
-buffers) and a KV cache, then level-2 cycles at each thread count.
+One process: model-like weights (large matrices and thousands of small tensors, held as parameters,
+with registered buffers) and a KV cache, then level-2 cycles with and without a pause between sleep
+and wake; the core's driver time by call; the Python layer's parts one by one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     with alloc.use_memory_pool(tag="weights"):
         weights = bench.alloc_tensors(bench.model_like_sizes(int(args.weights_gib * GiB), seed=0))
         mods = bench.make_buffer_modules(8)
+    holder = bench.as_parameters(weights)  # noqa: F841 - the weights are parameters, as in a model
     with alloc.use_memory_pool(tag="kv_cache"):
         kv = bench.alloc_kv(int(args.kv_gib * GiB))
     torch.cuda.synchronize()
@@ -47,23 +49,47 @@ def main() -> int:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    print(f"{'round':>7} {'sleep ms':>9} {'(core)':>7} {'wake w ms':>9} {'(core)':>7} {'wake kv ms':>10} "
-          f"{'total ms':>9}   python parts (ms): trim / ranges / empty_cache")
-    for round_ in range(2):
-        rows = []
+    from vllm_sleep_ext import allocator as allocator_module
+    from vllm_sleep_ext import preserve
+
+    print(f"{'pause s':>7} {'sleep ms':>9} {'(core)':>7} {'wake w ms':>9} {'(core)':>7} {'wake kv ms':>10} "
+          f"{'(core)':>7} {'total ms':>9}")
+    print("        core parts (ms), sleep: sync / unmap / release; wake weights: map / copy wait; wake kv: map")
+    for pause in (1.0, 0.0, 1.0):
+        rows, parts = [], []
         for _ in range(args.cycles):
             s = timed(lambda: alloc.sleep(offload_tags=()))
-            s_core = alloc.stats().last_sleep.seconds
+            sc = alloc.stats().last_sleep
+            time.sleep(pause)
             w = timed(lambda: alloc.wake_up(["weights"]))
-            w_core = alloc.stats().last_wake.seconds
+            wc = alloc.stats().last_wake
             k = timed(lambda: alloc.wake_up(["kv_cache"]))
-            rows.append((s, s_core, w, w_core, k))
+            kc = alloc.stats().last_wake
+            rows.append((s, sc.seconds, w, wc.seconds, k, kc.seconds))
+            parts.append((sc.sync_seconds, sc.unmap_seconds, sc.release_seconds, wc.map_seconds,
+                          wc.copy_wait_seconds, kc.map_seconds))
         med = [statistics.median(col) * 1e3 for col in zip(*rows)]
-        trim = timed(lambda: alloc.trim()) * 1e3
-        ranges = timed(alloc._preserved_ranges) * 1e3
-        empty = timed(torch.cuda.empty_cache) * 1e3
-        print(f"{round_:7} {med[0]:9.1f} {med[1]:7.1f} {med[2]:9.1f} {med[3]:7.1f} {med[4]:10.1f} "
-              f"{med[0] + med[2] + med[4]:9.1f}   {trim:.2f} / {ranges:.2f} / {empty:.2f}", flush=True)
+        mp = [statistics.median(col) * 1e3 for col in zip(*parts)]
+        print(f"{pause:7.1f} {med[0]:9.1f} {med[1]:7.1f} {med[2]:9.1f} {med[3]:7.1f} {med[4]:10.1f} {med[5]:7.1f} "
+              f"{med[0] + med[2] + med[4]:9.1f}", flush=True)
+        print(f"        sleep {mp[0]:.1f} / {mp[1]:.1f} / {mp[2]:.1f}; wake weights {mp[3]:.1f} / {mp[4]:.1f}; "
+              f"wake kv {mp[5]:.1f}", flush=True)
+    # The Python layer's parts of a level-2 sleep, each on its own (median of 5, ms).
+    params = list(preserve.registry.parameters())
+    python_parts = {
+        "trim (empty_cache)": lambda: alloc.trim(),
+        "core.allocations()": lambda: alloc._core.allocations(),
+        "registry.parameters()": lambda: list(preserve.registry.parameters()),
+        "whole_storage_starts": lambda: preserve.whole_storage_starts(params),
+        "own_ranges_of": lambda: preserve.own_ranges_of(params),
+        "memory_snapshot": allocator_module._memory_snapshot,
+        "_live_ranges": lambda: alloc._live_ranges(),
+        "_preserved_ranges(())": lambda: alloc._preserved_ranges(()),
+    }
+    print(f"python parts ({len(params)} parameters):")
+    for name, fn in python_parts.items():
+        times = [timed(fn) * 1e3 for _ in range(5)]
+        print(f"  {name:24} {statistics.median(times):7.2f} ms", flush=True)
     intact = all(torch.equal(b.cpu(), r) for b, r in zip(bench.module_buffers(mods), reference))
     print("buffers intact after all cycles" if intact else "BUFFERS CHANGED")
     del weights, kv

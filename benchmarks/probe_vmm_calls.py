@@ -1,8 +1,11 @@
-"""Cost of each CUDA VMM driver call, per call, for many 2 MiB allocations (what level 2 is made of).
+"""Cost of each CUDA VMM driver call: per call for many 2 MiB allocations (what level 2 is made of),
+and per size for one allocation of 2 MiB to 8 GiB (does a call cost per mapping or per byte?).
 
 Times cuMemCreate, cuMemMap, cuMemSetAccess, cuMemUnmap and cuMemRelease one allocation at a time,
 then the same with the allocations laid out back to back in one address reservation, where
-cuMemSetAccess and cuMemUnmap can each cover the whole range in one call.
+cuMemSetAccess and cuMemUnmap can each cover the whole range in one call. The size sweep writes
+the memory before it is unmapped (as a KV cache is written), and creates it again right after the
+release and once more after a pause: the driver prepares released memory before it hands it out.
 """
 
 from __future__ import annotations
@@ -34,7 +37,54 @@ class AccessDesc(ctypes.Structure):
     _fields_ = [("location", Location), ("flags", ctypes.c_int)]
 
 
+def size_sweep(cu, prop, access, check, sizes_mib: list[int], repeats: int = 3) -> None:
+    """One allocation of each size: every call's time, then re-creation right after release."""
+    import torch
+
+    print(f"-- one allocation per size, {repeats} rounds each (ms; the memory is written before the unmap)")
+    print(f"{'size MiB':>9} {'create':>8} {'map':>8} {'access':>8} {'unmap':>8} {'release':>8} "
+          f"{'create again':>12} {'after 1 s':>10}")
+    for mib in sizes_mib:
+        size = mib << 20
+        base = ctypes.c_ulonglong()
+        check(cu.cuMemAddressReserve(ctypes.byref(base), ctypes.c_size_t(size), ctypes.c_size_t(0),
+                                     ctypes.c_ulonglong(0), ctypes.c_ulonglong(0)), "reserve")
+        for _ in range(repeats):
+            h = ctypes.c_ulonglong()
+            t = []
+
+            def step(fn) -> None:
+                t0 = time.perf_counter()
+                fn()
+                t.append((time.perf_counter() - t0) * 1e3)
+
+            step(lambda: check(cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size), ctypes.byref(prop),
+                                              ctypes.c_ulonglong(0)), "create"))
+            step(lambda: check(cu.cuMemMap(base, ctypes.c_size_t(size), ctypes.c_size_t(0), h,
+                                           ctypes.c_ulonglong(0)), "map"))
+            step(lambda: check(cu.cuMemSetAccess(base, ctypes.c_size_t(size), ctypes.byref(access),
+                                                 ctypes.c_size_t(1)), "access"))
+            check(cu.cuMemsetD8_v2(base, ctypes.c_ubyte(7), ctypes.c_size_t(size)), "memset")
+            torch.cuda.synchronize()
+            step(lambda: check(cu.cuMemUnmap(base, ctypes.c_size_t(size)), "unmap"))
+            step(lambda: check(cu.cuMemRelease(h), "release"))
+            step(lambda: check(cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size), ctypes.byref(prop),
+                                              ctypes.c_ulonglong(0)), "create"))
+            check(cu.cuMemRelease(h), "release")
+            time.sleep(1.0)
+            step(lambda: check(cu.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(size), ctypes.byref(prop),
+                                              ctypes.c_ulonglong(0)), "create"))
+            check(cu.cuMemRelease(h), "release")
+            print(f"{mib:9} " + " ".join(f"{x:8.3f}" for x in t[:5]) + f" {t[5]:12.3f} {t[6]:10.3f}", flush=True)
+        check(cu.cuMemAddressFree(base, ctypes.c_size_t(size)), "free")
+
+
 def main(n: int = 600, size: int = 2 << 20) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes-mib", type=int, nargs="*", default=[2, 64, 1024, 8192])
+    args = parser.parse_args()
     import torch
 
     torch.cuda.init()
@@ -89,6 +139,8 @@ def main(n: int = 600, size: int = 2 << 20) -> int:
                 timed("cuMemUnmap, one call for all", lambda: check(cu.cuMemUnmap(
                     ctypes.c_ulonglong(ptrs[0]), ctypes.c_size_t(size * n)), "unmap"), n)
             timed("cuMemRelease", lambda: [check(cu.cuMemRelease(h), "release") for h in handles], n)
+    if args.sizes_mib:
+        size_sweep(cu, prop, access, check, args.sizes_mib)
     return 0
 
 

@@ -30,6 +30,18 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// Runs `step` and adds its duration to `total`, also when it throws.
+template <typename F>
+void timed(double& total, F&& step) {
+  const auto start = std::chrono::steady_clock::now();
+  struct Add {
+    double& total;
+    std::chrono::steady_clock::time_point start;
+    ~Add() { total += seconds_since(start); }
+  } add{total, start};
+  step();
+}
+
 std::set<int> devices_of(const std::vector<Allocation*>& rows) {
   std::set<int> devices;
   for (const Allocation* a : rows) devices.insert(a->device);
@@ -245,7 +257,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   drop_prepared_unless(arena.get());
   std::optional<CopyPipeline> copies;  // after `arena`: its destructor waits for copies into it
   try {
-    synchronize_devices(rows);
+    timed(stats.sync_seconds, [&] { synchronize_devices(rows); });
     if (arena) {
       copies.emplace(*backend_, arena->data());
       for (Step& s : steps) {
@@ -272,7 +284,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   // and the rest mapped: nothing is lost, and the same sleep can be retried.
   uint64_t released_bytes = 0;
   auto release = [&](const Unit& u) {
-    u.memory->unmap();
+    timed(stats.unmap_seconds, [&] { u.memory->unmap(); });
     for (size_t i : u.members) {
       Step& s = steps[i];
       Allocation& a = *s.row;
@@ -285,7 +297,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     }
     released_bytes += u.memory->size();
     stats.mappings += 1;
-    u.memory->release();
+    timed(stats.release_seconds, [&] { u.memory->release(); });
   };
   const std::vector<Unit> units = units_of(steps.size(), [&](size_t i) -> const Allocation& { return *steps[i].row; });
   std::vector<uint64_t> host_end(units.size(), 0);  // past its last byte copied; 0: it keeps nothing
@@ -297,7 +309,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
     if (host_end[k] == 0) release(units[k]);
   for (size_t k = 0; k < units.size(); ++k) {
     if (host_end[k] == 0) continue;
-    copies->wait_copied(units[k].memory->device(), host_end[k]);
+    timed(stats.copy_wait_seconds, [&] { copies->wait_copied(units[k].memory->device(), host_end[k]); });
     release(units[k]);
   }
   copies.reset();
@@ -353,7 +365,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     std::vector<CopySpan> spans;
     for (const Unit& u : units) {
       try {
-        u.memory->map();
+        timed(stats.map_seconds, [&] { u.memory->map(); });
       } catch (const DeviceOutOfMemory& e) {
         throw no_room(u.memory->device(), e.what());
       }
@@ -378,7 +390,9 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
         backend_->enqueue_copies(a.device, CopyDirection::ToDevice, spans);
       }
     }
-    for (int device : copying) backend_->wait_copies(device);
+    timed(stats.copy_wait_seconds, [&] {
+      for (int device : copying) backend_->wait_copies(device);
+    });
   } catch (...) {
     undo();
     throw;

@@ -142,6 +142,12 @@ struct OpStats {
   uint64_t allocations = 0;
   uint64_t mappings = 0;      // physical handles released by a sleep, mapped by a wake
   StagingTimes staging;       // sleep: making new host memory resident and pinned (0 when reused)
+  // Where the time went, for the log and the benchmarks (each summed over the operation).
+  double sync_seconds = 0;     // sleep: waiting for the device's pending work
+  double copy_wait_seconds = 0;  // waiting for copies (sleep: before each release; wake: at the end)
+  double unmap_seconds = 0;    // sleep: cuMemUnmap
+  double release_seconds = 0;  // sleep: cuMemRelease
+  double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
 };
 
 // Note [Host policies]

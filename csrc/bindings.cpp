@@ -85,7 +85,12 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("allocations", &vse::OpStats::allocations)
       .def_readonly("mappings", &vse::OpStats::mappings)
       .def_property_readonly("populate_seconds", [](const vse::OpStats& s) { return s.staging.populate_seconds; })
-      .def_property_readonly("pin_seconds", [](const vse::OpStats& s) { return s.staging.pin_seconds; });
+      .def_property_readonly("pin_seconds", [](const vse::OpStats& s) { return s.staging.pin_seconds; })
+      .def_readonly("sync_seconds", &vse::OpStats::sync_seconds)
+      .def_readonly("copy_wait_seconds", &vse::OpStats::copy_wait_seconds)
+      .def_readonly("unmap_seconds", &vse::OpStats::unmap_seconds)
+      .def_readonly("release_seconds", &vse::OpStats::release_seconds)
+      .def_readonly("map_seconds", &vse::OpStats::map_seconds);
 
   // Options and read-only views release the GIL while they wait for the core's lock, which a long
   // sleep holds; each setter changes its option in one locked step (update_options).

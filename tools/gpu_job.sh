@@ -36,5 +36,7 @@ want demo && step demo python3 -m vllm_sleep_ext demo
 want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT"
 want soak && step soak python3 benchmarks/soak.py
 want vllm && [ "${stages[*]}" != all ] && step vllm_summary bash tests/vllm_gpu/run.sh ${VLLM_SCENARIOS:-flows}
-want probe && step probe python3 benchmarks/probe_staging.py --gib 8 --threads 4 8 12 --piece-mib 32 64
+want probe && step probe_vmm python3 benchmarks/probe_vmm_calls.py
+want probe && step probe_pin python3 benchmarks/probe_pin.py
+want probe && step probe_level2 python3 benchmarks/probe_level2.py
 exit $status

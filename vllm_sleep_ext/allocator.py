@@ -91,6 +91,12 @@ class OpStats:
     mappings: int  # physical handles released by a sleep, mapped by a wake (allocations share slabs)
     populate_seconds: float  # sleep: faulting in new host backup memory, summed over staging threads
     pin_seconds: float  # sleep: pinning it (cuMemHostRegister), summed over staging threads
+    # Driver time, summed over the operation (where a sleep's or wake's time went):
+    sync_seconds: float  # sleep: waiting for the device's pending work
+    copy_wait_seconds: float  # waiting for copies (sleep: before each release; wake: at the end)
+    unmap_seconds: float  # sleep: cuMemUnmap
+    release_seconds: float  # sleep: cuMemRelease
+    map_seconds: float  # wake: cuMemCreate + cuMemMap + cuMemSetAccess
 
 
 @dataclasses.dataclass(frozen=True)
