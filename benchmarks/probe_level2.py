@@ -80,10 +80,10 @@ def main() -> int:
         "trim (empty_cache)": lambda: alloc.trim(),
         "core.allocations()": lambda: alloc._core.allocations(),
         "registry.parameters()": lambda: list(preserve.registry.parameters()),
-        "whole_storage_starts": lambda: preserve.whole_storage_starts(params),
-        "own_ranges_of": lambda: preserve.own_ranges_of(params),
+        "parameter_spans": lambda: preserve.parameter_spans(params),
         "memory_snapshot": allocator_module._memory_snapshot,
-        "_live_ranges": lambda: alloc._live_ranges(),
+        "_live_ranges": lambda: alloc._live_ranges({a.ptr: a.size for a in alloc._core.allocations()
+                                                    if a.state == "mapped" and a.tag == "weights"}),
         "_preserved_ranges(())": lambda: alloc._preserved_ranges(()),
     }
     print(f"python parts ({len(params)} parameters):")

@@ -8,6 +8,9 @@ Two questions behind the "reclaimable" host policy and the background prepare:
    pinning must beat that to stay off the critical path.
 2. Interference. While a background thread pins (or only faults pages in) at a given rate, how many
    steps per second does a launch-bound loop on the main thread keep (small kernels, one sync each)?
+3. Bouncing instead of pinning. How fast do CPU threads copy between a pinned buffer and resident
+   pageable memory? A backup kept in pageable memory could be reached through a small pinned ring at
+   the PCIe rate only if this is well above it.
 """
 
 from __future__ import annotations
@@ -33,12 +36,18 @@ def main() -> int:
     parser.add_argument("--piece-mib", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--rates-gbs", type=float, nargs="+", default=[0.5, 1, 2])
     parser.add_argument("--probe-s", type=float, default=3.0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["pin", "interference", "bounce"])
     args = parser.parse_args()
 
     import torch
 
     torch.zeros(1, device="cuda")
     cu = ctypes.CDLL("libcuda.so.1")
+    context = ctypes.c_void_p()
+    cu.cuCtxGetCurrent(ctypes.byref(context))  # torch's primary context; each thread makes it current
+
+    def on_this_thread() -> None:
+        cu.cuCtxSetCurrent(context)
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     nbytes = int(args.gib * GiB)
@@ -63,7 +72,7 @@ def main() -> int:
 
     print("-- 1. pinning resident memory (GB/s, wall clock; unpinning after each)")
     print(f"{'threads':>8} " + " ".join(f"{p:>6} MiB" for p in args.piece_mib) + "   unpin GB/s (1 thread)")
-    for threads in args.threads:
+    for threads in () if "pin" in args.skip else args.threads:
         cells = []
         unpin_rate = 0.0
         for piece_mib in args.piece_mib:
@@ -73,6 +82,7 @@ def main() -> int:
             lock = threading.Lock()
 
             def work() -> None:
+                on_this_thread()
                 while True:
                     with lock:
                         off = next(nxt, None)
@@ -109,6 +119,7 @@ def main() -> int:
         return n / seconds
 
     def background(kind: str, rate: float, piece: int, stop: threading.Event) -> None:
+        on_this_thread()
         off = 0
         pinned = []
         t_start = time.perf_counter()
@@ -128,6 +139,10 @@ def main() -> int:
         for p in pinned:
             unregister(p)
 
+    if "bounce" not in args.skip:
+        bounce(torch, base, nbytes, args.threads + [12])
+    if "interference" in args.skip:
+        return 0
     print("-- 2. launch-bound loop (8 small kernels + sync per step) with background host work")
     idle = steps_per_s(args.probe_s)
     print(f"{'background':>22} {'rate GB/s':>9} {'piece MiB':>9} {'steps/s':>9} {'x idle':>7}")
@@ -145,6 +160,29 @@ def main() -> int:
     idle2 = steps_per_s(args.probe_s)
     print(f"{'none (again)':>22} {'':>9} {'':>9} {idle2:9.0f} {idle2 / idle:7.3f}")
     return 0
+
+
+def bounce(torch, base: int, nbytes: int, threads_list: list[int]) -> None:
+    """CPU copy bandwidth between a 1 GiB pinned buffer and resident pageable memory, by threads."""
+    ring = torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
+    ring.fill_(1)
+    pageable = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(base), dtype=torch.uint8)
+    print("-- 3. CPU copies, pinned 1 GiB <-> resident pageable (GB/s), torch.Tensor.copy_ on N threads")
+    print(f"{'threads':>8} {'to pageable':>12} {'from pageable':>14}")
+    saved = torch.get_num_threads()
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        rates = []
+        for direction in ("to", "from"):
+            t0 = time.perf_counter()
+            for off in range(0, nbytes - GiB + 1, GiB):
+                if direction == "to":
+                    pageable[off:off + GiB].copy_(ring)
+                else:
+                    ring.copy_(pageable[off:off + GiB])
+            rates.append((nbytes // GiB) * GiB / (time.perf_counter() - t0) / 1e9)
+        print(f"{threads:8} {rates[0]:12.1f} {rates[1]:14.1f}", flush=True)
+    torch.set_num_threads(saved)
 
 
 if __name__ == "__main__":

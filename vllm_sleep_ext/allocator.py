@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Optional, Union
@@ -29,12 +30,11 @@ from vllm_sleep_ext.preserve import (
     as_ranges,
     intersect,
     merge,
-    own_ranges_of,
+    parameter_spans,
     parse_preserve_tags,
     ranges_of,
     registry,
     subtract,
-    whole_storage_starts,
 )
 
 logger = logging.getLogger(__name__)
@@ -310,17 +310,18 @@ class CuMemAllocator:
         tags = self._tags(offload_tags, "offload_tags", default=(self.default_tag,))
         self._log_host_error()
         self._trim_quietly()  # emptied segments are released for good, neither backed up nor mapped again
+        start = time.perf_counter()
         preserve, exclude = self._preserved_ranges(tags)
+        scope_seconds = time.perf_counter() - start
         stats = self._core.sleep(list(tags), preserve, exclude)
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        preserved = sum(s.preserved_bytes for s in self._core.tag_stats().values())
         logger.info(
             "sleep: released %.2f GiB in %d allocations (%d mappings); %.2f GiB to host (%.2f MiB of it "
-            "preserved in %d ranges, preserve_mode=%s) in %.3f s (%.1f GB/s)",
+            "preserved in %d ranges, preserve_mode=%s) in %.3f s (%.1f GB/s; preserve scope %.1f ms, "
+            "driver unmap %.1f ms, release %.1f ms)",
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB,
-            preserved / (1 << 20), self.last_preserved.ranges, self.preserve_mode,
-            stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9,
+            self.last_preserved.bytes / (1 << 20), self.last_preserved.ranges, self.preserve_mode,
+            stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, scope_seconds * 1e3,
+            stats.unmap_seconds * 1e3, stats.release_seconds * 1e3,
         )
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
@@ -333,13 +334,15 @@ class CuMemAllocator:
         if tags is None:
             stats = self._core.wake(None)
         else:
-            wanted = set(self._tags(tags, "tags"))
-            wanted |= {t for t in self._known_tags() if t not in SEPARATELY_WOKEN_TAGS}
+            known = self._known_tags()
+            wanted = set(self._tags(tags, "tags", known=known))
+            wanted |= {t for t in known if t not in SEPARATELY_WOKEN_TAGS}
             stats = self._core.wake(sorted(wanted))
         logger.info(
-            "wake_up: mapped %.2f GiB in %d allocations (%d mappings); %.2f GiB from host in %.3f s (%.1f GB/s)",
+            "wake_up: mapped %.2f GiB in %d allocations (%d mappings); %.2f GiB from host in %.3f s (%.1f GB/s; "
+            "driver map %.1f ms)",
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
-            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9,
+            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3,
         )
 
     def discard(self, tags: Tags) -> None:
@@ -403,22 +406,24 @@ class CuMemAllocator:
         """(ranges to keep, ranges never to keep) for the core, and ``last_preserved`` for the log.
 
         Kept: preserve() (always, parameters included), registered buffers, and in "live" mode the
-        live bytes of ``preserve_tags`` that are not a parameter's.
+        live bytes of ``preserve_tags`` that are not a parameter's. Only bytes of awake allocations
+        whose tag is not offloaded count (the others are copied whole or asleep already), so a level-1
+        sleep, which offloads "weights", resolves no parameter at all.
         """
         mode = self._preserve_mode
-        if mode is PreserveMode.OFF:
+        allocations = self._core.allocations()
+        awake_kept = [a for a in allocations if a.state == "mapped" and a.tag not in offload_tags]
+        if mode is PreserveMode.OFF or not awake_kept:
             self.last_preserved = PreservedRanges(0, 0)
             return [], []
         # preserve() wins: parameters are taken out of the live bytes only, never out of these.
         keep = merge(ranges_of(self._preserved.tensors()) + ranges_of(registry.buffers()))
-        if mode is PreserveMode.LIVE:
-            params = list(registry.parameters())
-            live = merge(self._live_ranges(skip_blocks=whole_storage_starts(params)))
-            keep = merge(as_ranges(keep) + as_ranges(subtract(live, merge(own_ranges_of(params)))))
-        # What the core will really copy: bytes of awake allocations whose tag is not offloaded.
-        windows = merge((a.ptr, a.size) for a in self._core.allocations()
-                        if a.state == "mapped" and a.tag not in offload_tags)
-        kept = intersect(keep, windows)
+        scope = {a.ptr: a.size for a in awake_kept if a.tag in self._preserve_tags}
+        if mode is PreserveMode.LIVE and scope:
+            own, whole = parameter_spans(registry.parameters())
+            live = merge(self._live_ranges(scope, skip_blocks=whole))
+            keep = merge(as_ranges(keep) + as_ranges(subtract(live, merge(own))))
+        kept = intersect(keep, merge((a.ptr, a.size) for a in awake_kept))
         self.last_preserved = PreservedRanges(sum(e - s for s, e in kept), len(kept))
         if mode is PreserveMode.LIVE and self.last_preserved.bytes > LARGE_PRESERVE_BYTES and not self._warned_large:
             # Non-parameter tensors this large are usually derived from the weights (repacked copies),
@@ -430,20 +435,18 @@ class CuMemAllocator:
                 "the copy", self.last_preserved.bytes / GiB, self._preserve_tags, self.last_preserved.ranges)
         return as_ranges(kept), []
 
-    def _live_ranges(self, skip_blocks: frozenset[int] | set[int] = frozenset()) -> list[Range]:
-        """Live bytes of the allocations of ``preserve_tags``, but no block that starts at ``skip_blocks``.
+    def _live_ranges(self, scope: dict[int, int], skip_blocks: frozenset[int] | set[int] = frozenset()) -> list[Range]:
+        """Live bytes of the allocations in ``scope`` (address: size), but no block that starts at ``skip_blocks``.
 
         Which bytes are live is known to PyTorch's caching allocator only (blocks in use), so this
         reads torch.cuda.memory_snapshot(): the whole-process one, taken under the caching allocator's
         lock, because the per-pool MemPool.snapshot() crashed on emptied pools. A segfault was seen
         when another thread allocated during a snapshot (torch 2.11); at sleep the engine is idle and
         vLLM's extra threads (output, death-pipe, I/O) do not allocate CUDA memory. Only segments that
-        are allocations of ``preserve_tags`` in the core count, so blocks of the KV cache and other
-        pools never do. If the snapshot fails, the whole allocations are kept: more bytes, never
-        fewer. On the host backend an allocation is freed with its last tensor, so all of it is live.
+        are allocations in ``scope`` count, so blocks of the KV cache and other pools never do. If the
+        snapshot fails, the whole allocations are kept: more bytes, never fewer. On the host backend
+        an allocation is freed with its last tensor, so all of it is live.
         """
-        scope = {a.ptr: a.size for a in self._core.allocations()
-                 if a.state == "mapped" and a.tag in self._preserve_tags}
         if not scope or self.backend != "cuda":
             return list(scope.items())
         try:
@@ -460,11 +463,12 @@ class CuMemAllocator:
                 continue
             for block in segment["blocks"]:
                 start = block.get("address", address)
-                if block["state"].startswith("active") and start not in skip_blocks:
+                size = block["size"]
+                if block["state"] != "inactive" and start not in skip_blocks:
                     # The block's tail past what was asked for (rounding, an unsplit rest) holds no tensor.
-                    used = min(block.get("requested_size") or block["size"], block["size"])
-                    ranges.append((start, used))
-                address = start + block["size"]
+                    used = block.get("requested_size") or size
+                    ranges.append((start, used if used < size else size))
+                address = start + size
         return ranges + list(unseen.items())
 
     # -- host memory -------------------------------------------------------------------------------
@@ -571,7 +575,8 @@ class CuMemAllocator:
     def _known_tags(self) -> set[str]:
         return self._used_tags | {a.tag for a in self._core.allocations()}
 
-    def _tags(self, tags: Tags, what: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+    def _tags(self, tags: Tags, what: str, default: Sequence[str] = (),
+              known: Optional[set[str]] = None) -> tuple[str, ...]:
         if tags is None:
             return tuple(default)
         if isinstance(tags, str):
@@ -581,7 +586,7 @@ class CuMemAllocator:
         for tag in tags:
             if not isinstance(tag, str):
                 raise TypeError(f"{what} must hold str tags, got {tag!r} ({type(tag).__name__})")
-        known = self._known_tags() | set(VLLM_TAGS)
+        known = (self._known_tags() if known is None else known) | set(VLLM_TAGS)
         unknown = sorted(set(tags) - known)
         if unknown:
             raise ValueError(f"{what}: unknown tag(s) {unknown}; known tags are {sorted(known)}")

@@ -163,18 +163,42 @@ def whole_storage_starts(tensors: Iterable[torch.Tensor]) -> set[int]:
     to 512 bytes, and up to 1 MiB more where splitting the rest off was not worth it): a parameter that
     covers its whole storage owns its whole block, tail included, and nothing else lives there.
     """
-    starts = set()
-    for tensor in tensors:
-        for part in _dense(tensor):
+    return parameter_spans(tensors)[1]
+
+
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
+def parameter_spans(params: Iterable[torch.Tensor]) -> tuple[list[Range], set[int]]:
+    """(``own_ranges`` of each, ``whole_storage_starts``) in one pass.
+
+    A sleep resolves every parameter of the process (thousands in a large model), so plain dense
+    tensors, nearly all of them, take a short path of a few attribute reads; the rest go through
+    ``_dense`` like any other tensor.
+    """
+    own: list[Range] = []
+    whole: set[int] = set()
+    strided = torch.strided
+    for param in params:
+        if type(param) in _PLAIN_TENSOR_TYPES and param.layout is strided and not param.is_nested:
+            parts: Iterable[torch.Tensor] = (param,)
+        else:
+            parts = _dense(param)
+        for part in parts:
             try:
+                ptr = part.data_ptr()
+                if not ptr or not part.is_contiguous():
+                    continue
+                nbytes = part.nbytes
+                if not nbytes:
+                    continue
+                own.append((ptr, nbytes))
                 storage = part.untyped_storage()
-                nbytes = part.numel() * part.element_size()
-                if part.is_contiguous() and part.data_ptr() == storage.data_ptr() \
-                        and nbytes == storage.nbytes() and nbytes:
-                    starts.add(part.data_ptr())
-            except Exception:  # noqa: BLE001
+                if storage.data_ptr() == ptr and storage.nbytes() == nbytes:
+                    whole.add(ptr)
+            except Exception:  # noqa: BLE001 - meta, fake and storage-less tensors have no bytes
                 continue
-    return starts
+    return own, whole
 
 
 def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
@@ -182,7 +206,7 @@ def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
 
 
 def own_ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
-    return [r for t in tensors for r in own_ranges(t)]
+    return parameter_spans(tensors)[0]
 
 
 # -- byte-range algebra (sorted, disjoint lists of (start, end)) ------------------------------------

@@ -91,6 +91,81 @@ def weights_pool_nonparams(worker) -> dict:
     return {"tensors": len(found), "bytes": sum(v[0] for v in found.values()), "largest": largest}
 
 
+def live_scope_breakdown(worker) -> dict:
+    """What the live scope keeps of the weights pool at a level-2 sleep, by block state, with the largest
+    kept blocks and the parameters whose storage lies in them (why a block is kept though no Python
+    tensor but parameters lives there)."""
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    from vllm_sleep_ext.preserve import merge, parameter_spans, registry, subtract
+
+    alloc = CuMemAllocator.get_instance()
+    scope = {a.ptr: a.size for a in alloc._core.allocations() if a.state == "mapped" and a.tag == "weights"}
+    params = list(registry.parameters())
+    own, whole = parameter_spans(params)
+    own_spans = merge(own)
+    by_state: dict[str, int] = {}
+    kept = []
+    unseen = dict(scope)
+    for segment in torch.cuda.memory_snapshot():
+        address = segment["address"]
+        if unseen.pop(address, None) is None:
+            continue
+        for block in segment["blocks"]:
+            start, size, state = block.get("address", address), block["size"], block["state"]
+            if state != "inactive" and start not in whole:
+                used = min(block.get("requested_size") or size, size)
+                n = sum(e - b for b, e in subtract([(start, start + used)], own_spans))
+                if n:
+                    by_state[state] = by_state.get(state, 0) + n
+                    kept.append((n, start, size, used, state))
+            address = start + size
+    kept.sort(reverse=True)
+    largest = []
+    for n, start, size, used, state in kept[:6]:
+        inside = []
+        for p in params:
+            try:
+                sp = p.untyped_storage().data_ptr()
+                if start <= sp < start + size:
+                    inside.append({"shape": list(p.shape), "dtype": str(p.dtype), "offset": p.data_ptr() - start,
+                                   "nbytes": p.nbytes, "contiguous": p.is_contiguous(),
+                                   "storage_nbytes": p.untyped_storage().nbytes()})
+            except Exception:  # noqa: BLE001
+                continue
+        largest.append({"kept": n, "block": size, "requested": used, "state": state, "params": inside[:3]})
+    return {"allocations": len(scope), "parameters": len(params), "whole_blocks": len(whole),
+            "kept_by_state": by_state, "unseen_allocations": len(unseen), "unseen_bytes": sum(unseen.values()),
+            "largest": largest}
+
+
+def restart_host_prepare(worker, rate: float) -> float:
+    """Drops the host memory kept for backups and prepares it again in the background at `rate` bytes/s."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    alloc._core.wait_host()
+    alloc.release_host_cache()
+    alloc._core.host_prepare_rate = int(rate)
+    alloc._prepare_host_backups(wait=False)
+    return alloc._core.host_pinned_bytes() / GiB
+
+
+def host_pinned_gib(worker) -> float:
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    return CuMemAllocator.get_instance()._core.host_pinned_bytes() / GiB
+
+
+def wait_host(worker) -> float:
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    alloc._core.wait_host()
+    return alloc._core.host_pinned_bytes() / GiB
+
+
 def save_params(worker) -> int:
     """The trainer's copy of the parameters (named_parameters only: never buffers or anything else)."""
     import torch
@@ -142,6 +217,19 @@ def make_llm(args):
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     return llm, time.perf_counter() - t0
+
+
+def decode_tokens_per_s(llm, seconds: float = 4.0) -> float:
+    """Greedy decode throughput of a batch of 64 sequences, over about `seconds`."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(1 + i, 33 + i))} for i in range(64)]
+    tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    return tokens / (time.perf_counter() - t0)
 
 
 def generate(llm) -> list[tuple[list[int], list[float]]]:
@@ -231,6 +319,10 @@ def cmd_timing(run: Run) -> None:
     r["pools_awake"] = run.rpc(pool_bytes)
     r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
     print(f"weights pool, non-parameter tensors: {r['weights_pool_nonparams']}", flush=True)
+    if "vllm_sleep_ext" in str(run.workers):
+        r["live_scope"] = run.rpc(live_scope_breakdown)
+        print(f"live scope of the weights pool: {r['live_scope']}", flush=True)
+        decode_during_prepare(run)
     first = run.level1(overwrite=True)
     run.check("level1_first")
     warm = [run.level1(overwrite=False) for _ in range(3)]
@@ -260,6 +352,30 @@ def cmd_timing(run: Run) -> None:
           f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
           f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB", flush=True)
+
+
+def decode_during_prepare(run: Run) -> None:
+    """vLLM decode throughput while host backup memory is prepared in the background, against none,
+    at two throttle rates. The engine prepared it once already after loading; this drops it and
+    starts again, as a weight reload would."""
+    llm, r = run.llm, run.result
+    decode_tokens_per_s(llm, 2.0)  # warm
+    rows = []
+    for rate in (2e9, 1e9, 0.5e9):
+        before = decode_tokens_per_s(llm)
+        run.rpc(lambda w, rate=rate: restart_host_prepare(w, rate))
+        during = decode_tokens_per_s(llm)
+        pinned_at_end = max(run.rpc(host_pinned_gib))
+        ready = max(run.rpc(wait_host))
+        after = decode_tokens_per_s(llm)
+        ratio = during / ((before + after) / 2)
+        rows.append({"rate_gbps": rate / 1e9, "before": round(before, 1), "during": round(during, 1),
+                     "after": round(after, 1), "ratio": round(ratio, 4),
+                     "pinned_gib_at_end": round(pinned_at_end, 2), "ready_gib": round(ready, 2)})
+        print(f"decode tokens/s with the background prepare at {rate / 1e9:g} GB/s: before {before:.0f}, "
+              f"during {during:.0f}, after {after:.0f}: {ratio:.3f} x (pinned {pinned_at_end:.2f} of "
+              f"{ready:.2f} GiB when the measurement ended)", flush=True)
+    r["decode_during_prepare"] = rows
 
 
 def cmd_cycles(run: Run) -> None:
