@@ -33,10 +33,11 @@ step build make build
 want tests && step tests python3 -m pytest -m cuda -v -rs tests --ignore=tests/test_multi_gpu_cuda.py
 want multi && step multi python3 -m pytest -m cuda -v -rs tests/test_multi_gpu_cuda.py
 want demo && step demo python3 -m vllm_sleep_ext demo
-want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT"
+# BENCH_ARGS: e.g. "--skip level1 peers --l2-cycles 10" for a shorter run.
+want bench && step bench python3 benchmarks/bench_sleep.py --out "$OUT" ${BENCH_ARGS:-}
 want soak && step soak python3 benchmarks/soak.py
 want vllm && [ "${stages[*]}" != all ] && step vllm_summary bash tests/vllm_gpu/run.sh ${VLLM_SCENARIOS:-flows}
 want probe && step probe_vmm python3 benchmarks/probe_vmm_calls.py
-want probe && step probe_pin python3 benchmarks/probe_pin.py
+want probe && step probe_pin python3 benchmarks/probe_pin.py ${PROBE_PIN_ARGS:-}
 want probe && step probe_level2 python3 benchmarks/probe_level2.py
 exit $status
