@@ -470,12 +470,12 @@ std::shared_ptr<HostArena> Allocator::acquire_arena(uint64_t bytes, int device) 
                             "memory limit is " + format_bytes(limit) + " with " + format_bytes(in_use) +
                             " in use. Nothing was released");
   }
-  // Reuse an idle arena only if it keeps host memory within 1% of the backup.
+  // The smallest idle arena that holds the backup: its memory is held anyway (the host policy keeps
+  // it), and pinned or about to be, so the copies start at once; a level-2 sleep's small backup takes
+  // the level-1 arena instead of faulting in and pinning memory of its own.
   std::shared_ptr<HostArena> best;
-  for (const auto& arena : arenas_) {
-    bool fits = arena->capacity() >= bytes && arena->capacity() <= bytes + bytes / 100 + 4096;
-    if (idle(arena) && fits && (!best || arena->capacity() < best->capacity())) best = arena;
-  }
+  for (const auto& arena : arenas_)
+    if (idle(arena) && arena->capacity() >= bytes && (!best || arena->capacity() < best->capacity())) best = arena;
   if (best) return best;
   if (limit != 0 && host_bytes_locked() + bytes > limit)
     arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
@@ -502,7 +502,7 @@ void Allocator::recycle_arenas() {
   }
   if (policy == HostPolicy::Reclaimable)
     for (const auto& arena : arenas_)
-      if (is_idle(arena) && arena->pinned_bytes() > 0) post_reclaim(arena);
+      if (is_idle(arena) && arena->pinned_bytes() > reclaimable_keep_pinned(*arena)) post_reclaim(arena);
 }
 
 uint64_t Allocator::host_bytes_locked() const {
@@ -573,6 +573,9 @@ void Allocator::set_options_locked(const AllocatorOptions& options) {
     throw InvalidArgument("slab bytes must be at most " + format_bytes(kMaxSlabBytes) + ", got " +
                           std::to_string(options.slab_bytes));
   if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
+  if (!(options.reclaimable_pinned_share >= 0 && options.reclaimable_pinned_share <= 1))
+    throw InvalidArgument("reclaimable pinned share must be between 0 and 1, got " +
+                          std::to_string(options.reclaimable_pinned_share));
   if (options.staging.piece_bytes > kMaxStagingPieceBytes)
     throw InvalidArgument("staging piece bytes must be at most " + format_bytes(kMaxStagingPieceBytes) + ", got " +
                           std::to_string(options.staging.piece_bytes));

@@ -158,6 +158,10 @@ struct OpStats {
 //                 took are faulted in anew (as zeros), the others are still resident. Nothing in a
 //                 reclaimable arena is ever read before a backup has overwritten it.
 //   Release     - given back to the system; the next sleep finds new memory.
+// Pinning runs at about half the copy rate (24-30 GB/s against 55 on an H100 host, whatever the number
+// of threads), so a sleep that pins all of its backup first copies at about half speed. Option
+// reclaimable_pinned_share keeps that share of each reclaimable arena (its start) pinned: the sleep
+// copies into it while it pins the rest.
 // An arena made ready by prepare_host() is exempt until a sleep takes it: it exists to be ready.
 enum class HostPolicy { Pinned, Reclaimable, Release };
 const char* host_policy_name(HostPolicy policy);
@@ -167,8 +171,10 @@ struct AllocatorOptions {
   bool keep_host_backups = true;   // false: HostPolicy::Release whatever host_policy says (the old switch)
   HostPolicy host_policy = HostPolicy::Pinned;
   // prepare_host() in the background: bytes per second at most (0: as fast as it goes), in pieces of
-  // staging.piece_bytes on one thread, so that serving does not notice.
-  uint64_t host_prepare_rate = 2000000000ull;
+  // staging.piece_bytes on one thread, so that serving does not notice (vLLM decode throughput, 8B on
+  // an H100: 0.92x at 2 GB/s, 0.97x at 1 GB/s, 1.00x at 0.5 GB/s; benchmarks/RESULTS.md).
+  uint64_t host_prepare_rate = 500000000ull;
+  double reclaimable_pinned_share = 0;  // HostPolicy::Reclaimable: share of an idle arena kept pinned
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
@@ -254,6 +260,7 @@ class Allocator {
   void settle_host_work();
   void drop_prepared_unless(const HostArena* taken);
   void post_reclaim(const std::shared_ptr<HostArena>& arena);
+  uint64_t reclaimable_keep_pinned(const HostArena& arena) const;
 };
 
 }  // namespace vse

@@ -54,10 +54,14 @@ void Allocator::drop_prepared_unless(const HostArena* taken) {
   prepared_ = nullptr;
 }
 
+uint64_t Allocator::reclaimable_keep_pinned(const HostArena& arena) const {
+  return static_cast<uint64_t>(options_.reclaimable_pinned_share * static_cast<double>(arena.capacity()));
+}
+
 void Allocator::post_reclaim(const std::shared_ptr<HostArena>& arena) {
-  auto reclaim = [arena] {
+  auto reclaim = [arena, keep = reclaimable_keep_pinned(*arena)] {
     try {
-      arena->make_reclaimable();
+      arena->make_reclaimable(keep);
     } catch (...) {
       arena->mark_unusable();
       throw;
@@ -140,7 +144,7 @@ void Allocator::simulate_host_reclaim() {
   std::lock_guard<std::mutex> lock(mutex_);
   host_worker_.wait();
   for (const auto& arena : arenas_)
-    if (arena.use_count() == 1 && arena->pinned_bytes() == 0) arena->simulate_reclaim();
+    if (arena.use_count() == 1 && arena.get() != prepared_) arena->simulate_reclaim();
 }
 
 uint64_t Allocator::host_pinned_bytes() const {

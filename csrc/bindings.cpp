@@ -118,6 +118,7 @@ PYBIND11_MODULE(_core, m) {
   auto fill_unrestored = option([](auto& o) -> auto& { return o.fill_unrestored; });
   auto host_prepare_rate = option([](auto& o) -> auto& { return o.host_prepare_rate; });
   auto slab_bytes = option([](auto& o) -> auto& { return o.slab_bytes; });
+  auto reclaimable_pinned_share = option([](auto& o) -> auto& { return o.reclaimable_pinned_share; });
 
   py::class_<vse::Allocator>(m, "Allocator")
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0)
@@ -182,7 +183,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property("staging_threads", staging_threads.first, staging_threads.second)
       .def_property("staging_piece_bytes", staging_piece_bytes.first, staging_piece_bytes.second)
       .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second)
-      .def_property("slab_bytes", slab_bytes.first, slab_bytes.second);
+      .def_property("slab_bytes", slab_bytes.first, slab_bytes.second)
+      .def_property("reclaimable_pinned_share", reclaimable_pinned_share.first, reclaimable_pinned_share.second);
 
   m.def("cuda_allocator", &vse::process_cuda_allocator, py::return_value_policy::reference,
         "The process-wide CUDA allocator behind my_malloc/my_free.");

@@ -163,19 +163,19 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   return total;
 }
 
-void HostArena::make_reclaimable() {
+void HostArena::make_reclaimable(uint64_t keep_pinned) {
   const uint64_t resident = ready_bytes_;
   // Last registration first, so that whatever a throw leaves pinned is still a ready prefix.
-  while (!pinned_.empty()) {
+  while (!pinned_.empty() && pinned_.back().end > keep_pinned) {
     const ByteRange r = pinned_.back();
     backend_.unpin(device_, base_ + r.begin);
     pinned_.pop_back();
     pinned_bytes_ -= r.size();
     ready_bytes_ = r.begin;
   }
-  ready_bytes_ = 0;
+  ready_bytes_ = std::min(ready_bytes_, pinned_.empty() ? 0 : pinned_.back().end);
   // EINVAL: a kernel before 4.5 without MADV_FREE; the pages then simply stay resident.
-  if (resident > 0) madvise(base_, resident, MADV_FREE);
+  if (resident > ready_bytes_) madvise(base_ + ready_bytes_, resident - ready_bytes_, MADV_FREE);
 }
 
 #ifndef MADV_PAGEOUT
@@ -183,10 +183,12 @@ void HostArena::make_reclaimable() {
 #endif
 
 void HostArena::simulate_reclaim() {
-  if (!pinned_.empty()) throw InvalidArgument("simulate_reclaim of a host arena that is still pinned");
+  // Only past the pinned prefix: pinned pages are not the kernel's to take.
+  const uint64_t begin = pinned_.empty() ? 0 : pinned_.back().end;
+  if (begin >= capacity_) return;
   // MADV_PAGEOUT (5.4+) reclaims the range through the kernel's own reclaim path: MADV_FREE'd pages
   // are dropped (they read zero afterwards), others are swapped or kept. Older kernels: drop them all.
-  if (madvise(base_, capacity_, MADV_PAGEOUT) != 0) madvise(base_, capacity_, MADV_DONTNEED);
+  if (madvise(base_ + begin, capacity_ - begin, MADV_PAGEOUT) != 0) madvise(base_ + begin, capacity_ - begin, MADV_DONTNEED);
 }
 
 }  // namespace vse

@@ -56,13 +56,13 @@ class HostArena {
                        WorkerThreads::Spawn spawn = nullptr);
 
   // Host policy "reclaimable" (see Note [Host policies] in allocator.h), for an arena no backup uses:
-  // unpins every registration and lets the kernel take the pages back under pressure (MADV_FREE). The
-  // next prepare() faults them in and pins them again; pages the kernel took come back as zeros, the
-  // others keep their bytes, and the next backup overwrites both. On a throw the prefix still pinned
-  // stays ready.
-  void make_reclaimable();
+  // unpins every registration past the first `keep_pinned` bytes and lets the kernel take those pages
+  // back under pressure (MADV_FREE). The next prepare() faults them in and pins them again; pages the
+  // kernel took come back as zeros, the others keep their bytes, and the next backup overwrites both.
+  // On a throw the prefix still pinned stays ready.
+  void make_reclaimable(uint64_t keep_pinned = 0);
   // Test hook: what memory pressure does to a reclaimable arena (MADV_PAGEOUT: the kernel reclaims
-  // it now; MADV_FREE'd pages then read zero). Only for an arena with nothing pinned.
+  // it now; MADV_FREE'd pages then read zero), past the prefix still pinned.
   void simulate_reclaim();
   uint64_t ready_bytes() const { return ready_bytes_; }                  // owner's thread only
   uint64_t pinned_bytes() const { return pinned_bytes_.load(); }         // any thread

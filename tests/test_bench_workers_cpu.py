@@ -51,6 +51,8 @@ def test_host_worker_measures_each_policy_after_a_background_prepare(host_worker
     assert awake["pinned"]["pinned_bytes"] >= 16 * MiB
     assert awake["reclaimable"]["pinned_bytes"] == 0 and awake["reclaimable"]["host_bytes"] >= 16 * MiB
     assert awake["release"]["host_bytes"] == 0
+    half = awake["reclaimable-half-pinned"]
+    assert 0 < half["pinned_bytes"] <= half["host_bytes"] * 0.5 + 4096
     if awake["reclaimable"]["lazyfree_bytes"] is not None:  # the kernel says what it may take back
         assert awake["reclaimable"]["lazyfree_bytes"] >= 16 * MiB
 

@@ -138,14 +138,44 @@ def test_background_prepare_is_taken_over_by_a_sleep_that_comes_early():
     assert a.host_error() == ""
 
 
-def test_prepared_memory_of_another_size_is_not_kept_twice():
+def test_a_larger_idle_arena_serves_a_smaller_backup_without_new_memory():
     a = make("pinned")
     p, data = filled(a, 8 * MiB, "weights", 5)
     a.prepare_host(32 * MiB, 0, True)
-    a.sleep(["weights"])
-    assert a.host_bytes() <= 8 * MiB * 1.01  # the 32 MiB arena did not fit and was dropped
+    held = a.host_bytes()
+    s = a.sleep(["weights"])
+    assert a.host_bytes() == held  # the prepared 32 MiB arena took the 8 MiB backup: no second arena
+    assert s.populate_seconds == 0 and s.pin_seconds == 0  # and it was ready
     a.wake(None)
     assert read(p, 8 * MiB) == data
+
+
+def test_prepared_memory_too_small_for_the_backup_is_not_kept_twice():
+    a = make("pinned")
+    p, data = filled(a, 8 * MiB, "weights", 5)
+    a.prepare_host(2 * MiB, 0, True)
+    a.sleep(["weights"])
+    assert a.host_bytes() <= 8 * MiB * 1.01  # the 2 MiB arena could not hold it and was dropped
+    a.wake(None)
+    assert read(p, 8 * MiB) == data
+
+
+def test_reclaimable_keeps_the_pinned_share_and_the_kernel_takes_only_the_rest():
+    a = make("reclaimable")
+    a.reclaimable_pinned_share = 0.5
+    p, data = filled(a, 8 * MiB, "weights", 7)
+    a.sleep(["weights"])
+    a.wake(None)
+    a.wait_host()
+    assert 3 * MiB <= a.host_pinned_bytes() <= 4 * MiB + 4096, "about half of the kept arena stays pinned"
+    a._simulate_host_reclaim()  # memory pressure: only the unpinned half is taken
+    for _ in range(2):  # a sleep after the reclaim, and a warm one
+        a.sleep(["weights"])
+        a.wake(None)
+        a.wait_host()
+        assert read(p, 8 * MiB) == data
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        a.reclaimable_pinned_share = 1.5
 
 
 def test_prepare_beyond_the_host_memory_limit_is_reported_not_raised_in_the_background():

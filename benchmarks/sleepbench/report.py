@@ -181,7 +181,8 @@ def rows_peers(res: dict) -> list[Row]:
 
 
 # Which target each host policy's warm figures are held to ("release" finds new memory every sleep).
-POLICY_TARGETS = {"pinned": "warm_x", "reclaimable": "reclaimable_warm_x", "release": None}
+POLICY_TARGETS = {"pinned": "warm_x", "reclaimable": "reclaimable_warm_x",
+                  "reclaimable-half-pinned": "reclaimable_warm_x", "release": None}
 
 
 def rows_host(res: dict) -> list[Row]:

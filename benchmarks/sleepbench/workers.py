@@ -227,7 +227,10 @@ def worker_load(p: dict) -> dict:
     return {"mode": p["mode"], "seconds": secs, "bytes": nbytes, "n_tensors": len(sizes)}
 
 
-HOST_POLICIES = ("pinned", "reclaimable", "release")
+# Host policies measured, as (host_policy, reclaimable_pinned_share) by name.
+HOST_POLICY_SETTINGS = {"pinned": ("pinned", 0.0), "reclaimable": ("reclaimable", 0.0),
+                        "reclaimable-half-pinned": ("reclaimable", 0.5), "release": ("release", 0.0)}
+HOST_POLICIES = tuple(HOST_POLICY_SETTINGS)
 
 
 def serving_probe(seconds: float) -> float:
@@ -285,7 +288,9 @@ def worker_host(p: dict) -> dict:
     say(f"    first sleep after prepare {_fmt(res['first_sleep'])} | wake {_fmt(res['first_wake'])}")
     res["policies"] = {}
     for policy in HOST_POLICIES:
-        impl.alloc.host_policy = policy
+        impl.alloc.host_policy, share = HOST_POLICY_SETTINGS[policy]
+        if hasattr(impl.alloc, "reclaimable_pinned_share"):
+            impl.alloc.reclaimable_pinned_share = share
         impl.alloc.release_host_cache()
         _cycle(impl, tensors, ref, backed, pool)  # not measured: leaves what this policy keeps
         core.wait_host()
@@ -301,6 +306,7 @@ def worker_host(p: dict) -> dict:
                 f"{awake[-1]['host_bytes'] / GiB:.2f} GiB, pinned {awake[-1]['pinned_bytes'] / GiB:.2f} GiB")
         res["policies"][policy] = {"sleep": sleeps, "wake": wakes, "awake": awake}
     impl.alloc.host_policy = "pinned"
+    impl.alloc.reclaimable_pinned_share = 0.0
     res["verified"] = True
     return res
 

@@ -120,6 +120,39 @@ void reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim() {
   CHECK(ledger->bad_unpins == 0);
 }
 
+// A share of the kept arena stays pinned (its start); the kernel may take only the rest, and a level-2
+// sized backup takes the kept arena instead of new memory.
+void reclaimable_keeps_its_pinned_share_and_serves_smaller_backups() {
+  auto ledger = std::make_shared<PinLedger>();
+  {
+    auto a = make(ledger, vse::HostPolicy::Reclaimable);
+    vse::AllocatorOptions o = a->options();
+    o.reclaimable_pinned_share = 0.5;
+    a->set_options(o);
+    const uint64_t n = 16 * MiB;
+    uintptr_t p = a->allocate(n, 0, "weights");
+    for (unsigned cycle = 0; cycle < 3; ++cycle) {
+      fill(p, n, 20 + cycle);
+      a->sleep({"weights"}, {}, {});
+      a->wake(std::nullopt);
+      CHECK(holds(p, n, 20 + cycle));
+      a->wait_host();
+      CHECK(ledger->bytes() >= 6 * MiB && ledger->bytes() <= 8 * MiB);  // about half, whole pieces
+      a->simulate_host_reclaim();  // takes only the unpinned half
+    }
+    const uint64_t held = a->host_bytes();
+    fill(p, n, 40);
+    const std::vector<uint8_t> kept(reinterpret_cast<uint8_t*>(p + MiB), reinterpret_cast<uint8_t*>(p + 3 * MiB));
+    a->sleep({}, {{p + MiB, p + 3 * MiB}}, {});  // level 2: 2 MiB preserved
+    CHECK(a->host_bytes() == held);            // in the kept arena, no new one
+    a->wake(std::nullopt);
+    CHECK(std::memcmp(kept.data(), reinterpret_cast<void*>(p + MiB), kept.size()) == 0);
+    a->free(p);
+  }
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
 void first_sleep_after_prepare_host_finds_memory_ready() {
   auto ledger = std::make_shared<PinLedger>();
   auto a = make(ledger, vse::HostPolicy::Pinned);
@@ -209,6 +242,8 @@ using vse_test::Test;
 const Test kTests[] = {
     {"reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim",
      reclaimable_holds_nothing_pinned_while_awake_and_survives_reclaim},
+    {"reclaimable_keeps_its_pinned_share_and_serves_smaller_backups",
+     reclaimable_keeps_its_pinned_share_and_serves_smaller_backups},
     {"first_sleep_after_prepare_host_finds_memory_ready", first_sleep_after_prepare_host_finds_memory_ready},
     {"destruction_during_background_prepare_is_clean", destruction_during_background_prepare_is_clean},
     {"sleep_takes_over_a_background_prepare", sleep_takes_over_a_background_prepare},
