@@ -3,7 +3,7 @@
 # into the machine's python so vLLM's plugin loader finds it, then engines run with our allocator and with
 # stock vLLM's (VLLM_PLUGINS=""), side by side.
 #
-# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing timing-stock cycles plain tp2 (default: flows)
+# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 (default: flows)
 # Output: $OUT/vllm.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,7 +33,7 @@ run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run (timeout 
   (cd /tmp && VLLM_PLUGINS="$plugins" timeout "${ENGINE_TIMEOUT:-400}" python3 "$script" "$@" 2>&1) > "$OUT/engine.tmp"
   local rc=$?
   cat "$OUT/engine.tmp" >> "$LOG"
-  grep -E "^(PASS|FAIL|MISMATCH|workers' allocator|weights )|vllm_sleep_ext|Traceback|Error" "$OUT/engine.tmp" \
+  grep -E "^(PASS|FAIL|MISMATCH|workers' allocator|weights |decode tokens|live scope)|vllm_sleep_ext|Traceback|Error" "$OUT/engine.tmp" \
     | grep -v "^\s*File " | head -40
   grep "^RESULT " "$OUT/engine.tmp" | sed "s/^RESULT /{\"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
   rm -f "$OUT/engine.tmp"
@@ -41,6 +41,12 @@ run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run (timeout 
   [ $rc -eq 0 ] || status=1
 }
 engine() { local who=$1; shift; run_script "$who" "$E2E" "$@"; }  # engine ours|stock E2E-ARGS...
+limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios
+  echo "=== pinned-copy limit, 16 GiB (this machine, this run)" | tee -a "$LOG"
+  (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
+r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
+print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT
+}
 
 scenarios=("$@")
 [ ${#scenarios[@]} -eq 0 ] && scenarios=(flows)
@@ -65,10 +71,10 @@ for s in "${scenarios[@]}"; do
     timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
-      echo "=== pinned-copy limit, 16 GiB (this machine, this run)" | tee -a "$LOG"
-      (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
-r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
-print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT ;;
+      limit ;;
+    timing-ours)  # ours and the limit only (stock measured in another call on the same machine)
+      engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
+      limit ;;
     timing-stock)  # stock vLLM only (ours measured in another call on the same machine)
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85 ;;
     cycles)
