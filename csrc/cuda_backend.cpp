@@ -131,8 +131,20 @@ void CudaBackend::synchronize(int device_index) {
   VSE_CU(driver_.cuCtxSynchronize());
 }
 
+CudaBackend::RelaxedCaptureScope::RelaxedCaptureScope(const CudaDriver& driver) : driver_(driver) {
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  check_cuda(driver_, driver_.cuThreadExchangeStreamCaptureMode(&mode), "cuThreadExchangeStreamCaptureMode");
+  previous_ = mode;
+}
+
+CudaBackend::RelaxedCaptureScope::~RelaxedCaptureScope() {
+  CUstreamCaptureMode mode = static_cast<CUstreamCaptureMode>(previous_);
+  driver_.cuThreadExchangeStreamCaptureMode(&mode);
+}
+
 void CudaBackend::pin(int device_index, void* host, uint64_t bytes) {
   ContextScope scope(*this, device_index);
+  RelaxedCaptureScope relaxed(driver_);
   // PORTABLE: the pinning holds for every context, so one backup arena serves any device.
   check_cuda(driver_, driver_.cuMemHostRegister(host, bytes, CU_MEMHOSTREGISTER_PORTABLE),
              "cuMemHostRegister(host, bytes, CU_MEMHOSTREGISTER_PORTABLE)", OutOfMemory::Host);
@@ -140,6 +152,7 @@ void CudaBackend::pin(int device_index, void* host, uint64_t bytes) {
 
 void CudaBackend::unpin(int device_index, void* host) {
   ContextScope scope(*this, device_index);
+  RelaxedCaptureScope relaxed(driver_);
   VSE_CU(driver_.cuMemHostUnregister(host));
 }
 

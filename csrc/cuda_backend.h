@@ -66,6 +66,21 @@ class CudaBackend final : public DeviceBackend {
    private:
     const CudaDriver* driver_ = nullptr;
   };
+  // Pinning and unpinning are "potentially unsafe" calls for stream capture: made on any thread
+  // while another thread captures a CUDA graph in global mode (torch.cuda.graph's default, vLLM's
+  // capture at startup), they invalidate that capture. In relaxed mode for the call they do not
+  // (PyTorch does the same around cudaMalloc). The background prepare runs during vLLM's capture.
+  class RelaxedCaptureScope {
+   public:
+    explicit RelaxedCaptureScope(const CudaDriver& driver);
+    ~RelaxedCaptureScope();
+    RelaxedCaptureScope(const RelaxedCaptureScope&) = delete;
+    RelaxedCaptureScope& operator=(const RelaxedCaptureScope&) = delete;
+
+   private:
+    const CudaDriver& driver_;
+    int previous_ = 0;
+  };
   Device& device(int index);
 
   const CudaDriver& driver_;

@@ -22,7 +22,8 @@ struct CudaDriver {
   X(cuMemHostUnregister, 4000) X(cuMemcpyDtoHAsync, 3020) X(cuMemcpyHtoDAsync, 3020)                     \
   X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuEventCreate, 2000) X(cuEventRecord, 2000)       \
   X(cuEventSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)                         \
-  X(cuDeviceGetAttribute, 2000) X(cuDeviceCanAccessPeer, 4000) X(cuMemsetD8Async, 3020)
+  X(cuDeviceGetAttribute, 2000) X(cuDeviceCanAccessPeer, 4000) X(cuMemsetD8Async, 3020)                 \
+  X(cuThreadExchangeStreamCaptureMode, 10010)
 #define VSE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   VSE_DRIVER_FUNCTIONS(VSE_DECLARE)
 #undef VSE_DECLARE

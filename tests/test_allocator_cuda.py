@@ -185,3 +185,35 @@ def test_pool_memory_is_rdma_capable_where_the_device_supports_it_across_a_sleep
     alloc.wake_up()
     assert [driver_rdma_capable(t.data_ptr()) for t in tensors[:3]] == [expected] * 3
     assert all(torch.equal(t, r) for t, r in zip(tensors, ref))
+
+
+def test_graph_capture_is_not_broken_by_a_background_prepare(alloc: CuMemAllocator) -> None:
+    """vLLM captures its CUDA graphs (global capture mode) while the host memory for the first sleep is
+    prepared in the background: the pinning on our thread must not invalidate a capture."""
+    core = alloc._core
+    saved = (core.host_prepare_rate, core.staging_piece_bytes)
+    core.host_prepare_rate, core.staging_piece_bytes = 512 << 20, 2 << 20  # a pin every ~4 ms for 2 s
+    x = torch.randn(256, 256, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        (x @ x).relu_()
+    torch.cuda.current_stream().wait_stream(stream)
+    captures = 0
+    alloc.release_host_cache()  # so the pinned bytes counted below are this prepare's
+    try:
+        core.prepare_host(1 << 30, torch.cuda.current_device(), False)
+        while core.host_pinned_bytes() < (1 << 30) * 0.8:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # global mode, as vLLM captures
+                y = x
+                for _ in range(50):
+                    y = (y @ x).relu_()
+            graph.replay()
+            captures += 1
+        core.wait_host()
+        assert core.host_error() == ""
+    finally:
+        core.host_prepare_rate, core.staging_piece_bytes = saved
+        alloc.release_host_cache()
+    assert captures > 20, f"only {captures} captures overlapped the prepare"

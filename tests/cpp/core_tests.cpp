@@ -1448,6 +1448,8 @@ CUmemAllocationProp last_prop{};
 std::vector<CUmemAccessDesc> last_access;
 CUresult host_register_result = CUDA_SUCCESS;
 CUstream last_memset_stream = nullptr;
+CUstreamCaptureMode capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;  // this (fake) thread's mode
+std::vector<CUstreamCaptureMode> pinned_in_mode;                     // mode at each pin and unpin
 unsigned char last_memset_value = 0;
 
 vse::CudaDriver table() {
@@ -1485,7 +1487,18 @@ vse::CudaDriver table() {
     last_access.assign(desc, desc + count);
     return CUDA_SUCCESS;
   };
-  d.cuMemHostRegister = [](void*, size_t, unsigned) { return host_register_result; };
+  d.cuMemHostRegister = [](void*, size_t, unsigned) {
+    pinned_in_mode.push_back(capture_mode);
+    return host_register_result;
+  };
+  d.cuMemHostUnregister = [](void*) {
+    pinned_in_mode.push_back(capture_mode);
+    return CUDA_SUCCESS;
+  };
+  d.cuThreadExchangeStreamCaptureMode = [](CUstreamCaptureMode* mode) {
+    std::swap(*mode, capture_mode);
+    return CUDA_SUCCESS;
+  };
   d.cuMemsetD8Async = [](CUdeviceptr, unsigned char value, size_t, CUstream stream) {
     last_memset_value = value;
     last_memset_stream = stream;
@@ -1541,11 +1554,29 @@ void test_cuda_pin_out_of_memory_is_host_out_of_memory() {
   CHECK_THROWS(vse::check_cuda(driver, CUDA_ERROR_OUT_OF_MEMORY, "cuMemCreate"), vse::DeviceOutOfMemory);
 }
 
+// A pin or unpin must not invalidate another thread's CUDA graph capture: each is made in relaxed
+// capture mode, and the thread's own mode is given back afterwards, also when the call fails.
+void test_cuda_pin_and_unpin_run_in_relaxed_capture_mode() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  vse::CudaBackend b(driver);
+  char page[4096];
+  fake_cuda::pinned_in_mode.clear();
+  b.pin(0, page, sizeof page);
+  b.unpin(0, page);
+  fake_cuda::host_register_result = CUDA_ERROR_OUT_OF_MEMORY;
+  CHECK_THROWS(b.pin(0, page, sizeof page), vse::HostOutOfMemory);
+  fake_cuda::host_register_result = CUDA_SUCCESS;
+  CHECK(fake_cuda::pinned_in_mode.size() == 3);
+  for (CUstreamCaptureMode mode : fake_cuda::pinned_in_mode) CHECK(mode == CU_STREAM_CAPTURE_MODE_RELAXED);
+  CHECK(fake_cuda::capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL);
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
     {"range_set_add", test_range_set_add},
     {"range_set_subtract", test_range_set_subtract},
+    {"cuda_pin_and_unpin_run_in_relaxed_capture_mode", test_cuda_pin_and_unpin_run_in_relaxed_capture_mode},
     {"range_set_clip", test_range_set_clip},
     {"range_set_random_against_bitmap", test_range_set_random_against_bitmap},
     {"allocate_and_free", test_allocate_and_free},
