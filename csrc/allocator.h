@@ -39,10 +39,11 @@
 // device reports failed, a driver error) leaves the allocations released so far asleep with complete
 // backups and the rest mapped. Either way the same call can be retried.
 //
-// Slabs (option slab_bytes; 0 = off). The driver's cost is per physical handle mapped, not per byte,
-// so rows of at most slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: a
-// reserved range of slab_bytes for one (device, tag), owned by a Slab in slabs_ through one
-// DeviceMemory with ONE handle mapped over the whole range while the slab is awake. Such a row holds
+// Slabs (option slab_bytes; 0 = off). For small allocations the driver's cost is per physical handle
+// mapped (for large ones it is per byte: cuMemRelease takes ~0.7 ms per GiB), so rows of at most
+// slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: a reserved range of
+// slab_bytes for one (device, tag), owned by a Slab in slabs_ through one DeviceMemory with ONE
+// handle mapped over the whole range while the slab is awake. Such a row holds
 // no DeviceMemory of its own; it points at its slab and takes a granularity-aligned range of it
 // (first fit). Rows keep their own state; a slab is awake (mapped) exactly while one of its rows is
 // Mapped. All rows of a slab share a tag, so sleep, discard and wake move them together, and the
