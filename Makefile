@@ -1,4 +1,4 @@
-# make test | make demo | make sanitize | make test-vllm | make bench | make gpu
+# make test | make demo | make sanitize | make test-pressure | make test-vllm | make bench | make gpu
 # Each target sets itself up: on a machine whose python3 already has torch, pybind11 and pytest (the GPU
 # machines, which have no package registry) that Python is used as it is; elsewhere a virtual
 # environment is made in .venv with the CPU build of torch.
@@ -15,7 +15,7 @@ DEPS := $(VENV)/.installed
 endif
 CORE := vllm_sleep_ext/.core-built
 
-.PHONY: all build test demo sanitize test-vllm bench soak gpu clean
+.PHONY: all build test test-pressure demo sanitize test-vllm bench soak gpu clean
 
 all: test
 
@@ -36,6 +36,11 @@ test: $(CORE)
 
 demo: $(CORE)
 	$(PY) -m vllm_sleep_ext demo
+
+# Host policy "reclaimable" under real memory pressure: fills the host's memory for a few seconds, so
+# not part of `make test` (CI); run it on a machine of your own.
+test-pressure: $(CORE)
+	VSE_MEMORY_PRESSURE=1 $(PY) -m pytest -q -rs -s tests/test_host_policy_pressure.py
 
 # The C++ core's own tests under ASan, UBSan and TSan (no Python involved).
 sanitize:
