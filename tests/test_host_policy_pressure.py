@@ -55,6 +55,22 @@ def meminfo(field: str) -> int:
     raise KeyError(field)
 
 
+def available_bytes() -> int:
+    """What can be allocated before the kernel must reclaim: MemAvailable, or less inside a memory
+    cgroup (a container's limit, which /proc/meminfo does not show)."""
+    available = meminfo("MemAvailable")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read())
+        if limit != "max":
+            available = min(available, int(limit) - current)
+    except OSError:
+        pass
+    return available
+
+
 def lazyfree() -> int:
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
@@ -101,6 +117,7 @@ def press_until_taken(target_lazyfree: int) -> tuple[subprocess.Popen, int]:
     """Another process takes memory until this process's LazyFree falls to `target_lazyfree` (the
     kernel reclaimed MADV_FREE'd pages to satisfy it) or nothing more is available. Returns the
     process, still holding its memory, and the LazyFree left."""
+    lazyfree_at_start = lazyfree()
     balloon = subprocess.Popen([sys.executable, "-c", BALLOON], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                text=True)
 
@@ -110,10 +127,12 @@ def press_until_taken(target_lazyfree: int) -> tuple[subprocess.Popen, int]:
         if balloon.stdout.readline().strip() != "ok":
             raise AssertionError("the balloon process died (OOM killer?) before the kernel took the pages")
 
-    grow(max(meminfo("MemAvailable") - 512 * MiB, 64 * MiB))
+    # First what is free beyond the LazyFree pages and some slack, then small steps, each of which the
+    # kernel must meet by reclaiming, while it still says it can (MemAvailable), so no OOM kill.
+    grow(max(available_bytes() - lazyfree_at_start - 2 * GiB, 64 * MiB))
     left = lazyfree()
-    while left > target_lazyfree and meminfo("MemAvailable") > 128 * MiB:
-        grow(64 * MiB)
+    while left > target_lazyfree and available_bytes() > 512 * MiB:
+        grow(128 * MiB)
         left = lazyfree()
     return balloon, left
 
