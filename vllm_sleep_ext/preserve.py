@@ -135,42 +135,17 @@ def storage_ranges(tensor: torch.Tensor) -> list[Range]:
     return ranges
 
 
-def storage_range(tensor: torch.Tensor) -> Range | None:
-    """The first storage behind ``tensor`` (kept for callers of the one-storage API)."""
-    ranges = storage_ranges(tensor)
-    return ranges[0] if ranges else None
-
-
-def own_ranges(tensor: torch.Tensor) -> list[Range]:
-    """The bytes ``tensor``'s own elements cover, only where they fill one span (see the note)."""
-    ranges = []
-    for part in _dense(tensor):
-        try:
-            if part.numel() == 0 or not part.is_contiguous():
-                continue
-            ptr, nbytes = part.data_ptr(), part.numel() * part.element_size()
-        except Exception:  # noqa: BLE001
-            continue
-        if ptr:
-            ranges.append((ptr, nbytes))
-    return ranges
-
-
-def whole_storage_starts(tensors: Iterable[torch.Tensor]) -> set[int]:
-    """Addresses of the storages that these tensors cover entirely.
-
-    In PyTorch's CUDA caching allocator a block holds one storage and may be longer than it (rounded
-    to 512 bytes, and up to 1 MiB more where splitting the rest off was not worth it): a parameter that
-    covers its whole storage owns its whole block, tail included, and nothing else lives there.
-    """
-    return parameter_spans(tensors)[1]
-
-
 _PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
 
 
 def parameter_spans(params: Iterable[torch.Tensor]) -> tuple[list[Range], set[int]]:
-    """(``own_ranges`` of each, ``whole_storage_starts``) in one pass.
+    """(own ranges, whole-storage starts) of these parameters, in one pass.
+
+    Own ranges: the bytes each parameter's elements cover, only where they fill one span (see the
+    note). Whole-storage starts: the addresses of the storages a parameter covers entirely. In
+    PyTorch's CUDA caching allocator a block holds one storage and may be longer than it (rounded to
+    512 bytes, and up to 1 MiB more where splitting the rest off was not worth it): a parameter that
+    covers its whole storage owns its whole block, tail included, and nothing else lives there.
 
     A sleep resolves every parameter of the process (thousands in a large model), so plain dense
     tensors, nearly all of them, take a short path of a few attribute reads; the rest go through
@@ -203,10 +178,6 @@ def parameter_spans(params: Iterable[torch.Tensor]) -> tuple[list[Range], set[in
 
 def ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
     return [r for t in tensors for r in storage_ranges(t)]
-
-
-def own_ranges_of(tensors: Iterable[torch.Tensor]) -> list[Range]:
-    return parameter_spans(tensors)[0]
 
 
 # -- byte-range algebra (sorted, disjoint lists of (start, end)) ------------------------------------
