@@ -145,6 +145,27 @@ def _memory_snapshot() -> list[dict]:
         return torch.cuda.memory_snapshot()
 
 
+Block = tuple[int, int, int, str]  # a caching-allocator block: (start, size, used, state)
+
+
+def blocks_in_scope(snapshot: list[dict], scope: dict[int, int]) -> tuple[list[Block], dict[int, int]]:
+    """The caching allocator's blocks in the segments that are allocations in ``scope`` (address: size),
+    as (start, size, used, state), and the allocations of ``scope`` the snapshot does not list. Used:
+    the bytes asked for; the block's tail past them (rounding, an unsplit rest) holds no tensor."""
+    blocks = []
+    unseen = dict(scope)
+    for segment in snapshot:
+        address = segment["address"]
+        if unseen.pop(address, None) is None:
+            continue
+        for block in segment["blocks"]:
+            start, size = block.get("address", address), block["size"]
+            used = block.get("requested_size") or size
+            blocks.append((start, size, used if used < size else size, block["state"]))
+            address = start + size
+    return blocks, unseen
+
+
 def _fields(obj: object, cls: type) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
 
@@ -458,21 +479,9 @@ class CuMemAllocator:
             logger.warning("preserve: memory snapshot failed (%s); keeping whole allocations of %s",
                            e, self._preserve_tags)
             return list(scope.items())
-        ranges = []
-        unseen = dict(scope)  # allocations PyTorch does not list are kept whole
-        for segment in snapshot:
-            address = segment["address"]
-            if unseen.pop(address, None) is None:
-                continue
-            for block in segment["blocks"]:
-                start = block.get("address", address)
-                size = block["size"]
-                if block["state"] != "inactive" and start not in skip_blocks:
-                    # The block's tail past what was asked for (rounding, an unsplit rest) holds no tensor.
-                    used = block.get("requested_size") or size
-                    ranges.append((start, used if used < size else size))
-                address = start + size
-        return ranges + list(unseen.items())
+        blocks, unseen = blocks_in_scope(snapshot, scope)  # allocations PyTorch does not list are kept whole
+        live = [(start, used) for start, _, used, state in blocks if state != "inactive" and start not in skip_blocks]
+        return live + list(unseen.items())
 
     # -- host memory -------------------------------------------------------------------------------
 

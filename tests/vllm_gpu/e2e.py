@@ -98,6 +98,7 @@ def live_scope_breakdown(worker) -> dict:
     import torch
     from vllm.device_allocator.cumem import CuMemAllocator
 
+    from vllm_sleep_ext.allocator import blocks_in_scope
     from vllm_sleep_ext.preserve import merge, parameter_spans, registry, subtract
 
     alloc = CuMemAllocator.get_instance()
@@ -107,20 +108,13 @@ def live_scope_breakdown(worker) -> dict:
     own_spans = merge(own)
     by_state: dict[str, int] = {}
     kept = []
-    unseen = dict(scope)
-    for segment in torch.cuda.memory_snapshot():
-        address = segment["address"]
-        if unseen.pop(address, None) is None:
-            continue
-        for block in segment["blocks"]:
-            start, size, state = block.get("address", address), block["size"], block["state"]
-            if state != "inactive" and start not in whole:
-                used = min(block.get("requested_size") or size, size)
-                n = sum(e - b for b, e in subtract([(start, start + used)], own_spans))
-                if n:
-                    by_state[state] = by_state.get(state, 0) + n
-                    kept.append((n, start, size, used, state))
-            address = start + size
+    blocks, unseen = blocks_in_scope(torch.cuda.memory_snapshot(), scope)
+    for start, size, used, state in blocks:
+        if state != "inactive" and start not in whole:
+            n = sum(e - b for b, e in subtract([(start, start + used)], own_spans))
+            if n:
+                by_state[state] = by_state.get(state, 0) + n
+                kept.append((n, start, size, used, state))
     kept.sort(reverse=True)
     largest = []
     for n, start, size, used, state in kept[:6]:
