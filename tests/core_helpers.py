@@ -82,6 +82,19 @@ def filled(a, size: int, tag: str, seed: int) -> tuple[int, bytes]:
     return ptr, data
 
 
+def lazyfree() -> int | None:
+    """LazyFree bytes of this process (MADV_FREE'd pages the kernel has not taken yet), or None where
+    the kernel does not report them."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("LazyFree:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return None
+
+
 def pattern(nbytes: int, seed: int) -> bytes:
     """`nbytes` deterministic bytes in 1..255 (never 0)."""
     raw = random.Random(seed).randbytes(nbytes)

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from core_helpers import MiB, filled, load_core, pattern, read, write
+from core_helpers import MiB, filled, lazyfree, load_core, pattern, read, write
 
 core = load_core()
 BACKEND = "host"
@@ -27,18 +27,6 @@ def make(policy: str = "pinned"):
     a.staging_threads = 2
     a.host_policy = policy
     return a
-
-
-def lazyfree():
-    """LazyFree bytes of this process (MADV_FREE'd pages the kernel has not taken yet), or None."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("LazyFree:"):
-                    return int(line.split()[1]) << 10
-    except OSError:
-        pass
-    return None
 
 
 def test_host_policy_names_and_keep_host_backups_alias():
@@ -110,20 +98,22 @@ def test_reclaimable_never_unpins_a_backup_in_use():
         assert read(p, 6 * MiB) == data
 
 
-def test_first_sleep_after_prepare_host_stages_nothing():
+@pytest.mark.parametrize("backup_mib, prepared_mib", [(12, 12), (8, 32)])
+def test_first_sleep_after_prepare_host_stages_nothing(backup_mib, prepared_mib):
+    """The prepared arena serves the first sleep, also a smaller backup than it was prepared for."""
     a = make("pinned")
-    p, data = filled(a, 12 * MiB, "weights", 3)
-    a.prepare_host(12 * MiB, 0, True)
+    p, data = filled(a, backup_mib * MiB, "weights", 3)
+    a.prepare_host(prepared_mib * MiB, 0, True)
     assert a.host_error() == ""
     prepared = a.host_bytes()
-    assert 12 * MiB <= prepared <= 12 * MiB * 1.01
-    assert a.host_pinned_bytes() >= 12 * MiB
+    assert prepared_mib * MiB <= prepared <= prepared_mib * MiB * 1.01
+    assert a.host_pinned_bytes() >= prepared_mib * MiB
     a.sleep(["weights"])
     s = a.last_sleep
     assert s.populate_seconds == 0 and s.pin_seconds == 0  # found ready
     assert a.host_bytes() == prepared  # and no second arena
     a.wake(None)
-    assert read(p, 12 * MiB) == data
+    assert read(p, backup_mib * MiB) == data
 
 
 def test_background_prepare_is_taken_over_by_a_sleep_that_comes_early():
@@ -136,18 +126,6 @@ def test_background_prepare_is_taken_over_by_a_sleep_that_comes_early():
     a.wake(None)
     assert read(p, 16 * MiB) == data
     assert a.host_error() == ""
-
-
-def test_a_larger_idle_arena_serves_a_smaller_backup_without_new_memory():
-    a = make("pinned")
-    p, data = filled(a, 8 * MiB, "weights", 5)
-    a.prepare_host(32 * MiB, 0, True)
-    held = a.host_bytes()
-    s = a.sleep(["weights"])
-    assert a.host_bytes() == held  # the prepared 32 MiB arena took the 8 MiB backup: no second arena
-    assert s.populate_seconds == 0 and s.pin_seconds == 0  # and it was ready
-    a.wake(None)
-    assert read(p, 8 * MiB) == data
 
 
 def test_prepared_memory_too_small_for_the_backup_is_not_kept_twice():

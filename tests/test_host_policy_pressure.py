@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+import core_helpers
 from core_helpers import MiB, load_core, pattern, read, write
 
 core = load_core()
@@ -72,11 +73,10 @@ def available_bytes() -> int:
 
 
 def lazyfree() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("LazyFree:"):
-                return int(line.split()[1]) << 10
-    pytest.skip("this kernel does not report LazyFree")
+    value = core_helpers.lazyfree()
+    if value is None:
+        pytest.skip("this kernel does not report LazyFree")
+    return value
 
 
 def big_pattern(nbytes: int, seed: int) -> bytes:

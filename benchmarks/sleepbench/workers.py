@@ -288,9 +288,7 @@ def worker_host(p: dict) -> dict:
     say(f"    first sleep after prepare {_fmt(res['first_sleep'])} | wake {_fmt(res['first_wake'])}")
     res["policies"] = {}
     for policy in HOST_POLICIES:
-        impl.alloc.host_policy, share = HOST_POLICY_SETTINGS[policy]
-        if hasattr(impl.alloc, "reclaimable_pinned_share"):
-            impl.alloc.reclaimable_pinned_share = share
+        impl.alloc.host_policy, impl.alloc.reclaimable_pinned_share = HOST_POLICY_SETTINGS[policy]
         impl.alloc.release_host_cache()
         _cycle(impl, tensors, ref, backed, pool)  # not measured: leaves what this policy keeps
         core.wait_host()
