@@ -57,8 +57,6 @@ LARGE_PRESERVE_BYTES = 1 << 30  # "live" keeping more than this at a sleep says 
 # last segments go back through it at interpreter exit, after module globals are cleared.
 _pluggable: Optional[torch.cuda.memory.CUDAPluggableAllocator] = None
 _instance_lock = threading.Lock()
-_threads = threading.local()
-
 
 
 @dataclasses.dataclass(frozen=True)

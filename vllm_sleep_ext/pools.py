@@ -48,6 +48,7 @@ import torch
 
 _threads = threading.local()
 
+
 @dataclasses.dataclass
 class Route:
     """One of this thread's pools: `pool` None is the CUDA graph pool, routed by graph capture itself."""
