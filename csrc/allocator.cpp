@@ -169,13 +169,6 @@ bool Allocator::other_rows_mapped(const Slab& slab, const Allocation& except) co
   return false;
 }
 
-void Allocator::drain_copies(const std::set<int>& devices) noexcept {
-  // The copy that failed is what is being reported; the stream is idle either way.
-  for (int device : devices)
-    warn_on_failure(("waiting for copies on device " + std::to_string(device)).c_str(),
-                    [&] { backend_->wait_copies(device); });
-}
-
 void Allocator::synchronize_devices(const std::vector<Allocation*>& rows) {
   for (int device : devices_of(rows)) backend_->synchronize(device);
 }
@@ -353,7 +346,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   // undo all of it if any step fails. (Driver calls on several threads were measured slower.)
   std::set<int> copying;
   auto undo = [&] {
-    drain_copies(copying);  // nothing may still write into memory that is unmapped here
+    drain_copies(*backend_, copying);  // nothing may still write into memory that is unmapped here
     for (const Unit& u : units)
       warn_on_failure("undoing a failed wake", [&] { u.memory->release(); });
   };

@@ -246,7 +246,6 @@ class Allocator {
   std::optional<std::pair<Slab*, uint64_t>> place_in_slab(uint64_t span, int device, const std::string& tag);
   bool other_rows_mapped(const Slab& slab, const Allocation& except) const;
   void synchronize_devices(const std::vector<Allocation*>& rows);
-  void drain_copies(const std::set<int>& devices) noexcept;
 
   std::unique_ptr<DeviceBackend> backend_;
   mutable std::mutex mutex_;

@@ -7,11 +7,13 @@
 
 namespace vse {
 
-CopyPipeline::~CopyPipeline() {
-  for (int device : devices_)
+void drain_copies(DeviceBackend& backend, const std::set<int>& devices) noexcept {
+  for (int device : devices)
     warn_on_failure(("waiting for copies on device " + std::to_string(device)).c_str(),
-                    [&] { backend_.wait_copies(device); });
+                    [&] { backend.wait_copies(device); });
 }
+
+CopyPipeline::~CopyPipeline() { drain_copies(backend_, devices_); }
 
 void CopyPipeline::add(int device, uintptr_t device_address, uint64_t host_offset, uint64_t bytes) {
   spans_.push_back({device, {device_address, host_base_ + host_offset, bytes}});

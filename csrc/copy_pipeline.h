@@ -33,6 +33,11 @@ class Fence {
   uint64_t mark_;
 };
 
+// Waits for the copies in flight on each of `devices`, warning of a failure instead of throwing: used
+// where another error is already on its way (the copy that failed is what gets reported) and the
+// copies must only be done before their memory goes.
+void drain_copies(DeviceBackend& backend, const std::set<int>& devices) noexcept;
+
 class CopyPipeline {
  public:
   CopyPipeline(DeviceBackend& backend, uint8_t* host_base) : backend_(backend), host_base_(host_base) {}
