@@ -1,0 +1,952 @@
+"""Issue 19's probe: can lossless GPU compression move level-1 backups faster than the pinned-copy link?
+
+In one run on one card, for three data sets of the same size:
+  bf16    weight-like bf16: a Llama-8B-shaped mix of per-tensor Gaussians (linear weights with std
+          0.008-0.05, embeddings and lm_head at 0.02, norm weights near 1.0), cut to --gib
+  fp8     the same tensors cast to e4m3 with a per-tensor scale (half the bytes)
+  random  incompressible random bytes (--gib)
+it measures
+  1. the pinned-copy limit, D2H and H2D (one large copy each; also chunked as a sleep copies);
+  2. nvCOMP's GPU codecs (ANS, Bitcomp, Cascaded, Zstd, LZ4, GDeflate; typed variants where the codec
+     has them) on the raw bytes and, for bf16, on a byte split (high byte = sign and 7 exponent bits,
+     low byte = exponent LSB and mantissa), timed with the split: ratio and compress / decompress GB/s
+     per pipeline chunk size (one encode call per chunk, CUDA events, warm-up, median of --reps) on a
+     --sample-mib sample of evenly spaced windows, every round trip checked bit-exact;
+  3. a modelled pipelined sleep (compress chunk i while chunk i-1's compressed bytes go D2H) and wake
+     (H2D of chunk i while chunk i-1 decompresses), 2 staging slots, against the limit;
+  4. the real thing for the best codec of each data set: two streams, 3 staging slots, every byte
+     through pinned host memory and back, timed on the host clock and checked bit-exact, next to a
+     plain chunked copy in the same run.
+The table comes last; --out DIR receives probe_compression.json (rewritten after every section, so a
+run cut short keeps what it measured).
+
+Needs nvidia-nvcomp-cu13 and nvidia-libnvcomp-cu13 (module nvidia.nvcomp; .whl/ carries them to the
+GPU machines). --device cpu is a dry run of the logic (tests/test_probe_compression_cpu.py); its
+figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+MiB = 1 << 20
+GiB = 1 << 30
+FP8_MAX = 448.0  # largest finite e4m3fn value: each tensor's absolute maximum is scaled onto it
+SLOW_PASS_S = 0.4  # a warm-up pass slower than this is timed once more, not --reps times
+STAGE_SLOTS = 2  # staging buffers in the model; the measured run uses MEASURED_SLOTS
+MEASURED_SLOTS = 3
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:300]}"
+
+
+# ---- the data -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    numel: int
+    mean: float
+    std: float
+
+
+def weight_mix(total_bytes: int, hidden: int = 4096, seed: int = 0) -> list[TensorSpec]:
+    """bf16 tensors shaped like a Llama-3-8B checkpoint (vocab 128256 at hidden 4096, GQA kv = hidden/4,
+    ffn 3.5 x hidden), in checkpoint order: embedding, as many layers as fit, final norm, lm_head; the
+    last layer is cut so the mix totals exactly total_bytes (even)."""
+    if total_bytes <= 0 or total_bytes % 2:
+        raise ValueError(f"weight_mix: total_bytes must be positive and even, got {total_bytes}")
+    rng = random.Random(seed)
+    vocab, kv, ffn = round(hidden * 128256 / 4096), hidden // 4, hidden * 7 // 2
+    budget = total_bytes // 2
+
+    def linear(name: str, numel: int) -> TensorSpec:
+        return TensorSpec(name, numel, 0.0, math.exp(rng.uniform(math.log(0.008), math.log(0.05))))
+
+    def norm(name: str) -> TensorSpec:
+        return TensorSpec(name, hidden, 1.0, 0.05)
+
+    head = [TensorSpec("embed_tokens", vocab * hidden, 0.0, 0.02)]
+    tail = [norm("norm"), TensorSpec("lm_head", vocab * hidden, 0.0, 0.02)]
+    fixed = head + tail
+    if sum(t.numel for t in fixed) >= budget:  # too small for a layer: the fixed tensors, cut
+        return _cut(fixed, budget)
+    room = budget - sum(t.numel for t in fixed)
+    layers: list[TensorSpec] = []
+    i = 0
+    while room > 0:
+        p = f"layers.{i}."
+        for t in (norm(p + "input_layernorm"), linear(p + "q_proj", hidden * hidden),
+                  linear(p + "k_proj", kv * hidden), linear(p + "v_proj", kv * hidden),
+                  linear(p + "o_proj", hidden * hidden), norm(p + "post_attention_layernorm"),
+                  linear(p + "gate_proj", ffn * hidden), linear(p + "up_proj", ffn * hidden),
+                  linear(p + "down_proj", hidden * ffn)):
+            layers.append(t)
+            room -= t.numel
+            if room <= 0:
+                break
+        i += 1
+    return head + _cut(layers, sum(t.numel for t in layers) + room) + tail
+
+
+def _cut(specs: list[TensorSpec], numel: int) -> list[TensorSpec]:
+    out, left = [], numel
+    for t in specs:
+        if left <= 0:
+            break
+        out.append(TensorSpec(t.name, min(t.numel, left), t.mean, t.std))
+        left -= out[-1].numel
+    return out
+
+
+def make_bf16(specs: Sequence[TensorSpec], device: torch.device, seed: int = 0) -> torch.Tensor:
+    """One flat bf16 buffer holding the tensors back to back, as a pool holds them."""
+    flat = torch.empty(sum(t.numel for t in specs), dtype=torch.bfloat16, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    off = 0
+    for t in specs:
+        flat[off:off + t.numel].normal_(t.mean, t.std, generator=gen)
+        off += t.numel
+    return flat
+
+
+def fp8_per_tensor(flat: torch.Tensor, specs: Sequence[TensorSpec]) -> torch.Tensor:
+    """The e4m3fn bytes of each tensor scaled so its absolute maximum lands on the format's largest value."""
+    out = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
+    off = 0
+    for t in specs:
+        x = flat[off:off + t.numel].float()
+        amax = float(x.abs().max()) or 1.0
+        out[off:off + t.numel] = (x * (FP8_MAX / amax)).to(torch.float8_e4m3fn).view(torch.uint8)
+        off += t.numel
+    return out
+
+
+def sample_offsets(total: int, window: int, count: int, align: int = 4096) -> list[int]:
+    """Starts of `count` windows spread evenly over `total` bytes (aligned, not overlapping), so a
+    sample of them keeps the mix's proportions; one window at 0 when the windows would cover it all."""
+    if total <= 0 or window <= 0 or count <= 0:
+        raise ValueError(f"sample_offsets: total, window and count must be positive, got {total}, {window}, {count}")
+    if window * count >= total:
+        return [0]
+    stride = total // count
+    return [min(i * stride // align * align, total - window) for i in range(count)]
+
+
+# ---- the byte split ---------------------------------------------------------------------------------
+
+
+def split_bytes(x: torch.Tensor, hi: Optional[torch.Tensor] = None,
+                lo: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Planes of a 2-byte tensor's little-endian bytes: hi (bf16: sign and 7 exponent bits) and lo
+    (exponent LSB and mantissa); into hi/lo when given."""
+    pairs = x.reshape(-1).view(torch.uint8).view(-1, 2)
+    if hi is None or lo is None:
+        return pairs[:, 1].contiguous(), pairs[:, 0].contiguous()
+    hi.copy_(pairs[:, 1])
+    lo.copy_(pairs[:, 0])
+    return hi, lo
+
+
+def join_bytes(hi: torch.Tensor, lo: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The uint8 bytes that split_bytes took apart (into out, a uint8 tensor of 2 x the plane, when given)."""
+    if hi.shape != lo.shape:
+        raise ValueError(f"join_bytes: planes differ in shape ({tuple(hi.shape)} vs {tuple(lo.shape)})")
+    if out is None:
+        out = torch.empty(2 * hi.numel(), dtype=torch.uint8, device=hi.device)
+    pairs = out.view(-1, 2)
+    pairs[:, 1].copy_(hi)
+    pairs[:, 0].copy_(lo)
+    return out
+
+
+# ---- the model of a pipelined sleep and wake -------------------------------------------------------------
+
+
+def pipeline_seconds(first: Sequence[float], second: Sequence[float], slots: int = STAGE_SLOTS) -> float:
+    """Time for chunks through two stages, each stage one chunk at a time, with `slots` staging buffers:
+    stage 1 of chunk i starts when stage 1 of chunk i-1 is done and its slot is free (stage 2 of chunk
+    i-slots done); stage 2 of chunk i starts when its stage 1 and stage 2 of chunk i-1 are done."""
+    if len(first) != len(second):
+        raise ValueError(f"pipeline_seconds: {len(first)} first-stage times but {len(second)} second-stage times")
+    if slots < 1:
+        raise ValueError(f"pipeline_seconds: slots must be >= 1, got {slots}")
+    end1: list[float] = []
+    end2: list[float] = []
+    for i, (a, b) in enumerate(zip(first, second)):
+        start1 = max(end1[-1] if end1 else 0.0, end2[i - slots] if i >= slots else 0.0)
+        end1.append(start1 + a)
+        end2.append(max(end1[-1], end2[-1] if end2 else 0.0) + b)
+    return end2[-1] if end2 else 0.0
+
+
+def chunk_sizes(total: int, chunk: int) -> list[int]:
+    if total < 0 or chunk <= 0:
+        raise ValueError(f"chunk_sizes: need total >= 0 and chunk > 0, got {total}, {chunk}")
+    return [min(chunk, total - o) for o in range(0, total, chunk)]
+
+
+@dataclass
+class Modelled:
+    sleep_s: float
+    wake_s: float
+    plain_sleep_s: float
+    plain_wake_s: float
+
+    @property
+    def sleep_x(self) -> float:
+        return self.plain_sleep_s / self.sleep_s
+
+    @property
+    def wake_x(self) -> float:
+        return self.plain_wake_s / self.wake_s
+
+    @property
+    def cycle_x(self) -> float:
+        return (self.plain_sleep_s + self.plain_wake_s) / (self.sleep_s + self.wake_s)
+
+
+def model_cycle(total: int, chunk: int, ratio: float, compress_gbps: float, decompress_gbps: float,
+                d2h_gbps: float, h2d_gbps: float, slots: int = STAGE_SLOTS) -> Modelled:
+    """A pipelined sleep (compress, then D2H of ratio x the bytes) and wake (H2D, then decompress) of
+    `total` bytes in `chunk`-sized pieces, against one plain copy of the whole at the limit. GB/s count
+    uncompressed bytes."""
+    for name, v in (("ratio", ratio), ("compress_gbps", compress_gbps), ("decompress_gbps", decompress_gbps),
+                    ("d2h_gbps", d2h_gbps), ("h2d_gbps", h2d_gbps)):
+        if not v > 0:
+            raise ValueError(f"model_cycle: {name} must be positive, got {v}")
+    sizes = chunk_sizes(total, chunk)
+    comp = [b / (compress_gbps * 1e9) for b in sizes]
+    down = [b * ratio / (d2h_gbps * 1e9) for b in sizes]
+    up = [b * ratio / (h2d_gbps * 1e9) for b in sizes]
+    dec = [b / (decompress_gbps * 1e9) for b in sizes]
+    return Modelled(pipeline_seconds(comp, down, slots), pipeline_seconds(up, dec, slots),
+                    total / (d2h_gbps * 1e9), total / (h2d_gbps * 1e9))
+
+
+# ---- device lanes -----------------------------------------------------------------------------------------
+
+
+class Lane:
+    """One CUDA stream, where work is queued and timed; on the CPU dry run, plain sequential code."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._entered: list = []
+
+    @property
+    def ptr(self) -> int:
+        return self.stream.cuda_stream if self.stream is not None else 0
+
+    def __enter__(self) -> "Lane":
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        ctx.__enter__()
+        self._entered.append(ctx)  # a stack: a lane may be entered again inside itself
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._entered.pop().__exit__(*exc)
+
+    def mark(self) -> Any:
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def wait(self, mark: Any) -> None:
+        if self.stream is not None and mark is not None:
+            self.stream.wait_event(mark)
+
+    def sync(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def timed(self, fn: Callable[[], Any]) -> float:
+        """Seconds of fn's work on this lane (CUDA events; host clock on the CPU), after the work already
+        queued on the caller's stream (the data fn reads was made there)."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with self:
+            if self.stream is None:
+                t0 = time.perf_counter()
+                fn()
+                return time.perf_counter() - t0
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            fn()
+            end.record(self.stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+
+def sync_all(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- codecs -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    name: str
+    algorithm: str
+    options: dict = field(default_factory=dict)
+    view: torch.dtype = torch.uint8  # the dtype the codec sees the bytes as (its data_type)
+    datasets: tuple = ("bf16", "fp8", "random")
+    split: bool = True  # also on bf16's byte planes (always as bytes)
+
+
+CODECS = (
+    CodecSpec("ANS", "ANS"),
+    CodecSpec("ANS-f2", "ANS", {"data_type": "<f2"}, torch.float16, ("bf16",), split=False),
+    CodecSpec("ANS-f1", "ANS", {"data_type": "|f1"}, torch.uint8, ("fp8",), split=False),
+    CodecSpec("Bitcomp", "Bitcomp"),
+    CodecSpec("Bitcomp-i2", "Bitcomp", {"data_type": "<i2"}, torch.int16, ("bf16",), split=False),
+    # Cascaded's default word is wider than a byte; |u1 keeps a byte view whole.
+    CodecSpec("Cascaded", "Cascaded", {"data_type": "|u1"}),
+    CodecSpec("Zstd", "Zstd"),
+    CodecSpec("LZ4", "LZ4"),
+    CodecSpec("GDeflate-0", "GDeflate", {"algorithm_type": 0}),  # entropy-only, its fastest mode
+)
+
+
+def round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+class Coder:
+    """One nvCOMP codec queued on one lane. Buffers are torch uint8 tensors, viewed as the codec's dtype;
+    compression configs are built once per input size (nvCOMP's sync-free path). Where the binding
+    refuses a preconfigured call or a caller-owned output, the call is made without it and `notes` says so."""
+
+    def __init__(self, nvcomp: Any, spec: CodecSpec, lane: Lane, device: torch.device):
+        kwargs = {"algorithm": spec.algorithm, **spec.options}
+        if lane.stream is not None:
+            kwargs.update(cuda_stream=lane.ptr, device_id=device.index or 0)
+        self.nv, self.spec, self.lane = nvcomp, spec, lane
+        self.codec = nvcomp.Codec(**kwargs)
+        self.notes: set[str] = set()
+        self._configs: dict[int, tuple] = {}
+        self._caps: dict[tuple, int] = {}
+        self._use_configs = self._encode_into = self._decode_into = True
+
+    def array(self, t: torch.Tensor) -> Any:
+        return self.nv.as_array(t, cuda_stream=self.lane.ptr)
+
+    def typed(self, u8: torch.Tensor, as_bytes: bool) -> torch.Tensor:
+        return u8 if as_bytes else u8.view(self.spec.view)
+
+    def capacity(self, src: torch.Tensor, as_bytes: bool) -> int:
+        """Largest compressed size of src's size (256-aligned, so outputs laid end to end stay aligned)."""
+        key = (src.numel(), as_bytes)
+        if key not in self._caps:
+            arr = self.array(self.typed(src, as_bytes))
+            self._caps[key] = round_up(int(self.codec.get_max_comp_buffer_size(arr)), 256)
+        return self._caps[key]
+
+    def configs(self, nbytes: int) -> tuple:
+        if not self._use_configs:
+            return None, None
+        if nbytes not in self._configs:
+            try:
+                c = self.codec.compression_config(nbytes)
+                self._configs[nbytes] = (c, self.codec.decompression_config(c))
+            except Exception as e:  # noqa: BLE001 - any refusal: the binding configures each call itself
+                self._use_configs = False
+                self.notes.add(f"configured per call ({short(e)})")
+                return None, None
+        return self._configs[nbytes]
+
+    def encode(self, src: torch.Tensor, out: torch.Tensor, as_bytes: bool = False) -> tuple:
+        """Queues src's compression into out; the handle's size (size()) waits for it."""
+        arr = self.array(self.typed(src, as_bytes))
+        ccfg = self.configs(src.numel())[0]
+        if self._encode_into:
+            try:
+                return ("into", self.codec.encode(arr, out=self.array(out), compression_config=ccfg), out)
+            except Exception as e:  # noqa: BLE001 - retried below with a binding-owned output
+                self._encode_into = False
+                self.notes.add(f"encode into own buffer refused, copied ({short(e)})")
+        return ("copy", self.codec.encode(arr, compression_config=ccfg), out)
+
+    def size(self, handle: tuple) -> int:
+        kind, res, out = handle
+        n = int(res.buffer_size)
+        if n > out.numel():
+            raise RuntimeError(f"{self.spec.name}: compressed {n} bytes, more than its buffer's {out.numel()}")
+        if kind == "copy":
+            with self.lane:
+                out[:n].copy_(torch.from_dlpack(res).reshape(-1).view(torch.uint8))
+        return n
+
+    def decode(self, comp: torch.Tensor, out: torch.Tensor, as_bytes: bool = False) -> None:
+        """Queues the decompression of comp (the exact compressed bytes) into out (its uncompressed size)."""
+        arr = self.array(comp)
+        dcfg = self.configs(out.numel())[1]
+        if self._decode_into:
+            try:
+                self.codec.decode(arr, out=self.array(self.typed(out, as_bytes)), decompression_config=dcfg)
+                return
+            except Exception as e:  # noqa: BLE001 - retried below with a binding-owned output
+                self._decode_into = False
+                self.notes.add(f"decode into own buffer refused, copied ({short(e)})")
+        res = self.codec.decode(arr, decompression_config=dcfg)
+        with self.lane:
+            out.copy_(torch.from_dlpack(res).reshape(-1).view(torch.uint8))
+
+
+# ---- 1. the pinned-copy limit ----------------------------------------------------------------------------------
+
+
+def measure_limit(dev: torch.Tensor, host: torch.Tensor, chunks: Sequence[int], reps: int, lane: Lane) -> dict:
+    """D2H and H2D GB/s between dev and pinned host: one copy of the whole (the limit), and in chunks."""
+    n = dev.numel()
+    h = host[:n]
+
+    def rate(fn: Callable[[], Any]) -> float:
+        lane.timed(fn)
+        return n / statistics.median(lane.timed(fn) for _ in range(reps)) / 1e9
+
+    def chunked(dst: torch.Tensor, src: torch.Tensor, c: int) -> Callable[[], None]:
+        return lambda: [dst[o:o + c].copy_(src[o:o + c], non_blocking=True) for o in range(0, n, c)]
+
+    out = {"bytes": n, "d2h_gbps": rate(lambda: h.copy_(dev, non_blocking=True)),
+           "h2d_gbps": rate(lambda: dev.copy_(h, non_blocking=True)), "chunked": {}}
+    for c in chunks:
+        out["chunked"][mib_label(c)] = {
+            "d2h_gbps": rate(chunked(h, dev, c)), "h2d_gbps": rate(chunked(dev, h, c))}
+    return out
+
+
+# ---- 2. the codec sweep ------------------------------------------------------------------------------------------
+
+
+def measure_plane(coder: Coder, plane: torch.Tensor, chunk: int, reps: int, as_bytes: bool) -> dict:
+    """One codec over one buffer in chunk-sized encode calls: median seconds to compress and to
+    decompress all of it, compressed bytes, and whether every round trip gave back every byte."""
+    lane, n = coder.lane, plane.numel()
+    pieces = [(o, c) for o, c in zip(range(0, n, chunk), chunk_sizes(n, chunk))]
+    caps = [coder.capacity(plane[o:o + c], as_bytes) for o, c in pieces]
+    offs = [sum(caps[:i]) for i in range(len(caps))]
+    out = torch.empty(sum(caps), dtype=torch.uint8, device=plane.device)
+    back = torch.empty_like(plane)
+    handles: list[tuple] = []
+    sizes: list[int] = []
+
+    def encode_all() -> None:
+        handles[:] = [coder.encode(plane[o:o + c], out[f:f + cap], as_bytes)
+                      for (o, c), f, cap in zip(pieces, offs, caps)]
+
+    def decode_all() -> None:
+        for (o, c), f, s in zip(pieces, offs, sizes):
+            coder.decode(out[f:f + s], back[o:o + c], as_bytes)
+
+    def encode_timed() -> float:
+        t = lane.timed(encode_all)
+        sizes[:] = [coder.size(h) for h in handles]
+        return t
+
+    exact = True
+
+    def decode_checked() -> float:
+        nonlocal exact
+        back.fill_(0xA5)  # a decode that writes nothing must not pass for one that gives the bytes back
+        t = lane.timed(decode_all)
+        exact = exact and bool(torch.equal(back, plane))
+        return t
+
+    warm = encode_timed() + decode_checked()
+    runs = reps if warm < SLOW_PASS_S else 1
+    comp = [encode_timed() for _ in range(runs)]
+    dec = [decode_checked() for _ in range(runs)]
+    return {"bytes": n, "out_bytes": sum(sizes), "chunks": len(pieces), "compress_s": statistics.median(comp),
+            "decompress_s": statistics.median(dec), "exact": exact, "runs": runs}
+
+
+def measure_split(sample: torch.Tensor, chunk: int, reps: int, lane: Lane) -> dict:
+    """Seconds to split the sample into byte planes and to join them back, chunk by chunk."""
+    hi, lo = split_bytes(sample)
+    back = torch.empty_like(sample)
+    pieces = [(o, c) for o, c in zip(range(0, sample.numel(), chunk), chunk_sizes(sample.numel(), chunk))]
+
+    def split_all() -> None:
+        for o, c in pieces:
+            split_bytes(sample[o:o + c], hi[o // 2:(o + c) // 2], lo[o // 2:(o + c) // 2])
+
+    def join_all() -> None:
+        for o, c in pieces:
+            join_bytes(hi[o // 2:(o + c) // 2], lo[o // 2:(o + c) // 2], back[o:o + c])
+
+    lane.timed(split_all)
+    lane.timed(join_all)
+    return {"split_s": statistics.median(lane.timed(split_all) for _ in range(reps)),
+            "join_s": statistics.median(lane.timed(join_all) for _ in range(reps)),
+            "exact": bool(torch.equal(back, sample)), "planes": (hi, lo)}
+
+
+def layout_rows(dataset: str, codec: str, chunk: int, raw: Optional[dict], split: Optional[dict],
+                planes: Optional[dict], total: int, limit: dict) -> list[dict]:
+    """Table rows for one codec, data set and chunk size: raw bytes; byte planes both coded ("split");
+    high plane coded, low plane sent as it is ("split-hi"). GB/s count the uncompressed bytes, split and
+    join included; the model runs over the data set's full size."""
+    rows = []
+
+    def row(layout: str, in_b: int, out_b: int, comp_s: float, dec_s: float, exact: bool, parts: dict) -> dict:
+        r = {"dataset": dataset, "codec": codec, "layout": layout, "chunk": chunk, "ratio": out_b / in_b,
+             "compress_gbps": in_b / comp_s / 1e9, "decompress_gbps": in_b / dec_s / 1e9, "exact": exact,
+             "parts": parts}
+        m = model_cycle(total, chunk, r["ratio"], r["compress_gbps"], r["decompress_gbps"],
+                        limit["d2h_gbps"], limit["h2d_gbps"])
+        r["model"] = {"sleep_s": m.sleep_s, "wake_s": m.wake_s, "sleep_x": m.sleep_x, "wake_x": m.wake_x,
+                      "cycle_x": m.cycle_x}
+        return r
+
+    if raw is not None:
+        rows.append(row("raw", raw["bytes"], raw["out_bytes"], raw["compress_s"], raw["decompress_s"],
+                        raw["exact"], {"raw": raw}))
+    if split is not None and planes is not None:
+        hi, lo = planes["hi"], planes["lo"]
+        n = hi["bytes"] + lo["bytes"]
+        base = {"split_s": split["split_s"], "join_s": split["join_s"]}
+        rows.append(row("split", n, hi["out_bytes"] + lo["out_bytes"],
+                        split["split_s"] + hi["compress_s"] + lo["compress_s"],
+                        split["join_s"] + hi["decompress_s"] + lo["decompress_s"],
+                        split["exact"] and hi["exact"] and lo["exact"], {**base, "hi": hi, "lo": lo}))
+        rows.append(row("split-hi", n, hi["out_bytes"] + lo["bytes"], split["split_s"] + hi["compress_s"],
+                        split["join_s"] + hi["decompress_s"], split["exact"] and hi["exact"], {**base, "hi": hi}))
+    return rows
+
+
+# ---- 4. the measured pipeline ---------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Sleep and wake of one data set through pinned host memory, chunk by chunk, on two lanes: `work`
+    (split, encode, decode, join: the codec's own stream) and `copy` (D2H, H2D), MEASURED_SLOTS staging
+    slots. layout: plain (chunks copied as they are), raw, split, split-hi."""
+
+    def __init__(self, src: torch.Tensor, host: torch.Tensor, chunk: int, layout: str,
+                 coder: Optional[Coder], work: Lane, copy: Lane):
+        if layout != "plain" and coder is None:
+            raise ValueError(f"Pipeline: layout {layout!r} needs a codec")
+        self.src, self.host, self.chunk, self.layout, self.coder = src, host, chunk, layout, coder
+        self.work, self.copy = work, copy
+        self.pieces = [(o, c) for o, c in zip(range(0, src.numel(), chunk), chunk_sizes(src.numel(), chunk))]
+        self.back = torch.empty_like(src)
+        self.records: list[list[tuple]] = []  # per chunk: (host offset, bytes, where it lands on wake)
+        dev = src.device
+        self.slots = []
+        if layout == "plain":
+            return
+        split = layout != "raw"
+        for _ in range(MEASURED_SLOTS):
+            s: dict = {}
+            if split:
+                s["hi"] = torch.empty(chunk // 2, dtype=torch.uint8, device=dev)
+                s["lo"] = torch.empty(chunk // 2, dtype=torch.uint8, device=dev)
+                cap = coder.capacity(s["hi"], True)
+                s["hi_out"] = torch.empty(cap, dtype=torch.uint8, device=dev)
+                if layout == "split":
+                    s["lo_out"] = torch.empty(cap, dtype=torch.uint8, device=dev)
+            else:
+                s["out"] = torch.empty(coder.capacity(src[:chunk], False), dtype=torch.uint8, device=dev)
+            self.slots.append(s)
+
+    def _host(self, off: int, n: int) -> torch.Tensor:
+        if off + n > self.host.numel():
+            raise RuntimeError(f"pinned host buffer of {self.host.numel()} bytes too small: needs {off + n}")
+        return self.host[off:off + n]
+
+    def sleep(self) -> None:
+        self.records = []
+        off = 0
+        if self.layout == "plain":
+            with self.copy:
+                for o, c in self.pieces:
+                    self._host(o, c).copy_(self.src[o:o + c], non_blocking=True)
+                    self.records.append([(o, c, None)])
+            return
+        freed: list[Any] = [None] * MEASURED_SLOTS
+        queued: list[tuple] = []  # (slot, [(handle or None, device buffer, plain bytes, name)], done mark)
+        for i, (o, c) in enumerate(self.pieces):
+            k = i % MEASURED_SLOTS
+            s = self.slots[k]
+            with self.work:
+                self.work.wait(freed[k])
+                queued.append((k, self._compress(s, self.src[o:o + c]), self.work.mark()))
+            if len(queued) > 1:  # one chunk behind, so the next encode is queued before we wait on a size
+                off = self._send(queued.pop(0), off, freed)
+        while queued:
+            off = self._send(queued.pop(0), off, freed)
+
+    def _compress(self, s: dict, x: torch.Tensor) -> list[tuple]:
+        if self.layout == "raw":
+            return [(self.coder.encode(x, s["out"]), s["out"], 0, "out")]
+        h, lo = s["hi"][:x.numel() // 2], s["lo"][:x.numel() // 2]
+        split_bytes(x, h, lo)
+        parts = [(self.coder.encode(h, s["hi_out"], True), s["hi_out"], 0, "hi")]
+        if self.layout == "split":
+            return parts + [(self.coder.encode(lo, s["lo_out"], True), s["lo_out"], 0, "lo")]
+        return parts + [(None, lo, lo.numel(), "lo")]
+
+    def _send(self, item: tuple, off: int, freed: list) -> int:
+        k, parts, done = item
+        sizes = [self.coder.size(h) if h is not None else n for h, _, n, _ in parts]  # waits for the encode
+        rec = []
+        with self.copy:
+            self.copy.wait(done)
+            for (h, buf, _, name), n in zip(parts, sizes):
+                self._host(off, n).copy_(buf[:n], non_blocking=True)
+                rec.append((off, n, name if h is not None else "plain-" + name))
+                off += n
+            freed[k] = self.copy.mark()
+        self.records.append(rec)
+        return off
+
+    def wake(self) -> None:
+        if self.layout == "plain":
+            with self.copy:
+                for (o, c), rec in zip(self.pieces, self.records):
+                    self.back[o:o + c].copy_(self._host(rec[0][0], c), non_blocking=True)
+            return
+        freed: list[Any] = [None] * MEASURED_SLOTS
+        for i, ((o, c), rec) in enumerate(zip(self.pieces, self.records)):
+            k = i % MEASURED_SLOTS
+            s = self.slots[k]
+            with self.copy:
+                self.copy.wait(freed[k])
+                for off, n, name in rec:
+                    dst = s["lo"] if name == "plain-lo" else s[name + "_out"] if name in ("hi", "lo") else s["out"]
+                    dst[:n].copy_(self._host(off, n), non_blocking=True)
+                arrived = self.copy.mark()
+            with self.work:
+                self.work.wait(arrived)
+                x = self.back[o:o + c]
+                if self.layout == "raw":
+                    self.coder.decode(s["out"][:rec[0][1]], x)
+                else:
+                    h, lo = s["hi"][:c // 2], s["lo"][:c // 2]
+                    for off, n, name in rec:
+                        if name in ("hi", "lo"):
+                            self.coder.decode(s[name + "_out"][:n], h if name == "hi" else lo, True)
+                    join_bytes(h, lo, x)
+                freed[k] = self.work.mark()
+
+    def host_bytes(self) -> int:
+        return sum(n for rec in self.records for _, n, _ in rec)
+
+
+def measure_pipeline(p: Pipeline, reps: int, device: torch.device) -> dict:
+    def timed(fn: Callable[[], None]) -> float:
+        sync_all(device)
+        t0 = time.perf_counter()
+        fn()
+        p.work.sync()
+        p.copy.sync()
+        return time.perf_counter() - t0
+
+    timed(p.sleep)
+    timed(p.wake)
+    sleeps, wakes = [], []
+    for _ in range(reps):
+        sleeps.append(timed(p.sleep))
+        p.back.fill_(0xA5)
+        wakes.append(timed(p.wake))
+    return {"sleep_s": statistics.median(sleeps), "wake_s": statistics.median(wakes),
+            "host_bytes": p.host_bytes(), "exact": bool(torch.equal(p.back, p.src))}
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+
+
+def mib_label(n: int) -> str:
+    return f"{n / MiB:g}"
+
+
+def table(res: dict) -> str:
+    """Per data set and codec/layout, its best chunk size by the modelled sleep+wake; measured rows beside."""
+    lim = res.get("limit") or {}
+    lines = [f"pinned-copy limit ({(lim.get('bytes') or 0) / GiB:.2f} GiB, one copy): "
+             f"D2H {lim.get('d2h_gbps', 0):.1f} GB/s, H2D {lim.get('h2d_gbps', 0):.1f} GB/s"]
+    measured = {(m["dataset"], m["codec"], m["layout"], m["chunk"]): m for m in res.get("measured", [])}
+    head = (f"{'data':6} {'codec':11} {'layout':8} {'chunk':>5} {'ratio':>6} {'comp GB/s':>9} {'dec GB/s':>8} "
+            f"{'model sleep x':>13} {'model wake x':>12} {'meas sleep x':>12} {'meas wake x':>11}  exact")
+    lines += [head, "-" * len(head)]
+    best: dict = {}
+    for r in res.get("rows", []):
+        key = (r["dataset"], r["codec"], r["layout"])
+        if key not in best or r["model"]["cycle_x"] > best[key]["model"]["cycle_x"]:
+            best[key] = r
+    order = {"bf16": 0, "fp8": 1, "random": 2}
+    for r in sorted(best.values(), key=lambda r: (order.get(r["dataset"], 9), -r["model"]["cycle_x"])):
+        m = measured.get((r["dataset"], r["codec"], r["layout"], r["chunk"]))
+        ms = f"{m['sleep_x']:12.2f} {m['wake_x']:11.2f}" if m and "sleep_x" in m else f"{'':12} {'':11}"
+        lines.append(f"{r['dataset']:6} {r['codec']:11} {r['layout']:8} {mib_label(r['chunk']):>5} {r['ratio']:6.3f} "
+                     f"{r['compress_gbps']:9.1f} {r['decompress_gbps']:8.1f} {r['model']['sleep_x']:13.2f} "
+                     f"{r['model']['wake_x']:12.2f} {ms}  {r['exact']}")
+    lines.append("measured (two streams, every byte through pinned host memory and back):")
+    for m in res.get("measured", []):
+        what = f"  {m['dataset']:6} {m['codec'] or '(none)':11} {m['layout']:8} {mib_label(m['chunk']):>5} MiB:"
+        if "sleep_x" in m:
+            lines.append(f"{what} sleep {m['sleep_s'] * 1e3:8.1f} ms x{m['sleep_x']:.2f}, wake {m['wake_s'] * 1e3:8.1f} "
+                         f"ms x{m['wake_x']:.2f}, host bytes {m['host_ratio']:.3f} x, exact {m['exact']}")
+        else:
+            lines.append(f"{what} {m.get('error', 'not run')}")
+    for e in res.get("errors", []):
+        lines.append(f"error: {e}")
+    lines.append("ratio = bytes kept / bytes in; GB/s count uncompressed bytes; x = plain one-copy time at the "
+                 "limit / time (model: 2 staging slots, stage times from the sweep; measured: two streams, "
+                 f"{MEASURED_SLOTS} slots, host clock); split = byte planes both coded, split-hi = low plane sent plain")
+    return "\n".join(lines)
+
+
+def save(res: dict, out_dir: Optional[str]) -> None:
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "probe_compression.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def load_nvcomp() -> tuple[Any, Optional[str]]:
+    try:
+        from nvidia import nvcomp  # noqa: PLC0415 - optional: the probe reports its absence
+    except Exception as e:  # noqa: BLE001
+        return None, short(e)
+    return nvcomp, None
+
+
+def env_info(device: torch.device, nvcomp: Any) -> dict:
+    info = {"torch": torch.__version__, "device": str(device),
+            "nvcomp": getattr(nvcomp, "__version__", None), "nvcomp_cuda": getattr(nvcomp, "__cuda_version__", None)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_mem_gib=p.total_memory / GiB, cuda=torch.version.cuda)
+    return info
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=4.0, help="size of the bf16 and random data sets (default 4)")
+    ap.add_argument("--sample-mib", type=float, default=512, help="the codec sweep's sample of each data set")
+    ap.add_argument("--chunk-mib", type=float, nargs="+", default=[16, 64, 4, 256, 1],
+                    help="pipeline chunk sizes, most wanted first (the budget may cut the last)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=100, help="time for the codec sweep; the rest is skipped")
+    ap.add_argument("--slow-gbps", type=float, default=20,
+                    help="a codec compressing slower than this (far below the link) is measured at one chunk size")
+    ap.add_argument("--codecs", nargs="+", default=None, help=f"subset of: {' '.join(c.name for c in CODECS)}")
+    ap.add_argument("--datasets", nargs="+", default=["bf16", "fp8", "random"], choices=["bf16", "fp8", "random"])
+    ap.add_argument("--skip-measured", action="store_true", help="no two-stream run")
+    ap.add_argument("--out", default=None, help="directory for probe_compression.json")
+    ap.add_argument("--device", default="cuda", help="cuda (the probe) or cpu (a dry run of the logic)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    unknown = set(a.codecs or ()) - {c.name for c in CODECS}
+    if unknown:
+        ap.error(f"--codecs: unknown {sorted(unknown)}; known: {[c.name for c in CODECS]}")
+    if a.gib <= 0 or a.sample_mib <= 0 or a.reps < 1 or any(c <= 0 for c in a.chunk_mib):
+        ap.error("--gib, --sample-mib, --chunk-mib must be positive and --reps at least 1")
+    return a
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            say("no CUDA device: torch.cuda.is_available() is False (--device cpu runs the logic only)")
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+    nvcomp, why = load_nvcomp()
+    res: dict = {"config": vars(a), "env": env_info(device, nvcomp), "errors": [], "rows": [], "sweep": [],
+                 "measured": []}
+    if nvcomp is None:
+        res["errors"].append(f"nvidia.nvcomp not importable ({why}): only the copy limit is measured")
+    say(f"env: {res['env']}")
+    total = round_up(int(a.gib * GiB), 4096)
+    chunks = [max(4096, round_up(int(c * MiB), 4096)) for c in a.chunk_mib]
+    work, copy = Lane(device), Lane(device)
+
+    # the data sets
+    t0 = time.perf_counter()
+    specs = weight_mix(total, seed=a.seed)
+    data: dict[str, torch.Tensor] = {}
+    bf16 = make_bf16(specs, device, a.seed)
+    if "bf16" in a.datasets:
+        data["bf16"] = bf16.view(torch.uint8)
+    if "fp8" in a.datasets:
+        data["fp8"] = fp8_per_tensor(bf16, specs)
+    if "random" in a.datasets:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(a.seed + 1)
+        data["random"] = torch.randint(0, 256, (total,), dtype=torch.uint8, device=device, generator=gen)
+    if "bf16" not in a.datasets:
+        del bf16
+    sync_all(device)
+    res["datasets"] = {k: {"bytes": v.numel()} for k, v in data.items()}
+    res["datasets"]["mix"] = {"tensors": len(specs), "layers_started": len({t.name.split(".")[1] for t in specs
+                                                                           if t.name.startswith("layers.")})}
+    say(f"data: {', '.join(f'{k} {v.numel() / GiB:.2f} GiB' for k, v in data.items())} "
+        f"({len(specs)} tensors) in {time.perf_counter() - t0:.1f} s")
+
+    # 1. the limit
+    t0 = time.perf_counter()
+    host = torch.empty(total + total // 16 + 64 * MiB, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    res["pin_s"] = time.perf_counter() - t0
+    limit = measure_limit(data.get("bf16", data[next(iter(data))])[:total], host, chunks, a.reps, work)
+    res["limit"] = limit
+    say(f"limit: D2H {limit['d2h_gbps']:.1f} GB/s, H2D {limit['h2d_gbps']:.1f} GB/s (pinned {host.numel() / GiB:.2f} "
+        f"GiB in {res['pin_s']:.1f} s); chunked: {limit['chunked']}")
+    save(res, a.out)
+
+    # 2. the sweep
+    specs_wanted = [c for c in CODECS if a.codecs is None or c.name in a.codecs]
+    coders: dict[str, Any] = {}
+    if nvcomp is not None:
+        for spec in specs_wanted:
+            try:
+                coders[spec.name] = Coder(nvcomp, spec, work, device)
+            except Exception as e:  # noqa: BLE001 - the codec's row says why
+                coders[spec.name] = short(e)
+                res["errors"].append(f"{spec.name}: codec not made: {short(e)}")
+    samples = {}
+    for name, d in data.items():
+        win = max(4096, round_up(int(a.sample_mib * MiB) // 8, 4096))
+        offs = sample_offsets(d.numel(), win, 8)
+        samples[name] = d if offs == [0] else torch.cat([d[o:o + win] for o in offs])
+    deadline = time.perf_counter() + a.budget_s
+    slow: set = set()
+    splits: dict = {}
+    skipped = 0
+    for chunk in chunks:
+        for name, sample in samples.items():
+            if name == "bf16" and any(c.split for c in specs_wanted) and time.perf_counter() < deadline:
+                try:
+                    splits[(name, chunk)] = measure_split(sample, min(chunk, sample.numel()), a.reps, work)
+                except Exception as e:  # noqa: BLE001
+                    res["errors"].append(f"split {name} {mib_label(chunk)} MiB: {short(e)}")
+            for spec in specs_wanted:
+                coder = coders.get(spec.name)
+                if name not in spec.datasets or not isinstance(coder, Coder) or (name, spec.name) in slow:
+                    continue
+                if time.perf_counter() > deadline:
+                    skipped += 1
+                    continue
+                c = min(chunk, sample.numel())
+                rec = {"dataset": name, "codec": spec.name, "chunk": chunk}
+                try:
+                    raw = measure_plane(coder, sample, c, a.reps, False)
+                    rec["raw"] = raw
+                    sp, planes = splits.get((name, chunk)), None
+                    if spec.split and sp is not None:
+                        hi, lo = sp["planes"]
+                        planes = {"hi": measure_plane(coder, hi, c // 2, a.reps, True),
+                                  "lo": measure_plane(coder, lo, c // 2, a.reps, True)}
+                        rec["planes"] = planes
+                    rows = layout_rows(name, spec.name, chunk, raw, sp, planes, data[name].numel(), limit)
+                    res["rows"].extend(rows)
+                    if raw["bytes"] / raw["compress_s"] / 1e9 < a.slow_gbps:
+                        slow.add((name, spec.name))
+                    say(f"  {name:6} {spec.name:11} {mib_label(chunk):>5} MiB: " + "; ".join(
+                        f"{r['layout']} {r['ratio']:.3f} {r['compress_gbps']:.0f}/{r['decompress_gbps']:.0f} GB/s "
+                        f"x{r['model']['sleep_x']:.2f}/{r['model']['wake_x']:.2f}{'' if r['exact'] else ' NOT EXACT'}"
+                        for r in rows))
+                except Exception as e:  # noqa: BLE001 - one codec's failure must not end the probe
+                    rec["error"] = short(e)
+                    res["errors"].append(f"{name} {spec.name} {mib_label(chunk)} MiB: {short(e)}")
+                    say(f"  {name:6} {spec.name:11} {mib_label(chunk):>5} MiB: {short(e)}")
+                rec["notes"] = sorted(coder.notes)
+                res["sweep"].append(rec)
+        save(res, a.out)
+    if skipped:
+        res["errors"].append(f"{skipped} sweep points skipped: --budget-s {a.budget_s} spent")
+    for key in splits:
+        splits[key].pop("planes", None)
+    res["split_timing"] = {f"{k[0]} {mib_label(k[1])}": v for k, v in splits.items()}
+    del samples
+    save(res, a.out)
+
+    # 4. measured
+    if not a.skip_measured:
+        plans = plan_measured(res["rows"], data, chunks[0])
+        for dataset, codec, layout, chunk in plans:
+            rec = {"dataset": dataset, "codec": codec, "layout": layout, "chunk": chunk}
+            try:
+                coder = coders.get(codec) if codec else None
+                p = Pipeline(data[dataset], host, chunk, layout, coder if isinstance(coder, Coder) else None,
+                             work, copy)
+                m = measure_pipeline(p, a.reps, device)
+                rec.update(m)
+                n = data[dataset].numel()
+                rec["sleep_x"] = n / (limit["d2h_gbps"] * 1e9) / m["sleep_s"]
+                rec["wake_x"] = n / (limit["h2d_gbps"] * 1e9) / m["wake_s"]
+                rec["host_ratio"] = m["host_bytes"] / n
+                rec["notes"] = sorted(coder.notes) if isinstance(coder, Coder) else []
+                say(f"  measured {dataset:6} {codec or '(none)':11} {layout:8} {mib_label(chunk)} MiB: sleep "
+                    f"{m['sleep_s'] * 1e3:.1f} ms (x{rec['sleep_x']:.2f}), wake {m['wake_s'] * 1e3:.1f} ms "
+                    f"(x{rec['wake_x']:.2f}), host {rec['host_ratio']:.3f}, exact {m['exact']}")
+                del p
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = short(e)
+                res["errors"].append(f"measured {dataset} {codec} {layout}: {short(e)}")
+                say(f"  measured {dataset} {codec} {layout}: {short(e)}")
+            res["measured"].append(rec)
+            save(res, a.out)
+    res["wall_s"] = time.perf_counter() - t_start
+    save(res, a.out)
+    say("")
+    say(table(res))
+    say(f"wall {res['wall_s']:.1f} s" + (f"; JSON in {a.out}/probe_compression.json" if a.out else ""))
+    return 0
+
+
+def plan_measured(rows: Sequence[dict], data: dict, plain_chunk: int) -> list[tuple]:
+    """(dataset, codec, layout, chunk) to run for real: per data set a plain chunked copy and its best
+    exact row by the modelled sleep+wake; random bytes also through bf16's best (what compression costs
+    where it cannot pay)."""
+    best: dict = {}
+    for r in rows:
+        if r["exact"] and (r["dataset"] not in best or r["model"]["cycle_x"] > best[r["dataset"]]["model"]["cycle_x"]):
+            best[r["dataset"]] = r
+    plans = []
+    for dataset in data:
+        b = best.get(dataset)
+        chunk = b["chunk"] if b else plain_chunk
+        plans.append((dataset, None, "plain", chunk))
+        if b:
+            plans.append((dataset, b["codec"], b["layout"], b["chunk"]))
+    if "bf16" in best and "random" in data:
+        b = best["bf16"]
+        item = ("random", b["codec"], b["layout"], b["chunk"])
+        if item not in plans:
+            plans.append(item)
+    return plans
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The compression probe's pure parts, on the CPU without nvCOMP: the byte split and its rejoin, the
+pipeline model's arithmetic, the weight mix; and the whole script as a dry run (--device cpu) against a
+stand-in for nvidia.nvcomp that follows the binding's documented calls (zlib inside)."""
+import json
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import probe_compression as probe  # noqa: E402
+
+MiB = 1 << 20
+
+
+def random_bf16(n: int, seed: int = 0) -> torch.Tensor:
+    """Every bit pattern, NaNs and infinities included: the split must not care what the bytes mean."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(1 << 15), 1 << 15, (n,), dtype=torch.int32, generator=g).to(torch.int16).view(torch.bfloat16)
+
+
+# ---- byte split -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 4095, 4097, 1 << 16, (1 << 16) + 1])
+def test_byte_split_then_join_gives_back_every_bf16_bit(n):
+    x = random_bf16(n, seed=n)
+    hi, lo = probe.split_bytes(x)
+    assert hi.numel() == lo.numel() == n and hi.dtype == lo.dtype == torch.uint8
+    back = probe.join_bytes(hi, lo).view(torch.bfloat16)
+    assert torch.equal(back.view(torch.int16), x.view(torch.int16))
+
+
+def test_byte_split_puts_sign_and_exponent_high_and_mantissa_low():
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.bfloat16)  # 0x3F80, 0xC000, 0x3F00, 0x4040
+    hi, lo = probe.split_bytes(x)
+    assert hi.tolist() == [0x3F, 0xC0, 0x3F, 0x40]
+    assert lo.tolist() == [0x80, 0x00, 0x00, 0x40]
+
+
+def test_byte_split_into_given_planes_of_a_slice_matches_the_whole():
+    x = random_bf16(1001, seed=3)
+    hi, lo = probe.split_bytes(x)
+    hi2, lo2 = torch.zeros(1001, dtype=torch.uint8), torch.zeros(1001, dtype=torch.uint8)
+    probe.split_bytes(x[:500], hi2[:500], lo2[:500])
+    probe.split_bytes(x[500:], hi2[500:], lo2[500:])
+    assert torch.equal(hi, hi2) and torch.equal(lo, lo2)
+    out = torch.empty(2002, dtype=torch.uint8)
+    probe.join_bytes(hi2[:500], lo2[:500], out[:1000])
+    probe.join_bytes(hi2[500:], lo2[500:], out[1000:])
+    assert torch.equal(out.view(torch.int16), x.view(torch.int16))
+
+
+def test_join_refuses_planes_of_different_sizes():
+    with pytest.raises(ValueError, match="planes differ"):
+        probe.join_bytes(torch.zeros(3, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8))
+
+
+# ---- pipeline model ------------------------------------------------------------------------------------------
+
+
+def test_pipeline_of_equal_stages_takes_one_stage_more_than_the_chunks():
+    assert probe.pipeline_seconds([1.0] * 4, [1.0] * 4) == pytest.approx(5.0)
+
+
+def test_pipeline_is_bound_by_its_slower_stage_plus_fill_and_drain():
+    # compress 1, copy 3 per chunk: 1 (fill) + 4 x 3
+    assert probe.pipeline_seconds([1.0] * 4, [3.0] * 4) == pytest.approx(13.0)
+    # compress 3, copy 1 per chunk: 4 x 3 + 1 (drain)
+    assert probe.pipeline_seconds([3.0] * 4, [1.0] * 4) == pytest.approx(13.0)
+
+
+def test_pipeline_with_one_slot_runs_the_stages_one_after_the_other():
+    assert probe.pipeline_seconds([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], slots=1) == pytest.approx(12.0)
+
+
+def test_pipeline_waits_for_a_free_slot():
+    # Stage 1 is fast, stage 2 slow; with 2 slots chunk 2's stage 1 waits for chunk 0's stage 2 (ends at 11).
+    first, second = [1.0, 1.0, 1.0], [10.0, 10.0, 10.0]
+    assert probe.pipeline_seconds(first, second, slots=2) == pytest.approx(31.0)
+    assert probe.pipeline_seconds(first, second, slots=8) == pytest.approx(31.0)
+    # ... which shows when stage 1 is slow and uneven: chunk 2 may not start before 11 with 2 slots
+    assert probe.pipeline_seconds([1.0, 1.0, 9.0, 1.0], [10.0, 1.0, 1.0, 1.0], slots=2) == pytest.approx(22.0)
+    assert probe.pipeline_seconds([1.0, 1.0, 9.0, 1.0], [10.0, 1.0, 1.0, 1.0], slots=3) == pytest.approx(14.0)
+
+
+def test_pipeline_rejects_stage_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="2 first-stage times but 3"):
+        probe.pipeline_seconds([1.0, 1.0], [1.0, 1.0, 1.0])
+    assert probe.pipeline_seconds([], []) == 0.0
+
+
+def test_chunk_sizes_cover_the_total_with_a_short_last_chunk():
+    assert probe.chunk_sizes(10, 4) == [4, 4, 2]
+    assert probe.chunk_sizes(8, 4) == [4, 4]
+    assert probe.chunk_sizes(0, 4) == []
+    with pytest.raises(ValueError):
+        probe.chunk_sizes(8, 0)
+
+
+def test_model_of_a_codec_that_halves_the_bytes_at_link_speed_nearly_doubles_a_sleep():
+    gb = 10 ** 9
+    # 64 chunks; compress at 4 x the link, half the bytes: copy-bound, 64 x 0.5/50 s + fill
+    m = probe.model_cycle(64 * 16 * MiB, 16 * MiB, ratio=0.5, compress_gbps=200, decompress_gbps=200,
+                          d2h_gbps=50, h2d_gbps=50)
+    chunk = 16 * MiB
+    assert m.plain_sleep_s == pytest.approx(64 * chunk / (50 * gb))
+    assert m.sleep_s == pytest.approx(chunk / (200 * gb) + 64 * chunk * 0.5 / (50 * gb))
+    assert m.wake_s == pytest.approx(64 * chunk * 0.5 / (50 * gb) + chunk / (200 * gb))
+    assert m.sleep_x == pytest.approx(m.plain_sleep_s / m.sleep_s)
+    assert 1.9 < m.sleep_x < 2.0 and 1.9 < m.cycle_x < 2.0
+
+
+def test_model_of_a_slow_codec_is_bound_by_compression():
+    m = probe.model_cycle(8 * MiB, MiB, ratio=0.5, compress_gbps=25, decompress_gbps=100, d2h_gbps=50, h2d_gbps=50)
+    # per chunk: plain copy t, compress 2t, compressed copy 0.5t: 8 compresses back to back, then the last copy
+    assert m.sleep_x == pytest.approx(8 / (8 * 2 + 0.5), rel=1e-9)
+
+
+def test_model_rejects_a_zero_rate():
+    with pytest.raises(ValueError, match="compress_gbps must be positive"):
+        probe.model_cycle(MiB, MiB, 0.5, 0.0, 1.0, 1.0, 1.0)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+def test_weight_mix_totals_exactly_and_has_embeddings_layers_and_norms():
+    total = 2 * (probe.round_up(40 * 1024 * 1024, 2) // 2)
+    specs = probe.weight_mix(total, hidden=256)
+    assert sum(t.numel for t in specs) * 2 == total
+    names = [t.name for t in specs]
+    assert names[0] == "embed_tokens" and names[-1] == "lm_head" and names[-2] == "norm"
+    assert any(n.endswith("down_proj") for n in names) and any(n.endswith("input_layernorm") for n in names)
+    norms = [t for t in specs if "norm" in t.name]
+    assert all(t.mean == 1.0 for t in norms)
+    assert all(0.008 <= t.std <= 0.05 for t in specs if t.name.endswith("_proj"))
+
+
+def test_weight_mix_at_4_gib_is_llama_8b_shaped():
+    specs = probe.weight_mix(4 << 30)
+    assert sum(t.numel for t in specs) * 2 == 4 << 30
+    by_name = {t.name: t for t in specs}
+    assert by_name["embed_tokens"].numel == 128256 * 4096
+    assert by_name["layers.0.gate_proj"].numel == 14336 * 4096
+    assert by_name["layers.0.k_proj"].numel == 1024 * 4096
+
+
+def test_weight_mix_smaller_than_its_embedding_is_cut_not_refused():
+    specs = probe.weight_mix(1 << 20, hidden=4096)
+    assert [t.name for t in specs] == ["embed_tokens"] and specs[0].numel * 2 == 1 << 20
+    with pytest.raises(ValueError, match="even"):
+        probe.weight_mix(3)
+
+
+def test_fp8_per_tensor_uses_each_tensors_range():
+    specs = [probe.TensorSpec("a", 1000, 0.0, 0.01), probe.TensorSpec("b", 1000, 1.0, 0.05)]
+    flat = probe.make_bf16(specs, torch.device("cpu"))
+    f8 = probe.fp8_per_tensor(flat, specs).view(torch.float8_e4m3fn).float()
+    assert f8.numel() == 2000
+    for part in (f8[:1000], f8[1000:]):
+        assert part.abs().max().item() == pytest.approx(probe.FP8_MAX)
+
+
+def test_sample_windows_spread_over_the_whole_and_do_not_overlap():
+    offs = probe.sample_offsets(1 << 30, 64 << 20, 8)
+    assert len(offs) == 8 and offs[0] == 0 and offs[-1] >= (1 << 30) * 7 // 8 - 4096
+    assert all(b - a >= 64 << 20 for a, b in zip(offs, offs[1:]))
+    assert all(o % 4096 == 0 and o + (64 << 20) <= 1 << 30 for o in offs)
+    assert probe.sample_offsets(100, 50, 2) == [0]
+
+
+# ---- the dry run ------------------------------------------------------------------------------------------------------
+
+
+class FakeArray:
+    def __init__(self, t, size=None):
+        self.t = t
+        self.buffer_size = t.numel() * t.element_size() if size is None else size
+
+
+class FakeCodec:
+    """nvcomp.Codec's calls as the binding documents them; zlib does the work."""
+
+    broken: set = set()  # algorithms whose construction fails
+    lossy: set = set()  # algorithms whose decode flips a byte
+
+    def __init__(self, algorithm, **kwargs):
+        if algorithm in self.broken:
+            raise RuntimeError(f"fake: {algorithm} not available")
+        self.algorithm, self.kwargs = algorithm, kwargs
+
+    def get_max_comp_buffer_size(self, arr):
+        return arr.buffer_size + arr.buffer_size // 8 + 64
+
+    def compression_config(self, n):
+        return ("c", n)
+
+    def decompression_config(self, cfg):
+        return ("d", cfg[1])
+
+    def encode(self, arr, out=None, compression_config=None):
+        assert compression_config is None or compression_config[1] == arr.buffer_size
+        data = zlib.compress(arr.t.reshape(-1).view(torch.uint8).numpy().tobytes(), 1)
+        dst = out.t.view(torch.uint8)
+        if len(data) > dst.numel():
+            raise ValueError("output buffer too small")
+        dst[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return FakeArray(dst, len(data))
+
+    def decode(self, arr, out=None, decompression_config=None):
+        data = zlib.decompress(arr.t.view(torch.uint8)[:arr.buffer_size].numpy().tobytes())
+        dst = out.t.view(torch.uint8)
+        if len(data) != dst.numel():
+            raise ValueError(f"decoded {len(data)} bytes into {dst.numel()}")
+        dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if self.algorithm in self.lossy:
+            dst[0] ^= 1
+        return out
+
+
+def install_fake_nvcomp(mp: pytest.MonkeyPatch) -> types.ModuleType:
+    fake = types.ModuleType("nvidia.nvcomp")
+    fake.__version__, fake.__cuda_version__ = "fake", 0
+    fake.Codec = FakeCodec
+    fake.as_array = lambda t, cuda_stream=0: FakeArray(t)
+    pkg = types.ModuleType("nvidia")
+    pkg.nvcomp = fake
+    mp.setitem(sys.modules, "nvidia", pkg)
+    mp.setitem(sys.modules, "nvidia.nvcomp", fake)
+    mp.setattr(FakeCodec, "broken", {"LZ4"})
+    mp.setattr(FakeCodec, "lossy", {"Zstd"})
+    return fake
+
+
+@pytest.fixture
+def fake_nvcomp(monkeypatch):
+    return install_fake_nvcomp(monkeypatch)
+
+
+def dry_run(out_dir: Path) -> dict:
+    """The whole script on the CPU: 512 KiB data sets, a sample of 8 windows of 16 KiB, chunks of 32 and 64 KiB."""
+    rc = probe.main(["--device", "cpu", "--gib", str(0.5 / 1024), "--sample-mib", "0.125", "--chunk-mib", "0.03125",
+                     "0.0625",
+                     "--reps", "1", "--slow-gbps", "0", "--out", str(out_dir)])
+    assert rc == 0
+    return json.loads((out_dir / "probe_compression.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    """One dry run with the stand-in (LZ4 cannot be made, Zstd flips a byte), shared by the tests that read it."""
+    out_dir = tmp_path_factory.mktemp("probe")
+    with pytest.MonkeyPatch.context() as mp:
+        install_fake_nvcomp(mp)
+        stdout = []
+        mp.setattr(probe, "say", stdout.append)
+        return dry_run(out_dir), "\n".join(stdout)
+
+
+def test_dry_run_measures_every_codec_layout_and_the_pipelines(dry):
+    res, out = dry
+    rows = res["rows"]
+    layouts = {(r["dataset"], r["codec"], r["layout"]) for r in rows}
+    assert ("bf16", "ANS", "split") in layouts and ("bf16", "ANS", "split-hi") in layouts
+    assert ("bf16", "ANS-f2", "raw") in layouts and ("fp8", "ANS-f1", "raw") in layouts
+    assert ("random", "Cascaded", "raw") in layouts and ("fp8", "ANS", "split") not in layouts
+    assert {r["chunk"] for r in rows} == {32 * 1024, 64 * 1024}
+    assert all(r["parts"]["raw"]["bytes"] == 128 * 1024 for r in rows if r["layout"] == "raw")
+    good = [r for r in rows if r["codec"] != "Zstd"]
+    assert good and all(r["exact"] for r in good)
+    assert all(r["ratio"] < 0.9 for r in good if r["dataset"] == "bf16" and r["layout"] == "split")
+    # every measured run gave back every byte, through the host and back
+    measured = res["measured"]
+    assert {m["layout"] for m in measured} >= {"plain"} and all("error" not in m for m in measured), measured
+    assert all(m["exact"] for m in measured)
+    coded = [m for m in measured if m["layout"] != "plain"]
+    assert {m["dataset"] for m in coded} >= {"bf16", "fp8", "random"}
+    assert any(m["dataset"] == "bf16" and m["host_ratio"] < 0.9 for m in coded)
+    assert "model sleep x" in out and "measured" in out.split("model sleep x")[1]
+
+
+def test_dry_run_reports_a_codec_that_loses_bytes_and_never_picks_it(dry):
+    res, _ = dry
+    zstd = [r for r in res["rows"] if r["codec"] == "Zstd"]
+    assert zstd and not any(r["exact"] for r in zstd)
+    assert all(m["codec"] != "Zstd" for m in res["measured"])
+
+
+def test_dry_run_names_a_codec_that_cannot_be_made_and_goes_on(dry):
+    res, _ = dry
+    assert any(e.startswith("LZ4: codec not made: RuntimeError: fake: LZ4 not available") for e in res["errors"])
+    assert not any(r["codec"] == "LZ4" for r in res["rows"])
+
+
+@pytest.mark.parametrize("layout", ["raw", "split", "split-hi"])
+def test_measured_pipeline_round_trips_odd_sized_data_through_the_host(layout, fake_nvcomp):
+    dev = torch.device("cpu")
+    src = random_bf16(3 * 2048 + 61, seed=7).view(torch.uint8)  # 3 chunks and a short one
+    host = torch.empty(2 * src.numel() + 4096, dtype=torch.uint8)
+    coder = probe.Coder(fake_nvcomp, probe.CODECS[0], probe.Lane(dev), dev)
+    p = probe.Pipeline(src, host, 4096, layout, coder, probe.Lane(dev), probe.Lane(dev))
+    m = probe.measure_pipeline(p, 2, dev)
+    assert m["exact"] and len(p.records) == 4
+
+
+def test_measured_pipeline_refuses_a_host_buffer_too_small_with_its_size(fake_nvcomp):
+    dev = torch.device("cpu")
+    src = torch.randint(0, 256, (3 * 4096,), dtype=torch.uint8)  # incompressible: grows a little
+    coder = probe.Coder(fake_nvcomp, probe.CODECS[0], probe.Lane(dev), dev)
+    p = probe.Pipeline(src, torch.empty(src.numel(), dtype=torch.uint8), 4096, "raw", coder, probe.Lane(dev),
+                       probe.Lane(dev))
+    with pytest.raises(RuntimeError, match="pinned host buffer of 12288 bytes too small"):
+        p.sleep()
+
+
+def test_dry_run_without_nvcomp_still_measures_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "load_nvcomp", lambda: (None, "ModuleNotFoundError: No module named 'nvidia'"))
+    res = dry_run(tmp_path)
+    assert res["limit"]["d2h_gbps"] > 0 and res["rows"] == []
+    assert any("nvidia.nvcomp not importable" in e for e in res["errors"])
+    assert all(m["layout"] == "plain" and m["exact"] for m in res["measured"])
+
+
+def test_unknown_codec_name_is_refused_by_name():
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--codecs", "ANS", "Brotli"])
