@@ -331,6 +331,19 @@ CODECS = (
 )
 
 
+class TorchScratch:
+    """nvCOMP's device scratch from torch's caching allocator (for nvcomp.set_device_allocator), taken on
+    the stream nvCOMP names, so a freed block is reused only behind that stream's work: where the
+    binding's own allocator frees with a device-wide sync, this one does not."""
+
+    def __init__(self, nbytes: int, stream: Any):
+        ptr = int(getattr(stream, "ptr", 0) or 0)
+        s = torch.cuda.ExternalStream(ptr) if ptr not in (0, 1, 2) else torch.cuda.default_stream()
+        with torch.cuda.stream(s):
+            self.buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device="cuda")
+        self.ptr = self.buf.data_ptr()
+
+
 def round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
@@ -395,9 +408,8 @@ class Coder:
         n = int(res.buffer_size)
         if n > out.numel():
             raise RuntimeError(f"{self.spec.name}: compressed {n} bytes, more than its buffer's {out.numel()}")
-        if kind == "copy":
-            with self.lane:
-                out[:n].copy_(torch.from_dlpack(res).reshape(-1).view(torch.uint8))
+        if kind == "copy" or not self._in_place(res, out, "encode"):
+            self._copy_out(res, out[:n])
         return n
 
     def decode(self, comp: torch.Tensor, out: torch.Tensor, as_bytes: bool = False) -> None:
@@ -406,14 +418,30 @@ class Coder:
         dcfg = self.configs(out.numel())[1]
         if self._decode_into:
             try:
-                self.codec.decode(arr, out=self.array(self.typed(out, as_bytes)), decompression_config=dcfg)
-                return
+                res = self.codec.decode(arr, out=self.array(self.typed(out, as_bytes)), decompression_config=dcfg)
             except Exception as e:  # noqa: BLE001 - retried below with a binding-owned output
                 self._decode_into = False
                 self.notes.add(f"decode into own buffer refused, copied ({short(e)})")
-        res = self.codec.decode(arr, decompression_config=dcfg)
+            else:
+                if not self._in_place(res, out, "decode"):
+                    self._copy_out(res, out)
+                return
+        self._copy_out(self.codec.decode(arr, decompression_config=dcfg), out)
+
+    def _in_place(self, res: Any, out: torch.Tensor, call: str) -> bool:
+        """Whether the binding wrote into out: its docs say an Array passed as out may be "resized to fit"."""
+        try:
+            ptr = res.__cuda_array_interface__["data"][0]
+        except Exception:  # noqa: BLE001 - no interface to ask: trust the documented in-place write
+            return True
+        if ptr == out.data_ptr():
+            return True
+        self.notes.add(f"{call} wrote outside the buffer given, copied")
+        return False
+
+    def _copy_out(self, res: Any, out: torch.Tensor) -> None:
         with self.lane:
-            out.copy_(torch.from_dlpack(res).reshape(-1).view(torch.uint8))
+            out.copy_(torch.from_dlpack(res).reshape(-1).view(torch.uint8)[:out.numel()])
 
 
 # ---- 1. the pinned-copy limit ----------------------------------------------------------------------------------
@@ -439,7 +467,7 @@ def measure_limit(dev: torch.Tensor, host: torch.Tensor, chunks: Sequence[int], 
     return out
 
 
-# ---- 2. the codec sweep ------------------------------------------------------------------------------------------
+# ---- 2. and 3. the codec sweep and its model------------------------------------------------------------------------------------
 
 
 def measure_plane(coder: Coder, plane: torch.Tensor, chunk: int, reps: int, as_bytes: bool) -> dict:
@@ -732,10 +760,25 @@ def save(res: dict, out_dir: Optional[str]) -> None:
 
 
 def load_nvcomp() -> tuple[Any, Optional[str]]:
+    """nvidia.nvcomp, or why not. A regular `nvidia` package elsewhere on the path (an __init__.py in some
+    other NVIDIA wheel) hides the namespace the nvcomp wheels install into; their directories are then
+    added to that package's path."""
     try:
         from nvidia import nvcomp  # noqa: PLC0415 - optional: the probe reports its absence
+        return nvcomp, None
     except Exception as e:  # noqa: BLE001
-        return None, short(e)
+        first = e
+    try:
+        import nvidia  # noqa: PLC0415
+
+        dirs = [os.path.join(p, "nvidia") for p in sys.path if os.path.isdir(os.path.join(p or ".", "nvidia", "nvcomp"))]
+        missing = [d for d in dirs if d not in list(nvidia.__path__)]
+        if not missing:
+            return None, short(first)
+        nvidia.__path__ = list(nvidia.__path__) + missing
+        from nvidia import nvcomp  # noqa: PLC0415
+    except Exception as e:  # noqa: BLE001
+        return None, f"{short(first)}; with nvidia.__path__ widened: {short(e)}"
     return nvcomp, None
 
 
@@ -761,6 +804,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--codecs", nargs="+", default=None, help=f"subset of: {' '.join(c.name for c in CODECS)}")
     ap.add_argument("--datasets", nargs="+", default=["bf16", "fp8", "random"], choices=["bf16", "fp8", "random"])
     ap.add_argument("--skip-measured", action="store_true", help="no two-stream run")
+    ap.add_argument("--nvcomp-alloc", choices=["default", "torch"], default="default",
+                    help="nvCOMP's device scratch: the binding's allocator or torch's caching allocator")
     ap.add_argument("--out", default=None, help="directory for probe_compression.json")
     ap.add_argument("--device", default="cuda", help="cuda (the probe) or cpu (a dry run of the logic)")
     ap.add_argument("--seed", type=int, default=0)
@@ -773,67 +818,39 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return a
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parse_args(argv)
-    t_start = time.perf_counter()
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            say("no CUDA device: torch.cuda.is_available() is False (--device cpu runs the logic only)")
-            return 2
-        device = torch.device("cuda", torch.cuda.current_device())
-    nvcomp, why = load_nvcomp()
-    res: dict = {"config": vars(a), "env": env_info(device, nvcomp), "errors": [], "rows": [], "sweep": [],
-                 "measured": []}
-    if nvcomp is None:
-        res["errors"].append(f"nvidia.nvcomp not importable ({why}): only the copy limit is measured")
-    say(f"env: {res['env']}")
-    total = round_up(int(a.gib * GiB), 4096)
-    chunks = [max(4096, round_up(int(c * MiB), 4096)) for c in a.chunk_mib]
-    work, copy = Lane(device), Lane(device)
-
-    # the data sets
-    t0 = time.perf_counter()
-    specs = weight_mix(total, seed=a.seed)
+def make_data(names: Sequence[str], total: int, device: torch.device, seed: int) -> tuple[dict, list]:
+    """The data sets as uint8 buffers, and the weight mix's tensors."""
+    specs = weight_mix(total, seed=seed)
+    bf16 = make_bf16(specs, device, seed)
     data: dict[str, torch.Tensor] = {}
-    bf16 = make_bf16(specs, device, a.seed)
-    if "bf16" in a.datasets:
+    if "bf16" in names:
         data["bf16"] = bf16.view(torch.uint8)
-    if "fp8" in a.datasets:
+    if "fp8" in names:
         data["fp8"] = fp8_per_tensor(bf16, specs)
-    if "random" in a.datasets:
+    if "random" in names:
         gen = torch.Generator(device=device)
-        gen.manual_seed(a.seed + 1)
+        gen.manual_seed(seed + 1)
         data["random"] = torch.randint(0, 256, (total,), dtype=torch.uint8, device=device, generator=gen)
-    if "bf16" not in a.datasets:
-        del bf16
     sync_all(device)
-    res["datasets"] = {k: {"bytes": v.numel()} for k, v in data.items()}
-    res["datasets"]["mix"] = {"tensors": len(specs), "layers_started": len({t.name.split(".")[1] for t in specs
-                                                                           if t.name.startswith("layers.")})}
-    say(f"data: {', '.join(f'{k} {v.numel() / GiB:.2f} GiB' for k, v in data.items())} "
-        f"({len(specs)} tensors) in {time.perf_counter() - t0:.1f} s")
+    return data, specs
 
-    # 1. the limit
-    t0 = time.perf_counter()
-    host = torch.empty(total + total // 16 + 64 * MiB, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    res["pin_s"] = time.perf_counter() - t0
-    limit = measure_limit(data.get("bf16", data[next(iter(data))])[:total], host, chunks, a.reps, work)
-    res["limit"] = limit
-    say(f"limit: D2H {limit['d2h_gbps']:.1f} GB/s, H2D {limit['h2d_gbps']:.1f} GB/s (pinned {host.numel() / GiB:.2f} "
-        f"GiB in {res['pin_s']:.1f} s); chunked: {limit['chunked']}")
-    save(res, a.out)
 
-    # 2. the sweep
-    specs_wanted = [c for c in CODECS if a.codecs is None or c.name in a.codecs]
+def make_coders(nvcomp: Any, specs: Sequence[CodecSpec], lane: Lane, device: torch.device, res: dict) -> dict:
+    """One Coder per codec, or the reason it could not be made."""
     coders: dict[str, Any] = {}
-    if nvcomp is not None:
-        for spec in specs_wanted:
-            try:
-                coders[spec.name] = Coder(nvcomp, spec, work, device)
-            except Exception as e:  # noqa: BLE001 - the codec's row says why
-                coders[spec.name] = short(e)
-                res["errors"].append(f"{spec.name}: codec not made: {short(e)}")
+    for spec in specs if nvcomp is not None else ():
+        try:
+            coders[spec.name] = Coder(nvcomp, spec, lane, device)
+        except Exception as e:  # noqa: BLE001 - the codec's row says why
+            coders[spec.name] = short(e)
+            res["errors"].append(f"{spec.name}: codec not made: {short(e)}")
+    return coders
+
+
+def run_sweep(a: argparse.Namespace, res: dict, data: dict, coders: dict, chunks: Sequence[int], lane: Lane) -> None:
+    """2. and 3.: every codec on every data set's sample, per chunk size (most wanted first, until
+    --budget-s is spent), with the model of each row; into res["sweep"] and res["rows"]."""
+    specs = [c for c in CODECS if c.name in coders]
     samples = {}
     for name, d in data.items():
         win = max(4096, round_up(int(a.sample_mib * MiB) // 8, 4096))
@@ -841,34 +858,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         samples[name] = d if offs == [0] else torch.cat([d[o:o + win] for o in offs])
     deadline = time.perf_counter() + a.budget_s
     slow: set = set()
-    splits: dict = {}
     skipped = 0
+    res["split_timing"] = {}
     for chunk in chunks:
         for name, sample in samples.items():
-            if name == "bf16" and any(c.split for c in specs_wanted) and time.perf_counter() < deadline:
+            c = min(chunk, sample.numel())
+            split = None
+            if name == "bf16" and any(s.split for s in specs) and time.perf_counter() < deadline:
                 try:
-                    splits[(name, chunk)] = measure_split(sample, min(chunk, sample.numel()), a.reps, work)
+                    split = measure_split(sample, c, a.reps, lane)
+                    res["split_timing"][mib_label(chunk)] = {k: v for k, v in split.items() if k != "planes"}
                 except Exception as e:  # noqa: BLE001
                     res["errors"].append(f"split {name} {mib_label(chunk)} MiB: {short(e)}")
-            for spec in specs_wanted:
-                coder = coders.get(spec.name)
+            for spec in specs:
+                coder = coders[spec.name]
                 if name not in spec.datasets or not isinstance(coder, Coder) or (name, spec.name) in slow:
                     continue
                 if time.perf_counter() > deadline:
                     skipped += 1
                     continue
-                c = min(chunk, sample.numel())
                 rec = {"dataset": name, "codec": spec.name, "chunk": chunk}
                 try:
-                    raw = measure_plane(coder, sample, c, a.reps, False)
-                    rec["raw"] = raw
-                    sp, planes = splits.get((name, chunk)), None
-                    if spec.split and sp is not None:
-                        hi, lo = sp["planes"]
-                        planes = {"hi": measure_plane(coder, hi, c // 2, a.reps, True),
-                                  "lo": measure_plane(coder, lo, c // 2, a.reps, True)}
-                        rec["planes"] = planes
-                    rows = layout_rows(name, spec.name, chunk, raw, sp, planes, data[name].numel(), limit)
+                    raw = rec["raw"] = measure_plane(coder, sample, c, a.reps, False)
+                    planes = None
+                    if spec.split and split is not None:
+                        hi, lo = split["planes"]
+                        planes = rec["planes"] = {"hi": measure_plane(coder, hi, c // 2, a.reps, True),
+                                                  "lo": measure_plane(coder, lo, c // 2, a.reps, True)}
+                    rows = layout_rows(name, spec.name, chunk, raw, split, planes, data[name].numel(), res["limit"])
                     res["rows"].extend(rows)
                     if raw["bytes"] / raw["compress_s"] / 1e9 < a.slow_gbps:
                         slow.add((name, spec.name))
@@ -885,38 +902,77 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         save(res, a.out)
     if skipped:
         res["errors"].append(f"{skipped} sweep points skipped: --budget-s {a.budget_s} spent")
-    for key in splits:
-        splits[key].pop("planes", None)
-    res["split_timing"] = {f"{k[0]} {mib_label(k[1])}": v for k, v in splits.items()}
-    del samples
+
+
+def run_measured(a: argparse.Namespace, res: dict, data: dict, coders: dict, host: torch.Tensor,
+                 lanes: tuple[Lane, Lane], device: torch.device, plain_chunk: int) -> None:
+    """4.: the planned pipelines for real, into res["measured"]."""
+    limit = res["limit"]
+    for dataset, codec, layout, chunk in plan_measured(res["rows"], data, plain_chunk):
+        rec: dict = {"dataset": dataset, "codec": codec, "layout": layout, "chunk": chunk}
+        what = f"  measured {dataset:6} {codec or '(none)':11} {layout:8} {mib_label(chunk)} MiB:"
+        try:
+            coder = coders.get(codec) if codec else None
+            p = Pipeline(data[dataset], host, chunk, layout, coder, *lanes)
+            m = measure_pipeline(p, a.reps, device)
+            del p
+            n = data[dataset].numel()
+            rec.update(m, sleep_x=n / (limit["d2h_gbps"] * 1e9) / m["sleep_s"],
+                       wake_x=n / (limit["h2d_gbps"] * 1e9) / m["wake_s"], host_ratio=m["host_bytes"] / n,
+                       notes=sorted(coder.notes) if coder else [])
+            say(f"{what} sleep {m['sleep_s'] * 1e3:.1f} ms (x{rec['sleep_x']:.2f}), wake {m['wake_s'] * 1e3:.1f} ms "
+                f"(x{rec['wake_x']:.2f}), host {rec['host_ratio']:.3f}, exact {m['exact']}")
+        except Exception as e:  # noqa: BLE001 - the next plan may still run
+            rec["error"] = short(e)
+            res["errors"].append(f"measured {dataset} {codec} {layout}: {short(e)}")
+            say(f"{what} {short(e)}")
+        res["measured"].append(rec)
+        save(res, a.out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            say("no CUDA device: torch.cuda.is_available() is False (--device cpu runs the logic only)")
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+    nvcomp, why = load_nvcomp()
+    if nvcomp is not None and a.nvcomp_alloc == "torch":
+        nvcomp.set_device_allocator(TorchScratch)
+    res: dict = {"config": vars(a), "env": env_info(device, nvcomp), "errors": [], "rows": [], "sweep": [],
+                 "measured": []}
+    if nvcomp is None:
+        res["errors"].append(f"nvidia.nvcomp not importable ({why}): only the copy limit is measured")
+    say(f"env: {res['env']}")
+    total = round_up(int(a.gib * GiB), 4096)
+    chunks = [max(4096, round_up(int(c * MiB), 4096)) for c in a.chunk_mib]
+    work, copy = Lane(device), Lane(device)
+
+    t0 = time.perf_counter()
+    data, specs = make_data(a.datasets, total, device, a.seed)
+    res["datasets"] = {k: {"bytes": v.numel()} for k, v in data.items()}
+    res["mix"] = [asdict(t) for t in specs]
+    say(f"data: {', '.join(f'{k} {v.numel() / GiB:.2f} GiB' for k, v in data.items())} "
+        f"({len(specs)} tensors) in {time.perf_counter() - t0:.1f} s")
+
+    # 1. the limit
+    t0 = time.perf_counter()
+    host = torch.empty(total + total // 16 + 64 * MiB, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    res["pin_s"] = time.perf_counter() - t0
+    res["limit"] = limit = measure_limit(next(iter(data.values())), host, chunks, a.reps, work)
+    say(f"limit: D2H {limit['d2h_gbps']:.1f} GB/s, H2D {limit['h2d_gbps']:.1f} GB/s (pinned {host.numel() / GiB:.2f} "
+        f"GiB in {res['pin_s']:.1f} s); chunked: {limit['chunked']}")
     save(res, a.out)
 
-    # 4. measured
+    coders = make_coders(nvcomp, [c for c in CODECS if a.codecs is None or c.name in a.codecs], work, device, res)
+    run_sweep(a, res, data, coders, chunks, work)
+    say(f"sweep done at {time.perf_counter() - t_start:.0f} s")
     if not a.skip_measured:
-        plans = plan_measured(res["rows"], data, chunks[0])
-        for dataset, codec, layout, chunk in plans:
-            rec = {"dataset": dataset, "codec": codec, "layout": layout, "chunk": chunk}
-            try:
-                coder = coders.get(codec) if codec else None
-                p = Pipeline(data[dataset], host, chunk, layout, coder if isinstance(coder, Coder) else None,
-                             work, copy)
-                m = measure_pipeline(p, a.reps, device)
-                rec.update(m)
-                n = data[dataset].numel()
-                rec["sleep_x"] = n / (limit["d2h_gbps"] * 1e9) / m["sleep_s"]
-                rec["wake_x"] = n / (limit["h2d_gbps"] * 1e9) / m["wake_s"]
-                rec["host_ratio"] = m["host_bytes"] / n
-                rec["notes"] = sorted(coder.notes) if isinstance(coder, Coder) else []
-                say(f"  measured {dataset:6} {codec or '(none)':11} {layout:8} {mib_label(chunk)} MiB: sleep "
-                    f"{m['sleep_s'] * 1e3:.1f} ms (x{rec['sleep_x']:.2f}), wake {m['wake_s'] * 1e3:.1f} ms "
-                    f"(x{rec['wake_x']:.2f}), host {rec['host_ratio']:.3f}, exact {m['exact']}")
-                del p
-            except Exception as e:  # noqa: BLE001
-                rec["error"] = short(e)
-                res["errors"].append(f"measured {dataset} {codec} {layout}: {short(e)}")
-                say(f"  measured {dataset} {codec} {layout}: {short(e)}")
-            res["measured"].append(rec)
-            save(res, a.out)
+        run_measured(a, res, data, {k: v for k, v in coders.items() if isinstance(v, Coder)}, host, (work, copy),
+                     device, chunks[0])
     res["wall_s"] = time.perf_counter() - t_start
     save(res, a.out)
     say("")

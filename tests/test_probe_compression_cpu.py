@@ -183,12 +183,23 @@ class FakeArray:
         self.t = t
         self.buffer_size = t.numel() * t.element_size() if size is None else size
 
+    @property
+    def __cuda_array_interface__(self):  # what the probe reads to see where the bytes went
+        return {"data": (self.t.data_ptr(), False), "shape": (self.buffer_size,), "typestr": "|u1", "version": 3}
+
+    def __dlpack__(self, stream=None):
+        return self.t.view(torch.uint8)[:self.buffer_size].__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.t.__dlpack_device__()
+
 
 class FakeCodec:
     """nvcomp.Codec's calls as the binding documents them; zlib does the work."""
 
     broken: set = set()  # algorithms whose construction fails
     lossy: set = set()  # algorithms whose decode flips a byte
+    elsewhere: set = set()  # algorithms that write their output to a buffer of their own, not the one given
 
     def __init__(self, algorithm, **kwargs):
         if algorithm in self.broken:
@@ -208,6 +219,8 @@ class FakeCodec:
         assert compression_config is None or compression_config[1] == arr.buffer_size
         data = zlib.compress(arr.t.reshape(-1).view(torch.uint8).numpy().tobytes(), 1)
         dst = out.t.view(torch.uint8)
+        if self.algorithm in self.elsewhere:
+            dst = torch.empty(len(data), dtype=torch.uint8)
         if len(data) > dst.numel():
             raise ValueError("output buffer too small")
         dst[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -218,10 +231,12 @@ class FakeCodec:
         dst = out.t.view(torch.uint8)
         if len(data) != dst.numel():
             raise ValueError(f"decoded {len(data)} bytes into {dst.numel()}")
+        if self.algorithm in self.elsewhere:
+            dst = torch.empty_like(dst)
         dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         if self.algorithm in self.lossy:
             dst[0] ^= 1
-        return out
+        return FakeArray(dst)
 
 
 def install_fake_nvcomp(mp: pytest.MonkeyPatch) -> types.ModuleType:
@@ -235,6 +250,7 @@ def install_fake_nvcomp(mp: pytest.MonkeyPatch) -> types.ModuleType:
     mp.setitem(sys.modules, "nvidia.nvcomp", fake)
     mp.setattr(FakeCodec, "broken", {"LZ4"})
     mp.setattr(FakeCodec, "lossy", {"Zstd"})
+    mp.setattr(FakeCodec, "elsewhere", {"Cascaded"})
     return fake
 
 
@@ -254,7 +270,8 @@ def dry_run(out_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def dry(tmp_path_factory):
-    """One dry run with the stand-in (LZ4 cannot be made, Zstd flips a byte), shared by the tests that read it."""
+    """One dry run with the stand-in (LZ4 cannot be made, Zstd flips a byte, Cascaded writes to its own buffers),
+    shared by the tests that read it."""
     out_dir = tmp_path_factory.mktemp("probe")
     with pytest.MonkeyPatch.context() as mp:
         install_fake_nvcomp(mp)
@@ -292,6 +309,14 @@ def test_dry_run_reports_a_codec_that_loses_bytes_and_never_picks_it(dry):
     assert all(m["codec"] != "Zstd" for m in res["measured"])
 
 
+def test_dry_run_copies_from_where_a_codec_wrote_when_not_into_the_buffer_given(dry):
+    res, _ = dry
+    cascaded = [r for r in res["rows"] if r["codec"] == "Cascaded"]
+    assert cascaded and all(r["exact"] for r in cascaded)
+    notes = {n for rec in res["sweep"] if rec["codec"] == "Cascaded" for n in rec["notes"]}
+    assert notes == {"encode wrote outside the buffer given, copied", "decode wrote outside the buffer given, copied"}
+
+
 def test_dry_run_names_a_codec_that_cannot_be_made_and_goes_on(dry):
     res, _ = dry
     assert any(e.startswith("LZ4: codec not made: RuntimeError: fake: LZ4 not available") for e in res["errors"])
@@ -325,6 +350,26 @@ def test_dry_run_without_nvcomp_still_measures_the_limit(tmp_path, monkeypatch):
     assert res["limit"]["d2h_gbps"] > 0 and res["rows"] == []
     assert any("nvidia.nvcomp not importable" in e for e in res["errors"])
     assert all(m["layout"] == "plain" and m["exact"] for m in res["measured"])
+
+
+def test_nvcomp_is_found_behind_a_regular_nvidia_package_that_hides_the_namespace(tmp_path, monkeypatch):
+    regular, wheels = tmp_path / "site-packages", tmp_path / "site"
+    (regular / "nvidia").mkdir(parents=True)
+    (regular / "nvidia" / "__init__.py").write_text("")
+    (wheels / "nvidia" / "nvcomp").mkdir(parents=True)
+    (wheels / "nvidia" / "nvcomp" / "__init__.py").write_text("__version__ = 'from the wheel dir'\n")
+    for name in [m for m in sys.modules if m == "nvidia" or m.startswith("nvidia.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [str(wheels), str(regular)] + sys.path)
+    nvcomp, why = probe.load_nvcomp()
+    assert why is None and nvcomp.__version__ == "from the wheel dir"
+
+
+def test_nvcomp_absent_says_why():
+    nvcomp, why = probe.load_nvcomp()
+    assert (nvcomp is None) == (why is not None)
+    if why is not None:
+        assert "nvidia" in why
 
 
 def test_unknown_codec_name_is_refused_by_name():
