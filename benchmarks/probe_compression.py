@@ -333,8 +333,9 @@ CODECS = (
 
 class TorchScratch:
     """nvCOMP's device scratch from torch's caching allocator (for nvcomp.set_device_allocator), taken on
-    the stream nvCOMP names, so a freed block is reused only behind that stream's work: where the
-    binding's own allocator frees with a device-wide sync, this one does not."""
+    the stream nvCOMP names, so a freed block is reused only behind that stream's work. For a second run
+    in case the binding's own allocator frees with cudaFree, which waits for the whole device (the
+    copies of the other stream too)."""
 
     def __init__(self, nbytes: int, stream: Any):
         ptr = int(getattr(stream, "ptr", 0) or 0)
@@ -467,7 +468,7 @@ def measure_limit(dev: torch.Tensor, host: torch.Tensor, chunks: Sequence[int], 
     return out
 
 
-# ---- 2. and 3. the codec sweep and its model------------------------------------------------------------------------------------
+# ---- 2. and 3. the codec sweep and its model ----------------------------------------------------------
 
 
 def measure_plane(coder: Coder, plane: torch.Tensor, chunk: int, reps: int, as_bytes: bool) -> dict:
@@ -737,15 +738,17 @@ def table(res: dict) -> str:
     for m in res.get("measured", []):
         what = f"  {m['dataset']:6} {m['codec'] or '(none)':11} {m['layout']:8} {mib_label(m['chunk']):>5} MiB:"
         if "sleep_x" in m:
-            lines.append(f"{what} sleep {m['sleep_s'] * 1e3:8.1f} ms x{m['sleep_x']:.2f}, wake {m['wake_s'] * 1e3:8.1f} "
-                         f"ms x{m['wake_x']:.2f}, host bytes {m['host_ratio']:.3f} x, exact {m['exact']}")
+            lines.append(f"{what} sleep {m['sleep_s'] * 1e3:8.1f} ms x{m['sleep_x']:.2f}, wake "
+                         f"{m['wake_s'] * 1e3:8.1f} ms x{m['wake_x']:.2f}, host bytes {m['host_ratio']:.3f} x, "
+                         f"exact {m['exact']}")
         else:
             lines.append(f"{what} {m.get('error', 'not run')}")
     for e in res.get("errors", []):
         lines.append(f"error: {e}")
     lines.append("ratio = bytes kept / bytes in; GB/s count uncompressed bytes; x = plain one-copy time at the "
-                 "limit / time (model: 2 staging slots, stage times from the sweep; measured: two streams, "
-                 f"{MEASURED_SLOTS} slots, host clock); split = byte planes both coded, split-hi = low plane sent plain")
+                 f"limit / time (model: {STAGE_SLOTS} staging slots, stage times from the sweep; measured: two "
+                 f"streams, {MEASURED_SLOTS} slots, host clock); split = byte planes both coded, split-hi = low "
+                 "plane sent plain")
     return "\n".join(lines)
 
 
@@ -771,7 +774,8 @@ def load_nvcomp() -> tuple[Any, Optional[str]]:
     try:
         import nvidia  # noqa: PLC0415
 
-        dirs = [os.path.join(p, "nvidia") for p in sys.path if os.path.isdir(os.path.join(p or ".", "nvidia", "nvcomp"))]
+        dirs = [os.path.join(p, "nvidia") for p in sys.path
+                if os.path.isdir(os.path.join(p or ".", "nvidia", "nvcomp"))]
         missing = [d for d in dirs if d not in list(nvidia.__path__)]
         if not missing:
             return None, short(first)
