@@ -372,7 +372,8 @@ class CuMemAllocator:
         self._core.discard(list(self._tags(tags, "tags")))
 
     def preserve(self, *objs: Union[torch.Tensor, nn.Module]) -> None:
-        """Keeps these tensors (a module: its buffers) across a discard of their tag, until they die.
+        """Keeps these tensors (a module: its buffers) across a discard of their tag, for as long as their
+        storage lives: a temporary such as ``t.view(-1)`` or ``module.w.data`` counts too.
 
         Wins over the parameter exclusion: a parameter given here is kept in every mode but "off".
         """
@@ -439,7 +440,7 @@ class CuMemAllocator:
             self.last_preserved = PreservedRanges(0, 0)
             return [], []
         # preserve() wins: parameters are taken out of the live bytes only, never out of these.
-        keep = merge(ranges_of(self._preserved.tensors()) + ranges_of(registry.buffers()))
+        keep = merge(self._preserved.ranges() + ranges_of(registry.buffers()))
         scope = {a.ptr: a.size for a in awake_kept if a.tag in self._preserve_tags}
         if mode is PreserveMode.LIVE and scope:
             own, whole = parameter_spans(registry.parameters())
