@@ -57,7 +57,6 @@ Range = tuple[int, int]
 
 # Pools whose content the engine rebuilds or overwrites after a wake: never in the preserve scope.
 NEVER_PRESERVED_TAGS = frozenset({"kv_cache", "runtime", "cudagraph", "workspace"})
-DEFAULT_PRESERVE_TAGS = ("weights",)
 
 _SPARSE_COMPRESSED = {
     torch.sparse_csr: ("crow_indices", "col_indices", "values"),
