@@ -309,8 +309,13 @@ class PreserveSet:
             storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)  # None once the storage died
             if storage is None:
                 dead.append(ref)
-            elif storage.data_ptr() and storage.nbytes():
-                out.append((storage.data_ptr(), storage.nbytes()))
+                continue
+            try:
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            except Exception:  # noqa: BLE001 - as in storage_ranges: a storage without bytes fails no sleep
+                continue
+            if ptr and nbytes:
+                out.append((ptr, nbytes))
         if dead:
             with self._lock:
                 for ref in dead:
