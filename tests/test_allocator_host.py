@@ -290,7 +290,7 @@ def test_host_backend_helpers_refuse_cuda_only_calls(alloc: CuMemAllocator) -> N
 
 import threading  # noqa: E402
 
-from vllm_sleep_ext import alloc_conf, pools  # noqa: E402
+from vllm_sleep_ext import alloc_conf, envs, pools  # noqa: E402
 from vllm_sleep_ext import allocator as allocator_module  # noqa: E402
 
 
@@ -407,9 +407,9 @@ def test_get_instance_makes_one_allocator_for_racing_threads(monkeypatch: pytest
 @pytest.mark.parametrize(("value", "keep"), [(None, True), ("1", True), ("0", False), ("false", False)])
 def test_host_memory_policy_follows_keep_host_env(monkeypatch: pytest.MonkeyPatch, value, keep: bool) -> None:
     if value is None:
-        monkeypatch.delenv(allocator_module.KEEP_HOST_ENV, raising=False)
+        monkeypatch.delenv(envs.KEEP_HOST.name, raising=False)
     else:
-        monkeypatch.setenv(allocator_module.KEEP_HOST_ENV, value)
+        monkeypatch.setenv(envs.KEEP_HOST.name, value)
     alloc = CuMemAllocator(backend="host", capacity_bytes=MiB)
     assert alloc.keep_host_backups is keep
-    assert f"{allocator_module.KEEP_HOST_ENV}={int(keep)}" in allocator_module.describe(alloc)
+    assert f"{envs.KEEP_HOST.name}={int(keep)}" in allocator_module.describe(alloc)

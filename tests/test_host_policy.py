@@ -250,8 +250,9 @@ def test_prepare_host_backups_is_off_by_default_on_the_host_backend_and_blocking
 
 def test_the_active_line_names_the_host_policy(monkeypatch):
     from vllm_sleep_ext import allocator as allocator_module
+    from vllm_sleep_ext import envs
 
-    monkeypatch.setenv(allocator_module.HOST_POLICY_ENV, "reclaimable")
+    monkeypatch.setenv(envs.HOST_POLICY.name, "reclaimable")
     alloc = allocator_module.CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
-    assert f"{allocator_module.HOST_POLICY_ENV}=reclaimable" in allocator_module.describe(alloc)
+    assert f"{envs.HOST_POLICY.name}=reclaimable" in allocator_module.describe(alloc)
     assert "unpinned" in allocator_module.describe(None)

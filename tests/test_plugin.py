@@ -133,21 +133,46 @@ def test_register_on_other_platforms_leaves_vllms_allocator_and_says_why(
     assert "vLLM keeps its own sleep-mode allocator" in vllm_log.text()
 
 
+@pytest.mark.parametrize("word, says", [
+    *[(w, f"turned off by {plugin.DISABLE_ENV}={w}") for w in ("1", "true", "YES", "on")],
+    # An opt-out it cannot read: today any word but the false ones disabled it without a word.
+    *[(w, f"{plugin.DISABLE_ENV}={w!r} is not valid") for w in ("maybe", "2")],
+])
 def test_disable_env_leaves_vllms_allocator_and_says_why(
-    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler, word: str, says: str
 ) -> None:
-    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    monkeypatch.setenv(plugin.DISABLE_ENV, word)
     fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
     plugin.register()
     assert_vllm_keeps_its_allocator(fake)
-    assert f"turned off by {plugin.DISABLE_ENV}=1" in vllm_log.text()
+    assert says in vllm_log.text()
 
 
-def test_disable_env_zero_does_not_disable(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler) -> None:
-    monkeypatch.setenv(plugin.DISABLE_ENV, "0")
+@pytest.mark.parametrize("word", ["0", "false", "Off", "no", " "])
+def test_disable_env_false_words_do_not_disable(monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler,
+                                                word: str) -> None:
+    monkeypatch.setenv(plugin.DISABLE_ENV, word)
     fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
     plugin.register()
     assert fake.cumem.CuMemAllocator is CuMemAllocator
+
+
+@pytest.mark.parametrize("name, value", [("VLLM_SLEEP_EXT_RECLAIMABLE_PINNED_SHARE", "half"),
+                                         ("VLLM_SLEEP_EXT_SLAB_BYTES", "-1"),
+                                         ("VLLM_SLEEP_EXT_KEEP_HOST", "maybe")])
+def test_bad_setting_is_named_in_vllms_log_at_start_and_fails_the_allocator_not_vllm(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler, name: str, value: str
+) -> None:
+    # Today such values failed later, in the worker, with errors that did not name the variable.
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    monkeypatch.setenv(name, value)
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    plugin.register()  # never raises: vLLM starts
+    assert fake.cumem.CuMemAllocator is CuMemAllocator, "installed: sleep mode, where used, fails clearly"
+    assert f"{name}={value!r} is not valid" in vllm_log.text() and "accepted:" in vllm_log.text()
+    assert "not installed" not in vllm_log.text()
+    with pytest.raises(ValueError, match=f"{name}={value!r} is not valid"):
+        CuMemAllocator(backend="host", capacity_bytes=MiB)  # what the worker's get_instance() meets
 
 
 def test_core_that_fails_to_load_leaves_vllms_allocator_and_says_why(

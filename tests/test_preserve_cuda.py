@@ -162,10 +162,16 @@ def build_in_weights(alloc, factory):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["buffers", "live"])
-def test_preserve_keeps_a_parameter_the_trainer_does_not_send(alloc, preserve_mode, mode):
+@pytest.mark.parametrize("name_it", [
+    lambda p: p,
+    lambda p: p.data,  # a temporary: only its storage outlives the call (issue 16, item 2)
+    lambda p: p.detach().view(-1),
+], ids=["parameter", "data", "view"])
+def test_preserve_keeps_a_parameter_the_trainer_does_not_send(alloc, preserve_mode, mode, name_it):
     preserve_mode(mode)
     model = build_in_weights(alloc, lambda: TinyVllmLikeModel())
-    alloc.preserve(model.norm_weight)  # e.g. a frozen parameter the trainer never sends
+    alloc.preserve(name_it(model.norm_weight))  # e.g. a frozen parameter the trainer never sends
+    gc.collect()
     kv = make_kv_cache(alloc)
     input_ids, positions = tiny_inputs()
     expected = Expected(model, lambda: model(input_ids, positions))

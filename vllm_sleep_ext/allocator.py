@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,9 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, host_tensors, pools
+from vllm_sleep_ext import __version__, _core, alloc_conf, envs, host_tensors, pools
 from vllm_sleep_ext.preserve import (
-    DEFAULT_PRESERVE_TAGS,
     PreserveMode,
     PreserveSet,
     Range,
@@ -42,12 +40,6 @@ logger = logging.getLogger(__name__)
 # Tags vLLM gives its pools. wake_up(tags) also wakes every tag but the two vLLM wakes one by one.
 VLLM_TAGS = ("weights", "kv_cache", "runtime", "cudagraph", "workspace")
 SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
-
-# Host memory after a wake: kept pinned for the next sleep (default) or returned. vLLM 0.26-0.33 have
-# no switch of their own for it (their allocator drops each backup after the wake that used it).
-KEEP_HOST_ENV = "VLLM_SLEEP_EXT_KEEP_HOST"
-HOST_POLICY_ENV = "VLLM_SLEEP_EXT_HOST_POLICY"  # pinned | reclaimable | release; wins over KEEP_HOST
-RECLAIMABLE_PINNED_SHARE_ENV = "VLLM_SLEEP_EXT_RECLAIMABLE_PINNED_SHARE"  # 0..1, default 0
 
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
@@ -114,26 +106,20 @@ class AllocatorStats:
     host_bytes: int  # host memory held for backups, the kept cache included
 
 
-def _keep_host_default() -> bool:
-    """VLLM_SLEEP_EXT_KEEP_HOST=0 returns host memory after each wake; the default keeps it."""
-    value = os.environ.get(KEEP_HOST_ENV, "").strip().lower()
-    return value not in ("0", "false", "no", "off")
-
-
 def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
     """Version, preserve mode and host memory policy, for the line that says the allocator is active."""
     if allocator is not None:
         mode, keep, policy = allocator.preserve_mode, allocator.keep_host_backups, allocator.host_policy
-    else:
-        mode, keep = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value), _keep_host_default()
-        policy = os.environ.get(HOST_POLICY_ENV) or ("pinned" if keep else "release")
+    else:  # what an allocator made now would take from the environment (EnvError where it would fail)
+        mode, keep = envs.get(envs.PRESERVE), envs.get(envs.KEEP_HOST)
+        policy = envs.get(envs.HOST_POLICY) or ("pinned" if keep else "release")
     host = {
         "pinned": "kept pinned after wake for the next sleep",
         "reclaimable": "kept after wake, unpinned, for the kernel to take back if it must",
         "release": "returned after each wake",
     }.get(policy, policy)
     return (f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} "
-            f"({KEEP_HOST_ENV}={int(keep)}, {HOST_POLICY_ENV}={policy})")
+            f"({envs.KEEP_HOST.name}={int(keep)}, {envs.HOST_POLICY.name}={policy})")
 
 
 def _memory_snapshot() -> list[dict]:
@@ -205,22 +191,26 @@ class CuMemAllocator:
         self._pool_lock = threading.Lock()  # guards _cudagraph_pool
         self._preserved = PreserveSet()
         self._used_tags: set[str] = {self.default_tag}
-        self.preserve_mode = os.environ.get("VLLM_SLEEP_EXT_PRESERVE", PreserveMode.LIVE.value)
-        self.preserve_tags = os.environ.get("VLLM_SLEEP_EXT_PRESERVE_TAGS", ",".join(DEFAULT_PRESERVE_TAGS))
         self.last_preserved: PreservedRanges = PreservedRanges(0, 0)
         self._warned_large = False
-        if os.environ.get("VLLM_SLEEP_EXT_FILL_UNRESTORED", "0") not in ("", "0"):
-            self.fill_unrestored = True
-        self.keep_host_backups = _keep_host_default()
-        if os.environ.get(HOST_POLICY_ENV):
-            self.host_policy = os.environ[HOST_POLICY_ENV]
-        if os.environ.get(RECLAIMABLE_PINNED_SHARE_ENV):
-            self.reclaimable_pinned_share = float(os.environ[RECLAIMABLE_PINNED_SHARE_ENV])
+        self._apply_environment()
+
+    def _apply_environment(self) -> None:
+        """The VLLM_SLEEP_EXT_* settings (vllm_sleep_ext/envs.py): how they reach the processes vLLM starts.
+
+        A bad value raises EnvError (a ValueError naming the variable, the value and what is accepted);
+        inside vLLM that is where sleep mode fails, in the worker that creates the allocator.
+        """
+        envs.set_from(envs.PRESERVE, self, "preserve_mode")
+        envs.set_from(envs.PRESERVE_TAGS, self, "preserve_tags")
+        envs.set_from(envs.FILL_UNRESTORED, self, "fill_unrestored")
+        envs.set_from(envs.KEEP_HOST, self, "keep_host_backups")
+        envs.set_from(envs.HOST_POLICY, self, "host_policy")  # after KEEP_HOST: the policy wins
+        envs.set_from(envs.RECLAIMABLE_PINNED_SHARE, self, "reclaimable_pinned_share")
+        envs.set_from(envs.SLAB_BYTES, self._core, "slab_bytes")
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
-        self.prepare_host = os.environ.get("VLLM_SLEEP_EXT_PREPARE_HOST", "1" if backend == "cuda" else "0") != "0"
-        slab_bytes = os.environ.get("VLLM_SLEEP_EXT_SLAB_BYTES")  # 0: one physical handle per allocation
-        if slab_bytes:
-            self._core.slab_bytes = int(slab_bytes)
+        prepare = envs.get(envs.PREPARE_HOST)
+        self.prepare_host = self.backend == "cuda" if prepare is None else prepare
 
     # -- pools -------------------------------------------------------------------------------------
 
@@ -372,7 +362,8 @@ class CuMemAllocator:
         self._core.discard(list(self._tags(tags, "tags")))
 
     def preserve(self, *objs: Union[torch.Tensor, nn.Module]) -> None:
-        """Keeps these tensors (a module: its buffers) across a discard of their tag, until they die.
+        """Keeps these tensors (a module: its buffers) across a discard of their tag, for as long as their
+        storage lives: a temporary such as ``t.view(-1)`` or ``module.w.data`` counts too.
 
         Wins over the parameter exclusion: a parameter given here is kept in every mode but "off".
         """
@@ -439,7 +430,7 @@ class CuMemAllocator:
             self.last_preserved = PreservedRanges(0, 0)
             return [], []
         # preserve() wins: parameters are taken out of the live bytes only, never out of these.
-        keep = merge(ranges_of(self._preserved.tensors()) + ranges_of(registry.buffers()))
+        keep = merge(self._preserved.ranges() + ranges_of(registry.buffers()))
         scope = {a.ptr: a.size for a in awake_kept if a.tag in self._preserve_tags}
         if mode is PreserveMode.LIVE and scope:
             own, whole = parameter_spans(registry.parameters())

@@ -4,28 +4,29 @@ vLLM calls every entry point of the group ``vllm.general_plugins`` in each proce
 end, engine core, workers, Ray actors), before the model is built, and calls it without a ``try``: an
 exception here would stop every vLLM process from starting, sleep mode on or off. So ``register``
 never raises. Where it cannot serve it leaves vLLM's allocator in place and says why in vLLM's log:
-- ``VLLM_SLEEP_EXT_DISABLE=1`` (opt-out, e.g. to compare with vLLM's own allocator);
+- ``VLLM_SLEEP_EXT_DISABLE=1`` (opt-out, e.g. to compare with vLLM's own allocator), or a value of it
+  that is neither a yes nor a no word (an opt-out we cannot read; the warning names it);
 - a platform other than CUDA (ROCm, XPU, CPU, TPU: the core drives the CUDA driver only);
 - vLLM without ``vllm.device_allocator.cumem``, or our core failing to load.
 Otherwise it swaps our class into ``vllm.device_allocator.cumem``, where vLLM looks the class up at
 each use (``get_mem_allocator_instance()``, and the ``cumem`` backend of 0.33's
 ``SleepModeBackendFactory``, which goes through it), and into vLLM modules that imported the name
-before plugins were loaded.
+before plugins were loaded. Other settings (vllm_sleep_ext/envs.py) that are not valid are named in a
+warning here and make the allocator's constructor raise in the worker, where sleep mode is used.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from types import ModuleType
 from typing import Optional
 
-from vllm_sleep_ext import log
+from vllm_sleep_ext import envs, log
 
 logger = logging.getLogger(__name__)
 
-DISABLE_ENV = "VLLM_SLEEP_EXT_DISABLE"
+DISABLE_ENV = envs.DISABLE.name
 _KEPT = "vLLM keeps its own sleep-mode allocator"
 
 
@@ -43,8 +44,13 @@ def _install() -> None:
     except ImportError:
         return  # registered by pip, run without vLLM: nothing to do and no vLLM log to write to
     log.route_to_vllm()
-    if _env_flag(DISABLE_ENV):
-        logger.info("vllm_sleep_ext: turned off by %s=%s; %s", DISABLE_ENV, os.environ[DISABLE_ENV], _KEPT)
+    try:
+        disabled = envs.get(envs.DISABLE)
+    except envs.EnvError as e:  # an opt-out we cannot read: do not take vLLM's allocator over
+        logger.warning("vllm_sleep_ext: not installed, %s: %s", _KEPT, e)
+        return
+    if disabled:
+        logger.info("vllm_sleep_ext: turned off by %s=%s; %s", DISABLE_ENV, envs.raw(envs.DISABLE), _KEPT)
         return
     reason = _not_cuda_reason()
     if reason is not None:
@@ -62,6 +68,12 @@ def _install() -> None:
         return
     if cumem.CuMemAllocator is not CuMemAllocator:
         _swap_class(cumem, CuMemAllocator)
+        errors = envs.invalid()
+        if errors:  # the worker's allocator raises the same errors; said here too, once, at start-up
+            logger.warning("vllm_sleep_ext: vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator, but its "
+                           "settings are not valid, so creating it will fail: %s; %s=1 turns it off",
+                           "; ".join(map(str, errors)), DISABLE_ENV)
+            return
         logger.info("vllm_sleep_ext: vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator (%s; %s=1 turns "
                     "it off)", describe(), DISABLE_ENV)
 
@@ -87,7 +99,3 @@ def _not_cuda_reason() -> Optional[str]:
         device = getattr(current_platform, "device_type", "?")
         return f"vLLM runs on {type(current_platform).__name__} (device type {device!r}), not CUDA"
     return None
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")

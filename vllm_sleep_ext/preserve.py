@@ -13,7 +13,8 @@ them built in ``process_weights_after_loading`` (MoE expert constants, strides, 
   exactly the cost that level 2 exists to avoid.
 - ``"buffers"``: registered buffers plus ``preserve()``; ``"off"``: nothing (vLLM's stock allocator).
 - ``preserve()`` wins wherever preservation is on: a tensor given to it is kept even if it is a
-  parameter.
+  parameter. It keeps the storage a tensor covers for as long as that storage lives, even when the
+  tensor passed was a temporary (``t.view(-1)``, ``module.w.data``); see ``PreserveSet``.
 
 Parameters are excluded by the bytes they themselves cover, not by their whole storage: a parameter may
 be a view into a larger storage that holds other tensors (a packed buffer), and those bytes are no one
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,
@@ -55,7 +57,6 @@ Range = tuple[int, int]
 
 # Pools whose content the engine rebuilds or overwrites after a wake: never in the preserve scope.
 NEVER_PRESERVED_TAGS = frozenset({"kv_cache", "runtime", "cudagraph", "workspace"})
-DEFAULT_PRESERVE_TAGS = ("weights",)
 
 _SPARSE_COMPRESSED = {
     torch.sparse_csr: ("crow_indices", "col_indices", "values"),
@@ -262,31 +263,78 @@ registry = _ModuleRegistry()
 
 
 class PreserveSet:
-    """Tensors and modules preserved by hand, held weakly; a module stands for all of its buffers.
+    """What preserve() was given: tensors, their storages and modules, all held weakly.
 
-    add() may run on any thread while a sleep reads tensors(): the list is swapped under a lock, and
-    tensors() walks a copy.
+    A tensor is often a temporary (``t.view(-1)``, ``module.w.data``) that dies at once while its
+    storage lives on, so each tensor leaves a weak reference to every storage it covers (sparse and
+    wrapper tensors: their inner storages, as ``_dense`` finds them), kept until that storage dies; at
+    each sleep a live storage gives its whole current span, as ``storage_ranges`` does for a view. The
+    tensor itself is held too, while it lives, and resolved again at each sleep, so a ``.data``
+    reassigned since counts as it is now; a module stands for its buffers as they are at each sleep.
+
+    add() may run on any thread while a sleep reads ranges(): both take the lock to copy or change
+    the collections, and the slow resolution runs on a copy.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._refs: list[weakref.ref] = []
+        # By id: a module may define __eq__; a dead object leaves by itself.
+        self._objects: weakref.WeakValueDictionary[int, torch.Tensor | nn.Module] = weakref.WeakValueDictionary()
+        # An ordered set; equal refs name the same StorageImpl, which cannot be reused while referenced.
+        self._storages: dict[StorageWeakRef, None] = {}
+        self._storages_after_prune = 0
 
     def add(self, *objs: torch.Tensor | nn.Module) -> None:
-        refs = []
         for obj in objs:
             if not isinstance(obj, (torch.Tensor, nn.Module)):
                 raise TypeError(f"preserve() takes tensors or modules, got {type(obj).__name__}")
-            refs.append(weakref.ref(obj))
+        storages = [ref for obj in objs if isinstance(obj, torch.Tensor) for ref in _storage_refs(obj)]
         with self._lock:
-            self._refs.extend(refs)
+            for obj in objs:
+                self._objects[id(obj)] = obj
+            for ref in storages:
+                self._storages.setdefault(ref, None)
+            if len(self._storages) > 2 * self._storages_after_prune:  # amortized: dead storages leave
+                self._storages = {ref: None for ref in self._storages if not ref.expired()}
+                self._storages_after_prune = len(self._storages)
 
-    def tensors(self) -> Iterator[torch.Tensor]:
+    def ranges(self) -> list[Range]:
+        """The whole current storages behind everything preserved (overlapping; ``merge`` them)."""
         with self._lock:
-            refs = list(self._refs)
-        objs = [o for o in (r() for r in refs) if o is not None]
-        if len(objs) < len(refs):
-            with self._lock:  # drop dead references, keeping those added meanwhile
-                self._refs = [r for r in self._refs if r() is not None]
+            objs = list(self._objects.values())
+            refs = list(self._storages)  # held here, so no ref is freed while it is read
+        out: list[Range] = []
+        dead = []
+        for ref in refs:
+            storage = torch.UntypedStorage._new_with_weak_ptr(ref.cdata)  # None once the storage died
+            if storage is None:
+                dead.append(ref)
+                continue
+            try:
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            except Exception:  # noqa: BLE001 - as in storage_ranges: a storage without bytes fails no sleep
+                continue
+            if ptr and nbytes:
+                out.append((ptr, nbytes))
+        if dead:
+            with self._lock:
+                for ref in dead:
+                    self._storages.pop(ref, None)
         for obj in objs:
-            yield from (obj.buffers() if isinstance(obj, nn.Module) else (obj,))
+            out.extend(ranges_of(obj.buffers() if isinstance(obj, nn.Module) else (obj,)))
+        return out
+
+    def __len__(self) -> int:
+        """Entries still held: live objects and storages not yet found dead by a ranges()."""
+        with self._lock:
+            return len(self._objects) + len(self._storages)
+
+
+def _storage_refs(tensor: torch.Tensor) -> list[StorageWeakRef]:
+    refs = []
+    for part in _dense(tensor):
+        try:
+            refs.append(StorageWeakRef(part.untyped_storage()))
+        except Exception:  # noqa: BLE001 - storage-less tensors (functional, fake) have no bytes
+            continue
+    return refs
