@@ -12,8 +12,6 @@
 namespace vse {
 namespace {
 
-constexpr size_t kMaxIdleArenas = 4;
-
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 bool contains(const std::vector<std::string>& tags, const std::string& tag) {
@@ -95,12 +93,12 @@ std::optional<uint64_t> Slab::take(uint64_t bytes) {
 
 void Slab::give_back(uint64_t offset, uint64_t bytes) { free.add({offset, offset + bytes}); }
 
-Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)) {}
+Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)), host_(*backend_) {}
 
 // Each row's DeviceMemory gives its memory back (instances on the host backend come and go in tests).
 // The process-wide CUDA instance is never destroyed: the driver may be gone by then. Background host
-// work ends first: its jobs hold arenas.
-Allocator::~Allocator() { host_worker_.cancel_and_wait(); }
+// work ends first (host_ goes first): its jobs hold arenas.
+Allocator::~Allocator() = default;
 
 std::optional<std::pair<Slab*, uint64_t>> Allocator::place_in_slab(uint64_t span, int device, const std::string& tag) {
   if (options_.slab_bytes == 0) return std::nullopt;
@@ -198,14 +196,14 @@ void Allocator::free(uintptr_t address) {
     a.memory->release();  // a handle left by an earlier failed release
     table_.erase(it);     // frees the address range
   }
-  recycle_arenas();
+  host_.recycle(options_);
 }
 
 OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                          const std::vector<ByteRange>& exclude) {
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
-  settle_host_work();
+  host_.settle();
 
   // Handles whose release failed before go back first (a second failure is raised here, unchanged).
   for (auto& [address, a] : table_)
@@ -241,9 +239,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
 
   // Everything that can fail comes before the first release: host memory, the wait for pending
   // work, the copies. A throw from here leaves every allocation mapped and untouched.
-  std::shared_ptr<HostArena> arena;
-  if (backup_bytes > 0) arena = acquire_arena(backup_bytes, steps.front().row->device);
-  drop_prepared_unless(arena.get());
+  std::shared_ptr<HostArena> arena = host_.acquire(backup_bytes, steps.front().row->device, options_);
   std::optional<CopyPipeline> copies;  // after `arena`: its destructor waits for copies into it
   try {
     timed(stats.sync_seconds, [&] { synchronize_devices(rows); });
@@ -263,7 +259,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   } catch (...) {
     copies.reset();  // copies in flight must not land in an arena being freed
     for (Step& s : steps) s.backup.arena.reset();
-    if (arena) arenas_.erase(std::find(arenas_.begin(), arenas_.end(), arena));  // may be half pinned
+    if (arena) host_.forget_failed(arena);  // may be half pinned
     throw;
   }
 
@@ -393,7 +389,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   }
   for (const Unit& u : units) stats.bytes_device += u.memory->size();
   stats.mappings = units.size();
-  recycle_arenas();
+  host_.recycle(options_);
   stats.seconds = seconds_since(start);
   last_wake_ = stats;
   return stats;
@@ -417,7 +413,7 @@ void Allocator::discard(const std::vector<std::string>& tags) {
       a.state = State::Discarded;
     }
   }
-  recycle_arenas();
+  host_.recycle(options_);
 }
 
 void Allocator::trim(uintptr_t address) {
@@ -443,74 +439,36 @@ void Allocator::trim(uintptr_t address) {
   }
   a.backup.reset();
   a.state = State::Unused;
-  recycle_arenas();
-}
-
-std::shared_ptr<HostArena> Allocator::acquire_arena(uint64_t bytes, int device) {
-  auto idle = [](const std::shared_ptr<HostArena>& a) { return a.use_count() == 1; };
-  const uint64_t limit = options_.host_memory_limit;
-  bytes = round_up(bytes, 4096);  // what the arena will hold
-  if (limit != 0) {
-    uint64_t in_use = 0;  // idle arenas are only a cache and can be dropped
-    for (const auto& arena : arenas_)
-      if (!idle(arena)) in_use += arena->capacity();
-    if (in_use + bytes > limit)
-      throw HostOutOfMemory("sleep needs " + format_bytes(bytes) + " of host memory for backups, but the host " +
-                            "memory limit is " + format_bytes(limit) + " with " + format_bytes(in_use) +
-                            " in use. Nothing was released");
-  }
-  // The smallest idle arena that holds the backup: its memory is held anyway (the host policy keeps
-  // it), and pinned or about to be, so the copies start at once; a level-2 sleep's small backup takes
-  // the level-1 arena instead of faulting in and pinning memory of its own.
-  std::shared_ptr<HostArena> best;
-  for (const auto& arena : arenas_)
-    if (idle(arena) && arena->capacity() >= bytes && (!best || arena->capacity() < best->capacity())) best = arena;
-  if (best) return best;
-  if (limit != 0 && host_bytes_locked() + bytes > limit)
-    arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
-  auto arena = std::make_shared<HostArena>(*backend_, device, bytes);
-  arenas_.push_back(arena);
-  return arena;
-}
-
-void Allocator::recycle_arenas() {
-  const HostPolicy policy = options_.effective_host_policy();
-  auto is_idle = [&](const std::shared_ptr<HostArena>& a) { return a.use_count() == 1 && a.get() != prepared_; };
-  size_t idle = 0;
-  for (auto it = arenas_.rbegin(); it != arenas_.rend(); ++it)
-    if (is_idle(*it)) ++idle;
-  const size_t keep = policy == HostPolicy::Release ? 0 : kMaxIdleArenas;
-  // Drop the oldest idle arenas beyond what is kept.
-  for (auto it = arenas_.begin(); it != arenas_.end() && idle > keep;) {
-    if (is_idle(*it)) {
-      it = arenas_.erase(it);
-      --idle;
-    } else {
-      ++it;
-    }
-  }
-  if (policy == HostPolicy::Reclaimable)
-    for (const auto& arena : arenas_)
-      if (is_idle(arena) && arena->pinned_bytes() > reclaimable_keep_pinned(*arena)) post_reclaim(arena);
-}
-
-uint64_t Allocator::host_bytes_locked() const {
-  uint64_t total = 0;
-  for (const auto& arena : arenas_) total += arena->capacity();
-  return total;
+  host_.recycle(options_);
 }
 
 uint64_t Allocator::host_bytes() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return host_bytes_locked();
+  return host_.held_bytes();
+}
+
+uint64_t Allocator::host_pinned_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return host_.pinned_bytes();
 }
 
 void Allocator::release_host_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
-  settle_host_work();
-  prepared_ = nullptr;
-  arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), [](const auto& a) { return a.use_count() == 1; }),
-                arenas_.end());
+  host_.release_idle();
+}
+
+void Allocator::prepare_host(uint64_t bytes, int device, bool wait) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  host_.prepare(bytes, device, wait, options_, lock);
+}
+
+void Allocator::wait_host() { host_.wait(); }
+
+std::string Allocator::host_error() { return host_.take_error(); }
+
+void Allocator::simulate_host_reclaim() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  host_.simulate_reclaim();
 }
 
 std::vector<AllocationInfo> Allocator::allocations() const {
@@ -565,11 +523,12 @@ void Allocator::set_options_locked(const AllocatorOptions& options) {
   if (!(options.reclaimable_pinned_share >= 0 && options.reclaimable_pinned_share <= 1))
     throw InvalidArgument("reclaimable pinned share must be between 0 and 1, got " +
                           std::to_string(options.reclaimable_pinned_share));
-  if (options.staging.piece_bytes > kMaxStagingPieceBytes)
-    throw InvalidArgument("staging piece bytes must be at most " + format_bytes(kMaxStagingPieceBytes) + ", got " +
+  if (options.staging.piece_bytes < kMinStagingPieceBytes || options.staging.piece_bytes > kMaxStagingPieceBytes)
+    throw InvalidArgument("staging_piece_bytes must be between " + format_bytes(kMinStagingPieceBytes) + " and " +
+                          format_bytes(kMaxStagingPieceBytes) + " (it is rounded up to whole 2 MiB pages), got " +
                           std::to_string(options.staging.piece_bytes));
   options_ = options;
-  recycle_arenas();
+  host_.recycle(options_);
 }
 
 }  // namespace vse

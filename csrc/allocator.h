@@ -76,7 +76,7 @@
 #include "backend.h"
 #include "device_memory.h"
 #include "host_arena.h"
-#include "host_worker.h"
+#include "host_cache.h"
 #include "range_set.h"
 
 namespace vse {
@@ -151,23 +151,6 @@ struct OpStats {
   double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
 };
 
-// Note [Host policies]
-// What happens to host backup memory once a wake has copied it back:
-//   Pinned      - kept resident and pinned (up to a few arenas): the next sleep copies at once.
-//   Reclaimable - kept, but unpinned on the host thread and marked MADV_FREE: the kernel may take
-//                 the pages back under memory pressure. The next sleep pins again; pages the kernel
-//                 took are faulted in anew (as zeros), the others are still resident. Nothing in a
-//                 reclaimable arena is ever read before a backup has overwritten it.
-//   Release     - given back to the system; the next sleep finds new memory.
-// Pinning runs at about half the copy rate (24-30 GB/s against 55 on an H100 host, whatever the number
-// of threads), so a sleep that pins all of its backup first copies at about half speed. Option
-// reclaimable_pinned_share keeps that share of each reclaimable arena (its start) pinned: the sleep
-// copies into it while it pins the rest.
-// An arena made ready by prepare_host() is exempt until a sleep takes it: it exists to be ready.
-enum class HostPolicy { Pinned, Reclaimable, Release };
-const char* host_policy_name(HostPolicy policy);
-HostPolicy parse_host_policy(const std::string& name);  // throws InvalidArgument
-
 struct AllocatorOptions {
   bool keep_host_backups = true;   // false: HostPolicy::Release whatever host_policy says (the old switch)
   HostPolicy host_policy = HostPolicy::Pinned;
@@ -236,9 +219,6 @@ class Allocator {
   }
 
  private:
-  std::shared_ptr<HostArena> acquire_arena(uint64_t bytes, int device);
-  void recycle_arenas();
-  uint64_t host_bytes_locked() const;
   void set_options_locked(const AllocatorOptions& options);
   void unmap_and_release(Allocation& a, State asleep);
   // An awake slab of (device, tag) with `span` bytes taken for a new row, or none when the row gets
@@ -251,16 +231,12 @@ class Allocator {
   mutable std::mutex mutex_;
   std::map<uintptr_t, std::unique_ptr<Slab>> slabs_;  // by base address; outlives the rows in table_
   std::map<uintptr_t, Allocation> table_;
-  std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
   AllocatorOptions options_;
   std::optional<OpStats> last_sleep_;
   std::optional<OpStats> last_wake_;
-  const HostArena* prepared_ = nullptr;  // made ready by prepare_host(), not yet taken by a sleep
-  HostWorker host_worker_;  // last: its jobs (which hold arenas) end before the rest goes
-  void settle_host_work();
-  void drop_prepared_unless(const HostArena* taken);
-  void post_reclaim(const std::shared_ptr<HostArena>& arena);
-  uint64_t reclaimable_keep_pinned(const HostArena& arena) const;
+  // Host memory for backups. Called only under mutex_ (its thread-safety contract, host_cache.h);
+  // last, so its background work (which holds arenas) ends before the rest goes.
+  HostCache host_;
 };
 
 }  // namespace vse

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "fork_guard.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -29,7 +30,7 @@ uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 }  // namespace
 
 HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
-    : backend_(backend), device_(device), capacity_(round_up(std::max<uint64_t>(capacity, 1), kPage)) {
+    : backend_(backend), device_(device), fork_epoch_(fork_epoch()), capacity_(round_up(std::max<uint64_t>(capacity, 1), kPage)) {
   // Capacity is rounded to pages only, so host memory stays within a page of the backup; the start is
   // huge-page aligned, so all but the tail can be backed by huge pages.
   // Over-reserve by one huge page so the arena starts on a huge-page boundary.
@@ -52,6 +53,7 @@ HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
 }
 
 HostArena::~HostArena() {
+  if (fork_epoch() != fork_epoch_) return;  // a forked child's copy: the memory is not ours (see the header)
   // The driver may already be shutting down at process exit; the memory goes with munmap anyway.
   for (const ByteRange& r : pinned_)
     warn_on_failure("unpinning host backup memory", [&] { backend_.unpin(device_, base_ + r.begin); });
@@ -64,6 +66,10 @@ void HostArena::populate(uint8_t* begin, uint64_t bytes) {
     throw HostOutOfMemory("cannot make " + format_bytes(bytes) + " of host backup memory resident: " +
                           std::strerror(errno));
   for (uint64_t off = 0; off < bytes; off += 4096) reinterpret_cast<volatile uint8_t*>(begin)[off] = 0;
+}
+
+uint64_t HostArena::piece_bytes(const StagingOptions& options) {
+  return round_up(std::clamp(options.piece_bytes, kMinStagingPieceBytes, kMaxStagingPieceBytes), kHugePage);
 }
 
 void HostArena::split_at_registrations(const CopySpan& span, std::vector<CopySpan>& out) const {
@@ -91,8 +97,7 @@ StagingTimes HostArena::prepare(uint64_t bytes, const StagingOptions& options,
   }
   if (ready_bytes_ >= bytes) return total;
 
-  const uint64_t piece =
-      round_up(std::clamp<uint64_t>(options.piece_bytes, kHugePage, kMaxStagingPieceBytes), kHugePage);
+  const uint64_t piece = piece_bytes(options);
   const uint64_t start = ready_bytes_;
   const uint64_t end = std::min(capacity_, round_up(bytes, kHugePage));
   const size_t count = static_cast<size_t>((end - start + piece - 1) / piece);

@@ -1,6 +1,8 @@
 // Host memory that backups are copied into: one mmap'd range, made resident and pinned in pieces.
 // It is MADV_DONTFORK: a fork() (DataLoader workers of a trainer in the same process) would otherwise
-// copy the whole backup into the child, and pinned pages are not the child's to touch anyway.
+// copy the whole backup into the child, and pinned pages are not the child's to touch anyway. A child
+// that destroys its copy of the object leaves the range alone (it is not mapped there, and the child
+// may have mapped something else at that address since).
 //
 // Why not cudaHostAlloc: it zeroes and pins on one thread at ~2.5 GB/s, twenty times slower than the
 // copy it serves, so a first sleep would run at a twentieth of the PCIe limit. Here worker threads
@@ -19,7 +21,9 @@
 
 namespace vse {
 
-// Larger pieces gain nothing, and the limit keeps piece arithmetic far from overflow.
+// Pieces are whole huge pages; larger ones gain nothing, and the limit keeps piece arithmetic far from
+// overflow.
+constexpr uint64_t kMinStagingPieceBytes = 2ull << 20;
 constexpr uint64_t kMaxStagingPieceBytes = 1ull << 40;
 
 struct StagingOptions {
@@ -44,6 +48,10 @@ class HostArena {
   // Cuts `span` (its host side in this arena) where one pinned registration ends and the next begins:
   // the driver rejects an asynchronous copy whose host range crosses registrations.
   void split_at_registrations(const CopySpan& span, std::vector<CopySpan>& out) const;
+
+  // The piece prepare() makes ready at a time for `options`: piece_bytes within the limits above,
+  // rounded up to whole huge pages.
+  static uint64_t piece_bytes(const StagingOptions& options);
 
   uint8_t* data() const { return base_; }
   uint64_t capacity() const { return capacity_; }
@@ -75,6 +83,7 @@ class HostArena {
 
   DeviceBackend& backend_;
   const int device_;
+  const uint64_t fork_epoch_;  // of the process that made it: only that one gives it back
   void* mapping_ = nullptr;
   uint64_t mapping_bytes_ = 0;
   uint8_t* base_ = nullptr;

@@ -5,70 +5,82 @@
 
 namespace vse {
 
+HostWorker::HostWorker()
+    : state_(std::make_unique<State>()), fork_hook_([this] {
+        (void)state_.release();  // the parent's: left as it is, never destroyed here
+        state_ = std::make_unique<State>();
+      }) {}
+
 HostWorker::~HostWorker() {
+  State& s = *state_;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
-    queue_.clear();
-    cancelled_ = true;
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.stopping = true;
+    s.queue.clear();
+    s.cancelled = true;
   }
-  changed_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  s.changed.notify_all();
+  if (s.thread.joinable()) s.thread.join();
 }
 
 bool HostWorker::post(Job job) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!thread_.joinable()) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (!s.thread.joinable()) {
     try {
-      thread_ = std::thread([this] { run(); });
+      s.thread = std::thread([&s] { run(s); });
     } catch (const std::system_error& e) {
-      error_ = std::string("cannot start the host-memory thread: ") + e.what();
+      s.error = std::string("cannot start the host-memory thread: ") + e.what();
       return false;
     }
   }
-  queue_.push_back(std::move(job));
-  changed_.notify_all();
+  s.queue.push_back(std::move(job));
+  s.changed.notify_all();
   return true;
 }
 
 void HostWorker::cancel_and_wait() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  queue_.clear();
-  if (!running_) return;
-  cancelled_ = true;
-  changed_.wait(lock, [&] { return !running_; });
-  cancelled_ = false;
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mutex);
+  s.queue.clear();
+  if (!s.running) return;
+  s.cancelled = true;
+  s.changed.wait(lock, [&] { return !s.running; });
+  s.cancelled = false;
 }
 
 void HostWorker::wait() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  changed_.wait(lock, [&] { return queue_.empty() && !running_; });
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mutex);
+  s.changed.wait(lock, [&] { return s.queue.empty() && !s.running; });
 }
 
 std::string HostWorker::take_error() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
   std::string out;
-  out.swap(error_);
+  out.swap(s.error);
   return out;
 }
 
 void HostWorker::set_error(const std::string& what) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  error_ = what;
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.error = what;
 }
 
-void HostWorker::run() {
-  std::unique_lock<std::mutex> lock(mutex_);
+void HostWorker::run(State& s) {
+  std::unique_lock<std::mutex> lock(s.mutex);
   for (;;) {
-    changed_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-    if (stopping_) return;
-    Job job = std::move(queue_.front());
-    queue_.pop_front();
-    running_ = true;
+    s.changed.wait(lock, [&] { return s.stopping || !s.queue.empty(); });
+    if (s.stopping) return;
+    Job job = std::move(s.queue.front());
+    s.queue.pop_front();
+    s.running = true;
     lock.unlock();
     std::string failure;
     try {
-      job(cancelled_);
+      job(s.cancelled);
     } catch (const std::exception& e) {
       failure = e.what();
     } catch (...) {
@@ -76,9 +88,9 @@ void HostWorker::run() {
     }
     job = nullptr;  // its arena goes back to the allocator before anyone is told the job is done
     lock.lock();
-    if (!failure.empty()) error_ = failure;
-    running_ = false;
-    changed_.notify_all();
+    if (!failure.empty()) s.error = failure;
+    s.running = false;
+    s.changed.notify_all();
   }
 }
 

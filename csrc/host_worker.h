@@ -6,15 +6,22 @@
 // calls cancel_and_wait() before it hands an arena to a sleep, and the destructor does the same, so
 // a job never races the allocator for an arena. A job never throws out of the thread: what went
 // wrong is kept for last_error(), and the work is simply left for the next sleep to do.
+//
+// In a forked child the thread is gone, and a job it was running would never finish: the child's
+// worker starts afresh (no job, no thread, no error), and what the parent's held is left untouched
+// (fork_guard.h).
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+
+#include "fork_guard.h"
 
 namespace vse {
 
@@ -23,7 +30,7 @@ class HostWorker {
   // `cancelled` turns true when the allocator needs the worker idle: a job should return soon.
   using Job = std::function<void(const std::atomic<bool>& cancelled)>;
 
-  HostWorker() = default;
+  HostWorker();
   ~HostWorker();  // cancels, drops queued jobs, joins
   HostWorker(const HostWorker&) = delete;
   HostWorker& operator=(const HostWorker&) = delete;
@@ -40,16 +47,22 @@ class HostWorker {
   void set_error(const std::string& what);
 
  private:
-  void run();
+  struct State {
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::deque<Job> queue;
+    bool running = false;  // a job is out of the queue and running
+    bool stopping = false;
+    std::atomic<bool> cancelled{false};
+    std::string error;
+    std::thread thread;
+  };
+  static void run(State& s);
 
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  std::deque<Job> queue_;
-  bool running_ = false;  // a job is out of the queue and running
-  bool stopping_ = false;
-  std::atomic<bool> cancelled_{false};
-  std::string error_;
-  std::thread thread_;
+  // On the heap so that a forked child can leave the parent's (a mutex perhaps held, a thread that is
+  // not there, jobs holding the parent's arenas) as it is and start a new one.
+  std::unique_ptr<State> state_;
+  ForkChildHook fork_hook_;
 };
 
 }  // namespace vse

@@ -4,8 +4,11 @@ their registrations all the same, so `host_pinned_bytes()` tells what would be p
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
+import time
 
 import pytest
 
@@ -199,6 +202,82 @@ def test_calls_from_several_threads_while_host_work_runs_in_the_background():
         assert read(p, 3 * MiB) == data
 
 
+@pytest.mark.parametrize("piece", [0, 1, MiB, 2 * MiB - 1])
+def test_staging_piece_bytes_below_a_huge_page_is_refused_naming_the_option(piece):
+    """Such pieces were accepted, and a background prepare then spun forever pinning nothing."""
+    a = make()
+    with pytest.raises(ValueError, match=r"staging_piece_bytes must be between 2\.00 MiB .* and 1024\.00 GiB"):
+        a.staging_piece_bytes = piece
+    assert a.staging_piece_bytes == 2 * MiB
+
+
+@pytest.mark.parametrize("policy", ["pinned", "reclaimable"])
+def test_preparing_again_after_a_cycle_reuses_the_idle_arena(policy):
+    """A second preparation pinned a second arena beside the idle one: twice the host memory."""
+    a = make(policy)
+    p, data = filled(a, 16 * MiB, "weights", 8)
+    a.sleep(["weights"])
+    a.wake(None)
+    a.wait_host()
+    held = a.host_bytes()
+    a.prepare_host(16 * MiB, 0, True)
+    assert a.host_bytes() == held
+    assert 16 * MiB <= a.host_pinned_bytes() <= held
+    a.prepare_host(16 * MiB, 0, False)
+    a.wait_host()
+    assert a.host_bytes() == held and a.host_error() == ""
+    a.sleep(["weights"])
+    assert a.last_sleep.pin_seconds == 0 and a.host_bytes() == held
+    a.wake(None)
+    assert read(p, 16 * MiB) == data
+
+
+def _wait_for_child(pid: int, seconds: float) -> int:
+    """The child's wait status; a child still running after `seconds` is killed (and says so)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_forked_child_sleeps_and_wakes_with_a_cache_of_its_own_while_the_parent_prepares():
+    """A child forked while the host-memory thread had a job hung in its first sleep; it must also never
+    use the parent's arenas, which are not in the child at all (MADV_DONTFORK)."""
+    if BACKEND == "host-async":
+        pytest.skip("the asynchronous host backend's copy thread does not survive a fork")
+    a = make("pinned")
+    p, data = filled(a, 8 * MiB, "weights", 9)
+    a.sleep(["weights"])
+    a.wake(None)  # an idle arena, kept
+    a.host_prepare_rate = 4 * MiB
+    a.prepare_host(32 * MiB, 0, False)  # 8 s at this rate: running when the fork comes
+    time.sleep(0.1)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            signal.alarm(20)
+            assert a.host_bytes() == 0 and a.host_pinned_bytes() == 0
+            a.sleep(["weights"])
+            assert 8 * MiB <= a.host_bytes() <= 8 * MiB * 1.01  # an arena of its own, only
+            a.wake(None)
+            assert read(p, 8 * MiB) == data
+            a.prepare_host(8 * MiB, 0, True)  # its host-memory thread works
+            assert a.host_error() == ""
+            code = 0
+        finally:
+            os._exit(code)
+    status = _wait_for_child(pid, 30)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child wait status {status}"
+    a.sleep(["weights"])  # the parent goes on as before
+    a.wake(None)
+    assert read(p, 8 * MiB) == data
+
+
 # ---- the Python surface ---------------------------------------------------------------------------
 
 def test_cumem_allocator_host_policy_follows_its_environment_variable(monkeypatch):
@@ -256,3 +335,29 @@ def test_the_active_line_names_the_host_policy(monkeypatch):
     alloc = allocator_module.CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
     assert f"{envs.HOST_POLICY.name}=reclaimable" in allocator_module.describe(alloc)
     assert "unpinned" in allocator_module.describe(None)
+
+
+def test_leaving_the_weights_pool_again_or_preparing_after_a_cycle_keeps_one_arena(monkeypatch):
+    """64 MiB of weights ended with 128 MiB of pinned host memory: a second arena beside the idle one."""
+    import torch
+
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_PREPARE_HOST", "1")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=64 * MiB)
+    with alloc.use_memory_pool("weights"):
+        w = alloc.empty((4 << 20,), torch.float32)  # 16 MiB
+        w.copy_(torch.arange(4 << 20, dtype=torch.float32))
+    alloc._core.wait_host()
+    held = alloc.stats().host_bytes
+    assert 16 * MiB <= held <= 16 * MiB * 1.01
+    with alloc.use_memory_pool("weights"):
+        pass  # leaving it again prepares again
+    alloc._core.wait_host()
+    assert alloc.stats().host_bytes == held
+    alloc.sleep(offload_tags=("weights",))
+    alloc.wake_up()
+    alloc.prepare_host_backups()
+    assert alloc.stats().host_bytes == held
+    assert alloc._core.host_pinned_bytes() <= held
+    assert torch.equal(w, torch.arange(4 << 20, dtype=torch.float32))

@@ -1,7 +1,11 @@
 // Host policies and background host work (Allocator::prepare_host), over the host backend with pins
 // counted. Built as target `host_policy_tests`; tests/cpp/run_sanitizers.sh runs it under ASan, UBSan
 // and TSan after core_tests. Last line: "N passed, M failed".
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -15,6 +19,7 @@
 #include "allocator.h"
 #include "errors.h"
 #include "host_backend.h"
+#include "host_cache.h"
 #include "test_harness.h"
 
 namespace {
@@ -237,6 +242,169 @@ void host_work_races_nothing_under_concurrent_calls() {
   CHECK(ledger->bad_unpins == 0);
 }
 
+// Waits for the background host work at most `limit`; if it is still running then, cancels it (so the
+// test can go on) and says so.
+bool host_work_finishes_within(vse::Allocator& a, std::chrono::seconds limit) {
+  std::atomic<bool> done{false};
+  std::thread waiter([&] {
+    a.wait_host();
+    done = true;
+  });
+  const auto due = std::chrono::steady_clock::now() + limit;
+  while (!done && std::chrono::steady_clock::now() < due) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const bool finished = done;
+  if (!finished) a.release_host_cache();  // cancels the job, so wait_host() returns
+  waiter.join();
+  return finished;
+}
+
+// A piece size below a huge page was accepted (0 too), and a background prepare then spun at 100% CPU
+// pinning nothing, so wait_host() never returned.
+void staging_piece_bytes_below_a_huge_page_is_refused_naming_the_option() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned);
+  for (uint64_t piece : {uint64_t(0), uint64_t(1), MiB, 2 * MiB - 1}) {
+    vse::AllocatorOptions o = a->options();
+    o.staging.piece_bytes = piece;
+    std::string what;
+    try {
+      a->set_options(o);
+    } catch (const vse::InvalidArgument& e) {
+      what = e.what();
+    }
+    CHECK(what.find("staging_piece_bytes") != std::string::npos);
+    CHECK(what.find("between 2.00 MiB") != std::string::npos);
+    CHECK(a->options().staging.piece_bytes == 2 * MiB);  // unchanged
+  }
+}
+
+// Whatever piece size is asked for, a background prepare either is refused up front or finishes.
+void background_prepare_finishes_or_is_refused_for_any_piece_size() {
+  for (uint64_t piece : {uint64_t(0), uint64_t(1), MiB, 3 * MiB, 5 * MiB + 1}) {
+    auto ledger = std::make_shared<PinLedger>();
+    auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/1ull << 30);
+    vse::AllocatorOptions o = a->options();
+    o.staging.piece_bytes = piece;
+    try {
+      a->set_options(o);
+    } catch (const vse::InvalidArgument&) {
+      continue;
+    }
+    const uint64_t n = 16 * MiB;
+    a->prepare_host(n, 0, false);
+    const bool finished = host_work_finishes_within(*a, std::chrono::seconds(5));
+    if (!finished) std::fprintf(stderr, "background prepare with pieces of %llu bytes did not finish\n",
+                                static_cast<unsigned long long>(piece));
+    CHECK(finished);
+    CHECK(a->host_error().empty());
+    CHECK(ledger->bytes() >= n);
+  }
+}
+
+// The background loop itself, given pieces set_options would refuse: it steps by what the arena really
+// makes ready, so it finishes (it used to add piece_bytes = 0 to its target forever).
+void background_preparation_steps_by_whole_pieces_whatever_it_is_given() {
+  for (uint64_t piece : {uint64_t(0), uint64_t(1), MiB, 3 * MiB}) {
+    vse::HostBackend backend;
+    vse::HostArena arena(backend, 0, 9 * MiB + 4096);
+    std::atomic<bool> cancelled{false};
+    std::atomic<bool> done{false};
+    std::thread worker([&] {
+      vse::HostCache::prepare_in_pieces(arena, 9 * MiB + 100, {1, piece}, /*rate=*/1ull << 30, cancelled);
+      done = true;
+    });
+    const auto due = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!done && std::chrono::steady_clock::now() < due) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    CHECK(done);
+    cancelled = true;
+    worker.join();
+    CHECK(arena.ready_bytes() >= 9 * MiB + 100);
+  }
+}
+
+// A second preparation used to make and pin a second arena beside the idle one that fits: 64 MiB of
+// weights ended with 128 MiB of host memory after a cycle and another prepare_host().
+void prepare_host_after_a_cycle_reuses_the_idle_arena() {
+  for (vse::HostPolicy policy : {vse::HostPolicy::Pinned, vse::HostPolicy::Reclaimable}) {
+    auto ledger = std::make_shared<PinLedger>();
+    {
+      auto a = make(ledger, policy);
+      const uint64_t n = 16 * MiB;
+      uintptr_t p = a->allocate(n, 0, "weights");
+      fill(p, n, 30);
+      a->sleep({"weights"}, {}, {});
+      a->wake(std::nullopt);
+      a->wait_host();
+      const uint64_t held = a->host_bytes();
+      a->prepare_host(n, 0, /*wait=*/true);
+      CHECK(a->host_bytes() == held);
+      CHECK(ledger->bytes() >= n && ledger->bytes() <= held);  // pinned again (reclaimable), once
+      a->prepare_host(n, 0, /*wait=*/false);  // and again, in the background
+      a->wait_host();
+      CHECK(a->host_error().empty());
+      CHECK(a->host_bytes() == held);
+      CHECK(ledger->bytes() <= held);
+      a->sleep({"weights"}, {}, {});
+      CHECK(a->last_sleep()->staging.pin_seconds == 0);  // found ready
+      CHECK(a->host_bytes() == held);
+      a->wake(std::nullopt);
+      CHECK(holds(p, n, 30));
+      a->free(p);
+    }
+    CHECK(ledger->bytes() == 0);
+    CHECK(ledger->bad_unpins == 0);
+  }
+}
+
+// fork() gives the child the parent's memory but not its threads, and not its arenas (MADV_DONTFORK).
+// A child forked while a background prepare ran inherited the worker's "running" state with no thread
+// behind it, and hung in its first sleep waiting for that job.
+void forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/8 * MiB);
+  const uint64_t n = 8 * MiB;
+  uintptr_t p = a->allocate(n, 0, "weights");
+  fill(p, n, 50);
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::nullopt);                // an idle arena, kept pinned
+  a->prepare_host(64 * MiB, 0, false);  // a new one: 8 s at this rate, running when the fork comes
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  pid_t child;
+  {
+    std::lock_guard<std::mutex> hold(ledger->mutex);  // the child's copy of the ledger is consistent
+    child = fork();
+  }
+  if (child == 0) {
+    // Only this thread runs here: no thread may be started under TSan, so the child's sleep keeps
+    // nothing (a level-2 sleep with nothing preserved) and needs no staging threads.
+    alarm(20);  // a hang ends the child with SIGALRM
+    const std::map<void*, uint64_t> inherited = ledger->pinned;
+    int failures = 0;
+    if (a->host_bytes() != 0) failures |= 1;  // nothing of the parent's cache is this process's
+    if (a->host_pinned_bytes() != 0) failures |= 2;
+    a->sleep({}, {}, {});
+    a->wake(std::nullopt);
+    a->release_host_cache();
+    if (ledger->pinned != inherited || ledger->bad_unpins != 0) failures |= 4;  // the parent's pins untouched
+    _exit(failures);
+  }
+  int status = -1;
+  CHECK(child > 0 && waitpid(child, &status, 0) == child);
+  if (WIFSIGNALED(status)) std::fprintf(stderr, "child killed by signal %d\n", WTERMSIG(status));
+  if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+    std::fprintf(stderr, "child failed its checks: %d\n", WEXITSTATUS(status));
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  // The parent goes on as if nothing happened.
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::nullopt);
+  CHECK(holds(p, n, 50));
+  CHECK(a->host_error().empty());
+  a->free(p);
+  a.reset();
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
@@ -248,6 +416,15 @@ const Test kTests[] = {
     {"destruction_during_background_prepare_is_clean", destruction_during_background_prepare_is_clean},
     {"sleep_takes_over_a_background_prepare", sleep_takes_over_a_background_prepare},
     {"host_work_races_nothing_under_concurrent_calls", host_work_races_nothing_under_concurrent_calls},
+    {"staging_piece_bytes_below_a_huge_page_is_refused_naming_the_option",
+     staging_piece_bytes_below_a_huge_page_is_refused_naming_the_option},
+    {"background_prepare_finishes_or_is_refused_for_any_piece_size",
+     background_prepare_finishes_or_is_refused_for_any_piece_size},
+    {"background_preparation_steps_by_whole_pieces_whatever_it_is_given",
+     background_preparation_steps_by_whole_pieces_whatever_it_is_given},
+    {"prepare_host_after_a_cycle_reuses_the_idle_arena", prepare_host_after_a_cycle_reuses_the_idle_arena},
+    {"forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread",
+     forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread},
 };
 
 }  // namespace

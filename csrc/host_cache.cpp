@@ -1,0 +1,248 @@
+#include "host_cache.h"
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <thread>
+
+#include "allocator.h"
+#include "errors.h"
+
+namespace vse {
+namespace {
+
+constexpr size_t kMaxIdleArenas = 4;
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+bool idle(const std::shared_ptr<HostArena>& arena) { return arena.use_count() == 1; }  // held only by the cache
+
+uint64_t reclaimable_keep_pinned(const HostArena& arena, const AllocatorOptions& options) {
+  return static_cast<uint64_t>(options.reclaimable_pinned_share * static_cast<double>(arena.capacity()));
+}
+
+}  // namespace
+
+const char* host_policy_name(HostPolicy policy) {
+  switch (policy) {
+    case HostPolicy::Pinned: return "pinned";
+    case HostPolicy::Reclaimable: return "reclaimable";
+    case HostPolicy::Release: return "release";
+  }
+  return "?";
+}
+
+HostPolicy parse_host_policy(const std::string& name) {
+  for (HostPolicy p : {HostPolicy::Pinned, HostPolicy::Reclaimable, HostPolicy::Release})
+    if (name == host_policy_name(p)) return p;
+  throw InvalidArgument("host policy must be 'pinned', 'reclaimable' or 'release', got '" + name + "'");
+}
+
+HostCache::HostCache(DeviceBackend& backend) : backend_(backend), fork_hook_([this] { forget_after_fork(); }) {}
+
+// In a forked child, with only the forking thread alive: the arenas are the parent's (and not mapped
+// here); their destructors leave them alone (HostArena checks the fork epoch).
+void HostCache::forget_after_fork() {
+  arenas_.clear();
+  prepared_ = nullptr;
+}
+
+void HostCache::settle() {
+  worker_.cancel_and_wait();
+  for (auto it = arenas_.begin(); it != arenas_.end();) {
+    if (idle(*it) && (*it)->unusable()) {
+      if (it->get() == prepared_) prepared_ = nullptr;
+      it = arenas_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+std::shared_ptr<HostArena> HostCache::smallest_idle(uint64_t bytes) const {
+  std::shared_ptr<HostArena> best;
+  for (const auto& arena : arenas_)
+    if (idle(arena) && arena->capacity() >= bytes && (!best || arena->capacity() < best->capacity())) best = arena;
+  return best;
+}
+
+void HostCache::drop_prepared_unless(const HostArena* taken) {
+  if (prepared_ && prepared_ != taken) {
+    auto it = std::find_if(arenas_.begin(), arenas_.end(), [&](const auto& a) { return a.get() == prepared_; });
+    if (it != arenas_.end() && idle(*it)) arenas_.erase(it);
+  }
+  prepared_ = nullptr;
+}
+
+std::shared_ptr<HostArena> HostCache::acquire(uint64_t bytes, int device, const AllocatorOptions& options) {
+  std::shared_ptr<HostArena> arena;
+  if (bytes > 0) {
+    const uint64_t limit = options.host_memory_limit;
+    bytes = round_up(bytes, 4096);  // what the arena will hold
+    if (limit != 0) {
+      uint64_t in_use = 0;  // idle arenas are only a cache and can be dropped
+      for (const auto& a : arenas_)
+        if (!idle(a)) in_use += a->capacity();
+      if (in_use + bytes > limit)
+        throw HostOutOfMemory("sleep needs " + format_bytes(bytes) + " of host memory for backups, but the host " +
+                              "memory limit is " + format_bytes(limit) + " with " + format_bytes(in_use) +
+                              " in use. Nothing was released");
+    }
+    // Its memory is held anyway, and pinned or about to be, so the copies start at once.
+    arena = smallest_idle(bytes);
+    if (!arena) {
+      if (limit != 0 && held_bytes() + bytes > limit)
+        arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
+      arena = std::make_shared<HostArena>(backend_, device, bytes);
+      arenas_.push_back(arena);
+    }
+  }
+  drop_prepared_unless(arena.get());
+  return arena;
+}
+
+void HostCache::forget_failed(const std::shared_ptr<HostArena>& arena) {
+  auto it = std::find(arenas_.begin(), arenas_.end(), arena);
+  if (it != arenas_.end()) arenas_.erase(it);
+}
+
+void HostCache::post_reclaim(const std::shared_ptr<HostArena>& arena, uint64_t keep_pinned) {
+  auto reclaim = [arena, keep_pinned] {
+    try {
+      arena->make_reclaimable(keep_pinned);
+    } catch (...) {
+      arena->mark_unusable();
+      throw;
+    }
+  };
+  if (worker_.post([reclaim](const std::atomic<bool>& cancelled) {
+        if (!cancelled) reclaim();
+      }))
+    return;
+  try {
+    reclaim();  // no thread: do it here
+  } catch (const std::exception& e) {
+    worker_.set_error(e.what());
+  }
+}
+
+void HostCache::recycle(const AllocatorOptions& options) {
+  const HostPolicy policy = options.effective_host_policy();
+  auto is_idle = [&](const std::shared_ptr<HostArena>& a) { return idle(a) && a.get() != prepared_; };
+  size_t count = static_cast<size_t>(std::count_if(arenas_.begin(), arenas_.end(), is_idle));
+  const size_t keep = policy == HostPolicy::Release ? 0 : kMaxIdleArenas;
+  // Drop the oldest idle arenas beyond what is kept.
+  for (auto it = arenas_.begin(); it != arenas_.end() && count > keep;) {
+    if (is_idle(*it)) {
+      it = arenas_.erase(it);
+      --count;
+    } else {
+      ++it;
+    }
+  }
+  if (policy == HostPolicy::Reclaimable)
+    for (const auto& arena : arenas_) {
+      const uint64_t keep_pinned = reclaimable_keep_pinned(*arena, options);
+      if (is_idle(arena) && arena->pinned_bytes() > keep_pinned) post_reclaim(arena, keep_pinned);
+    }
+}
+
+uint64_t HostCache::held_bytes() const {
+  uint64_t total = 0;
+  for (const auto& arena : arenas_) total += arena->capacity();
+  return total;
+}
+
+uint64_t HostCache::pinned_bytes() const {
+  uint64_t total = 0;
+  for (const auto& arena : arenas_) total += arena->pinned_bytes();
+  return total;
+}
+
+void HostCache::release_idle() {
+  settle();
+  prepared_ = nullptr;
+  arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
+}
+
+void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging, uint64_t rate,
+                                  const std::atomic<bool>& cancelled) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  const uint64_t target = std::min(bytes, arena.capacity());
+  const uint64_t step = rate ? HostArena::piece_bytes(staging) : target;
+  const uint64_t first = arena.ready_bytes();
+  while (!cancelled && arena.ready_bytes() < target) {
+    const uint64_t before = arena.ready_bytes();
+    arena.prepare(std::min(target, before + step), staging, [](uint64_t, uint64_t) {});
+    if (arena.ready_bytes() <= before)  // never spin: a step that makes nothing ready ends the work
+      throw Error("preparing host memory for backups made no progress at " + format_bytes(before) + " of " +
+                  format_bytes(target));
+    if (rate == 0) continue;
+    // Wait until what this call made ready would have taken at `rate`, in short naps so a cancel is quick.
+    const auto due = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
+                                 static_cast<double>(arena.ready_bytes() - first) / static_cast<double>(rate)));
+    while (!cancelled && clock::now() < due) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
+                        std::unique_lock<std::mutex>& lock) {
+  if (bytes == 0) return;
+  settle();
+  std::shared_ptr<HostArena> arena = smallest_idle(bytes);
+  drop_prepared_unless(arena.get());
+  if (!arena) {
+    // Half a percent over `bytes`: the sleep may back up a little more (preserved buffers of other
+    // tags) and still take this arena, which stays within 1% of its backup.
+    const uint64_t capacity = round_up(bytes + bytes / 200, 4096);
+    try {
+      const uint64_t limit = options.host_memory_limit;
+      if (limit != 0 && held_bytes() + capacity > limit)
+        throw HostOutOfMemory("preparing " + format_bytes(capacity) + " of host memory for backups would pass the " +
+                              "host memory limit of " + format_bytes(limit));
+      arena = std::make_shared<HostArena>(backend_, device, capacity);
+    } catch (const std::exception& e) {
+      worker_.set_error(e.what());
+      if (wait) throw;
+      return;
+    }
+    arenas_.push_back(arena);
+  }
+  prepared_ = arena.get();
+  if (arena->ready_bytes() >= bytes) return;  // an idle arena already ready
+
+  StagingOptions staging = options.staging;
+  const uint64_t rate = wait ? 0 : options.host_prepare_rate;
+  if (!wait) staging.threads = 1;
+  std::function<void(const std::atomic<bool>&)> job = [arena, bytes, staging, rate](const std::atomic<bool>& cancelled) {
+    try {
+      prepare_in_pieces(*arena, bytes, staging, rate, cancelled);
+    } catch (...) {
+      arena->mark_unusable();
+      throw;
+    }
+  };
+  arena.reset();
+  const bool posted = worker_.post(job);
+  if (!wait) return;
+  lock.unlock();
+  if (!posted) job(std::atomic<bool>{false});  // no thread could start: do it here
+  job = nullptr;  // its arena goes back before settle() looks at it
+  worker_.wait();
+  lock.lock();
+  settle();
+  if (!prepared_) throw HostOutOfMemory("cannot prepare host memory for backups: " + worker_.take_error());
+}
+
+void HostCache::wait() { worker_.wait(); }
+
+std::string HostCache::take_error() { return worker_.take_error(); }
+
+void HostCache::simulate_reclaim() {
+  worker_.wait();
+  for (const auto& arena : arenas_)
+    if (idle(arena) && arena.get() != prepared_) arena->simulate_reclaim();
+}
+
+}  // namespace vse
