@@ -14,9 +14,15 @@ it measures
      --sample-mib sample of evenly spaced windows, every round trip checked bit-exact;
   3. a modelled pipelined sleep (compress chunk i while chunk i-1's compressed bytes go D2H) and wake
      (H2D of chunk i while chunk i-1 decompresses), 2 staging slots, against the limit;
-  4. the real thing for the best codec of each data set: two streams, 3 staging slots, every byte
-     through pinned host memory and back, timed on the host clock and checked bit-exact, next to a
-     plain chunked copy in the same run.
+  4. the real thing for the rows of --measure (default: the best codec of each data set): two streams
+     (codec, copies) with events between them, --slots staging slots, every byte through pinned host
+     memory and back, timed on the host clock and checked bit-exact, next to a plain chunked copy of the
+     same chunk size in the same run. Sleep compresses chunks k+1..k+lag before it waits for chunk k's
+     compressed size, read from the output's header by a small async copy into pinned memory (the header's
+     size field is learned from the binding's sizes in the warm-up); wake queues the copies of chunks
+     k+1..k+ahead before chunk k's decode. Per pass it reports how long each lane was busy, how long both
+     were, which bounds the pass, and the host's seconds inside the codec's calls; --diagnose runs the
+     first rows also with the binding's sizes, unaligned host parts, and as first measured (lockstep).
 The table comes last; --out DIR receives probe_compression.json (rewritten after every section, so a
 run cut short keeps what it measured).
 
@@ -45,8 +51,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 FP8_MAX = 448.0  # largest finite e4m3fn value: each tensor's absolute maximum is scaled onto it
 SLOW_PASS_S = 0.4  # a warm-up pass slower than this is timed once more, not --reps times
-STAGE_SLOTS = 2  # staging buffers in the model; the measured run uses MEASURED_SLOTS
-MEASURED_SLOTS = 3
+STAGE_SLOTS = 2  # staging buffers in the model; the measured run's are --slots
 
 
 def say(msg: str) -> None:
@@ -364,6 +369,11 @@ class Coder:
         self._configs: dict[int, tuple] = {}
         self._caps: dict[tuple, int] = {}
         self._use_configs = self._encode_into = self._decode_into = True
+        # Whether the binding wrote into the buffer given, once seen: asking again (its array's
+        # __cuda_array_interface__) may wait for the work, so a confirmed in-place write is trusted.
+        self.in_place: dict[str, Optional[bool]] = {"encode": None, "decode": None}
+        self.host_s: dict[str, float] = {"encode": 0.0, "decode": 0.0, "size": 0.0}  # host seconds in its calls
+        self.size_layout: Optional[tuple] = None  # where the native header keeps the compressed size, once found
 
     def array(self, t: torch.Tensor) -> Any:
         return self.nv.as_array(t, cuda_stream=self.lane.ptr)
@@ -394,6 +404,13 @@ class Coder:
 
     def encode(self, src: torch.Tensor, out: torch.Tensor, as_bytes: bool = False) -> tuple:
         """Queues src's compression into out; the handle's size (size()) waits for it."""
+        t0 = time.perf_counter()
+        try:
+            return self._encode(src, out, as_bytes)
+        finally:
+            self.host_s["encode"] += time.perf_counter() - t0
+
+    def _encode(self, src: torch.Tensor, out: torch.Tensor, as_bytes: bool) -> tuple:
         arr = self.array(self.typed(src, as_bytes))
         ccfg = self.configs(src.numel())[0]
         if self._encode_into:
@@ -405,6 +422,14 @@ class Coder:
         return ("copy", self.codec.encode(arr, compression_config=ccfg), out)
 
     def size(self, handle: tuple) -> int:
+        """The compressed size as the binding reports it (it waits for the encode)."""
+        t0 = time.perf_counter()
+        try:
+            return self._size(handle)
+        finally:
+            self.host_s["size"] += time.perf_counter() - t0
+
+    def _size(self, handle: tuple) -> int:
         kind, res, out = handle
         n = int(res.buffer_size)
         if n > out.numel():
@@ -415,6 +440,13 @@ class Coder:
 
     def decode(self, comp: torch.Tensor, out: torch.Tensor, as_bytes: bool = False) -> None:
         """Queues the decompression of comp (the exact compressed bytes) into out (its uncompressed size)."""
+        t0 = time.perf_counter()
+        try:
+            self._decode(comp, out, as_bytes)
+        finally:
+            self.host_s["decode"] += time.perf_counter() - t0
+
+    def _decode(self, comp: torch.Tensor, out: torch.Tensor, as_bytes: bool) -> None:
         arr = self.array(comp)
         dcfg = self.configs(out.numel())[1]
         if self._decode_into:
@@ -431,14 +463,16 @@ class Coder:
 
     def _in_place(self, res: Any, out: torch.Tensor, call: str) -> bool:
         """Whether the binding wrote into out: its docs say an Array passed as out may be "resized to fit"."""
+        if self.in_place[call]:
+            return True
         try:
             ptr = res.__cuda_array_interface__["data"][0]
         except Exception:  # noqa: BLE001 - no interface to ask: trust the documented in-place write
             return True
-        if ptr == out.data_ptr():
-            return True
-        self.notes.add(f"{call} wrote outside the buffer given, copied")
-        return False
+        self.in_place[call] = ptr == out.data_ptr()
+        if not self.in_place[call]:
+            self.notes.add(f"{call} wrote outside the buffer given, copied")
+        return bool(self.in_place[call])
 
     def _copy_out(self, res: Any, out: torch.Tensor) -> None:
         with self.lane:
@@ -569,28 +603,157 @@ def layout_rows(dataset: str, codec: str, chunk: int, raw: Optional[dict], split
 
 # ---- 4. the measured pipeline ---------------------------------------------------------------------------------------
 
+HEADER_BYTES = 128  # read back after each encode: nvCOMP's native format opens with a header holding the size
+HOST_ALIGN = 4096  # each part's start in pinned host memory (an unaligned DMA may run below the link's rate)
+# nvCOMP's common header as its 2.x-4.x sources lay it out: comp_data_size (u64 at 8) + comp_data_offset (u32 at
+# 56) is the whole compressed buffer. Tried first; any other field that matches the binding's sizes also does.
+NVCOMP_COMMON_LAYOUT = (("Q", 8), ("I", 56))
+
+
+def size_layouts(header_len: int = HEADER_BYTES) -> list[tuple]:
+    """Candidate places of the compressed size in a header: nvCOMP's common layout, one u64 or u32 field,
+    then a u64 plus a u32 (a size past an offset), each a tuple of (struct code, byte offset)."""
+    u64 = [("Q", o) for o in range(0, header_len - 7, 8)]
+    u32 = [("I", o) for o in range(0, header_len - 3, 4)]
+    return [NVCOMP_COMMON_LAYOUT] + [(f,) for f in u64 + u32] + [(a, b) for a in u64 for b in u32 if a[1] != b[1]]
+
+
+def read_layout(header: bytes, layout: tuple) -> int:
+    return sum(int.from_bytes(header[o:o + (8 if code == "Q" else 4)], "little") for code, o in layout)
+
+
+def find_size_layout(samples: Sequence[tuple[bytes, int]]) -> Optional[tuple]:
+    """The first candidate layout whose fields give every sample's size (header bytes, size from the
+    binding), or None (no samples, or no field holds it)."""
+    if not samples:
+        return None
+    n = min(len(h) for h, _ in samples)
+    for layout in size_layouts(n):
+        if all(read_layout(h, layout) == size for h, size in samples):
+            return layout
+    return None
+
+
+def union_length(intervals: Sequence[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlaps counted once)."""
+    total, end = 0.0, -math.inf
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def stage_stats(intervals: dict, wall_s: float) -> dict:
+    """Per stage, seconds its lane was busy; the seconds both stages were busy at once; the GPU span; and
+    what bounds the pass: the busier stage when it was busy >= 85 % of the wall time, else "stalls" (the
+    stages wait on each other or on the host)."""
+    busy = {k: union_length(v) for k, v in intervals.items()}
+    every = [iv for v in intervals.values() for iv in v]
+    both = sum(busy.values()) - union_length(every)
+    span = (max(e for _, e in every) - min(s for s, _ in every)) if every else 0.0
+    top = max(busy, key=busy.get) if busy else None
+    bound = top if top is not None and wall_s > 0 and busy[top] >= 0.85 * wall_s else "stalls"
+    return {"busy_s": busy, "overlap_s": both, "span_s": span, "bound": bound}
+
+
+class StageClock:
+    """Start and end stamps of every stage run on its lane during one pass (CUDA timing events; host clock on
+    the CPU), read as seconds from the pass's start once the pass is done."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.origin = self._stamp(None)
+        self.marks: list[tuple[str, Any, Any]] = []
+
+    def _stamp(self, lane: Optional[Lane]) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(lane.stream if lane is not None else None)
+        return ev
+
+    @contextlib.contextmanager
+    def stage(self, name: str, lane: Lane):
+        start = self._stamp(lane)
+        yield
+        self.marks.append((name, start, self._stamp(lane)))
+
+    def intervals(self) -> dict:
+        def since(m: Any) -> float:
+            return self.origin.elapsed_time(m) / 1e3 if self.cuda else m - self.origin
+
+        out: dict[str, list] = {}
+        for name, a, b in self.marks:
+            out.setdefault(name, []).append((since(a), since(b)))
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the measured pipeline is driven. size_from: where the host learns a chunk's compressed size
+    (header: a 128-byte async copy of the output's header into pinned memory, read after an event;
+    binding: the binding's buffer_size, which waits); lag: chunks compressed ahead of the one whose size is
+    awaited; ahead: chunks copied up ahead of the one decoding; host_align: start of each part in host memory."""
+    name: str
+    slots: int
+    lag: int
+    ahead: int
+    size_from: str
+    host_align: int
+
+    def __post_init__(self):
+        if self.slots < 1 or not 0 <= self.lag < self.slots or not 0 <= self.ahead < self.slots:
+            raise ValueError(f"Variant {self.name}: need slots >= 1, 0 <= lag < slots, 0 <= ahead < slots; got "
+                             f"{self.slots}, {self.lag}, {self.ahead}")
+        if self.size_from not in ("header", "binding") or self.host_align < 1:
+            raise ValueError(f"Variant {self.name}: size_from must be header or binding and host_align >= 1, got "
+                             f"{self.size_from!r}, {self.host_align}")
+
+
+def variants(slots: int) -> dict[str, Variant]:
+    """The pipeline as it should run ("async"), and as it ran before (one chunk compressed ahead, sizes from
+    the binding, unaligned host parts, wake copying and decoding in lockstep: "lockstep"), with the two
+    steps between them, so a diagnosed row shows which change moved it."""
+    lag, ahead = max(1, slots - 2), slots - 1
+    return {"async": Variant("async", slots, lag, ahead, "header", HOST_ALIGN),
+            "async-binding": Variant("async-binding", slots, lag, ahead, "binding", HOST_ALIGN),
+            "async-unaligned": Variant("async-unaligned", slots, lag, ahead, "header", 1),
+            "lockstep": Variant("lockstep", 3, 1, 0, "binding", 1)}
+
 
 class Pipeline:
     """Sleep and wake of one data set through pinned host memory, chunk by chunk, on two lanes: `work`
-    (split, encode, decode, join: the codec's own stream) and `copy` (D2H, H2D), MEASURED_SLOTS staging
-    slots. layout: plain (chunks copied as they are), raw, split, split-hi."""
+    (split, encode, decode, join: the codec's own stream) and `copy` (D2H, H2D), with events between them
+    and variant.slots staging slots. layout: plain (chunks copied as they are), raw, split, split-hi.
+
+    Sleep queues the compression of chunks k+1..k+lag before it waits for chunk k's compressed size, so the
+    copy lane always has queued work; wake knows every size already and queues the copies of chunks
+    k+1..k+ahead before chunk k's decode. The only waits are slot reuse (events on the device) and the
+    size of the chunk due next (an event on the host)."""
 
     def __init__(self, src: torch.Tensor, host: torch.Tensor, chunk: int, layout: str,
-                 coder: Optional[Coder], work: Lane, copy: Lane):
+                 coder: Optional[Coder], work: Lane, copy: Lane, variant: Optional[Variant] = None):
         if layout != "plain" and coder is None:
             raise ValueError(f"Pipeline: layout {layout!r} needs a codec")
         self.src, self.host, self.chunk, self.layout, self.coder = src, host, chunk, layout, coder
         self.work, self.copy = work, copy
+        self.v = variant or variants(4)["async"]
         self.pieces = [(o, c) for o, c in zip(range(0, src.numel(), chunk), chunk_sizes(src.numel(), chunk))]
         self.back = torch.empty_like(src)
         self.records: list[list[tuple]] = []  # per chunk: (host offset, bytes, where it lands on wake)
+        self.clock: Optional[StageClock] = None
+        self.calibrating = False  # sizes from the binding, headers kept to find where they hold the size
+        self.samples: list[tuple[bytes, int]] = []
         dev = src.device
         self.slots = []
         if layout == "plain":
             return
         split = layout != "raw"
-        for _ in range(MEASURED_SLOTS):
-            s: dict = {}
+        pinned = dev.type == "cuda"
+        for _ in range(self.v.slots):
+            s: dict = {"hdr": torch.zeros((2, HEADER_BYTES), dtype=torch.uint8, pin_memory=pinned)}
             if split:
                 s["hi"] = torch.empty(chunk // 2, dtype=torch.uint8, device=dev)
                 s["lo"] = torch.empty(chunk // 2, dtype=torch.uint8, device=dev)
@@ -602,34 +765,51 @@ class Pipeline:
                 s["out"] = torch.empty(coder.capacity(src[:chunk], False), dtype=torch.uint8, device=dev)
             self.slots.append(s)
 
+    @property
+    def size_from(self) -> str:
+        """Where this pass reads compressed sizes: the header once its size field is known, else the binding."""
+        coder = self.coder
+        if self.v.size_from == "header" and coder is not None and coder.size_layout is not None \
+                and coder.in_place["encode"] and not self.calibrating:
+            return "header"
+        return "binding"
+
     def _host(self, off: int, n: int) -> torch.Tensor:
         if off + n > self.host.numel():
             raise RuntimeError(f"pinned host buffer of {self.host.numel()} bytes too small: needs {off + n}")
         return self.host[off:off + n]
 
+    def _stage(self, name: str, lane: Lane):
+        return self.clock.stage(name, lane) if self.clock is not None else contextlib.nullcontext()
+
     def sleep(self) -> None:
         self.records = []
-        off = 0
         if self.layout == "plain":
-            with self.copy:
-                for o, c in self.pieces:
+            for o, c in self.pieces:
+                with self.copy, self._stage("copy", self.copy):
                     self._host(o, c).copy_(self.src[o:o + c], non_blocking=True)
-                    self.records.append([(o, c, None)])
+                self.records.append([(o, c, None)])
             return
-        freed: list[Any] = [None] * MEASURED_SLOTS
-        queued: list[tuple] = []  # (slot, [(handle or None, device buffer, plain bytes, name)], done mark)
-        for i, (o, c) in enumerate(self.pieces):
-            k = i % MEASURED_SLOTS
-            s = self.slots[k]
-            with self.work:
-                self.work.wait(freed[k])
-                queued.append((k, self._compress(s, self.src[o:o + c]), self.work.mark()))
-            if len(queued) > 1:  # one chunk behind, so the next encode is queued before we wait on a size
+        n, lag = len(self.pieces), self.v.lag
+        freed: list[Any] = [None] * self.v.slots
+        queued: list[tuple] = []  # per chunk compressed and not yet sent: (slot, parts, done mark, header ready)
+        off = 0
+        for i in range(n + lag):
+            if i < n:
+                o, c = self.pieces[i]
+                k = i % self.v.slots
+                with self.work:
+                    self.work.wait(freed[k])
+                    with self._stage("code", self.work):
+                        parts = self._compress(self.slots[k], self.src[o:o + c])
+                    done = self.work.mark()
+                    ready = self._read_headers(self.slots[k], parts) if self.v.size_from == "header" else None
+                queued.append((k, parts, done, ready))
+            if i >= lag:
                 off = self._send(queued.pop(0), off, freed)
-        while queued:
-            off = self._send(queued.pop(0), off, freed)
 
     def _compress(self, s: dict, x: torch.Tensor) -> list[tuple]:
+        """(encode handle or None for a part sent plain, device buffer, plain bytes, name) per part."""
         if self.layout == "raw":
             return [(self.coder.encode(x, s["out"]), s["out"], 0, "out")]
         h, lo = s["hi"][:x.numel() // 2], s["lo"][:x.numel() // 2]
@@ -639,71 +819,193 @@ class Pipeline:
             return parts + [(self.coder.encode(lo, s["lo_out"], True), s["lo_out"], 0, "lo")]
         return parts + [(None, lo, lo.numel(), "lo")]
 
+    def _read_headers(self, s: dict, parts: list[tuple]) -> Any:
+        """Queues the copy of each coded part's header into the slot's pinned bytes (on the work lane, behind
+        the encode); the mark says when they have landed."""
+        for j, (h, buf, _, _) in enumerate(parts):
+            if h is not None:
+                m = min(HEADER_BYTES, buf.numel())
+                s["hdr"][j, :m].copy_(buf[:m], non_blocking=True)
+        return self.work.mark()
+
+    def _sizes(self, s: dict, parts: list[tuple], ready: Any) -> list[int]:
+        coder = self.coder
+        if self.size_from == "binding":
+            sizes = [coder.size(h) if h is not None else n for h, _, n, _ in parts]
+            if self.calibrating:
+                wait_mark(ready)
+                self.samples += [(s["hdr"][j].numpy().tobytes(), n)
+                                 for j, ((h, _, _, _), n) in enumerate(zip(parts, sizes)) if h is not None]
+            return sizes
+        t0 = time.perf_counter()
+        wait_mark(ready)
+        sizes = []
+        for j, (h, buf, n, _) in enumerate(parts):
+            if h is not None:
+                n = read_layout(s["hdr"][j].numpy().tobytes(), coder.size_layout)
+                if not 0 < n <= buf.numel():
+                    raise RuntimeError(f"{coder.spec.name}: header says {n} compressed bytes, outside its buffer "
+                                       f"of {buf.numel()} (size field {coder.size_layout} is wrong)")
+            sizes.append(n)
+        coder.host_s["size"] += time.perf_counter() - t0
+        return sizes
+
     def _send(self, item: tuple, off: int, freed: list) -> int:
-        k, parts, done = item
-        sizes = [self.coder.size(h) if h is not None else n for h, _, n, _ in parts]  # waits for the encode
+        k, parts, done, ready = item
+        sizes = self._sizes(self.slots[k], parts, ready)
         rec = []
         with self.copy:
             self.copy.wait(done)
-            for (h, buf, _, name), n in zip(parts, sizes):
-                self._host(off, n).copy_(buf[:n], non_blocking=True)
-                rec.append((off, n, name if h is not None else "plain-" + name))
-                off += n
+            with self._stage("copy", self.copy):
+                for (h, buf, _, name), n in zip(parts, sizes):
+                    self._host(off, n).copy_(buf[:n], non_blocking=True)
+                    rec.append((off, n, name if h is not None else "plain-" + name))
+                    off = round_up(off + n, self.v.host_align)
             freed[k] = self.copy.mark()
         self.records.append(rec)
         return off
 
     def wake(self) -> None:
         if self.layout == "plain":
-            with self.copy:
-                for (o, c), rec in zip(self.pieces, self.records):
+            for (o, c), rec in zip(self.pieces, self.records):
+                with self.copy, self._stage("copy", self.copy):
                     self.back[o:o + c].copy_(self._host(rec[0][0], c), non_blocking=True)
             return
-        freed: list[Any] = [None] * MEASURED_SLOTS
-        for i, ((o, c), rec) in enumerate(zip(self.pieces, self.records)):
-            k = i % MEASURED_SLOTS
-            s = self.slots[k]
-            with self.copy:
-                self.copy.wait(freed[k])
-                for off, n, name in rec:
-                    dst = s["lo"] if name == "plain-lo" else s[name + "_out"] if name in ("hi", "lo") else s["out"]
-                    dst[:n].copy_(self._host(off, n), non_blocking=True)
-                arrived = self.copy.mark()
-            with self.work:
-                self.work.wait(arrived)
+        n, ahead = len(self.pieces), self.v.ahead
+        freed: list[Any] = [None] * self.v.slots
+        arrived: list[Any] = []
+        for i in range(n + ahead):
+            if i < n:
+                s = self.slots[i % self.v.slots]
+                with self.copy:
+                    self.copy.wait(freed[i % self.v.slots])
+                    with self._stage("copy", self.copy):
+                        for off, m, name in self.records[i]:
+                            self._part(s, name)[:m].copy_(self._host(off, m), non_blocking=True)
+                    arrived.append(self.copy.mark())
+            j = i - ahead
+            if j >= 0:
+                freed[j % self.v.slots] = self._decompress(j, arrived[j])
+
+    def _part(self, s: dict, name: str) -> torch.Tensor:
+        return s["lo"] if name == "plain-lo" else s[name + "_out"] if name in ("hi", "lo") else s["out"]
+
+    def _decompress(self, j: int, arrived: Any) -> Any:
+        (o, c), rec, s = self.pieces[j], self.records[j], self.slots[j % self.v.slots]
+        with self.work:
+            self.work.wait(arrived)
+            with self._stage("code", self.work):
                 x = self.back[o:o + c]
                 if self.layout == "raw":
                     self.coder.decode(s["out"][:rec[0][1]], x)
                 else:
                     h, lo = s["hi"][:c // 2], s["lo"][:c // 2]
-                    for off, n, name in rec:
+                    for _, m, name in rec:
                         if name in ("hi", "lo"):
-                            self.coder.decode(s[name + "_out"][:n], h if name == "hi" else lo, True)
+                            self.coder.decode(s[name + "_out"][:m], h if name == "hi" else lo, True)
                     join_bytes(h, lo, x)
-                freed[k] = self.work.mark()
+            return self.work.mark()
 
     def host_bytes(self) -> int:
         return sum(n for rec in self.records for _, n, _ in rec)
 
 
+def wait_mark(mark: Any) -> None:
+    """The host waits for one event (not for a whole stream or device)."""
+    if mark is not None:
+        mark.synchronize()
+
+
 def measure_pipeline(p: Pipeline, reps: int, device: torch.device) -> dict:
-    def timed(fn: Callable[[], None]) -> float:
+    """A warm-up sleep and wake (where a header-sized row also learns its size field from the binding's
+    sizes), then reps timed ones: median wall times, the stage busy times and host seconds in the codec's
+    calls of the median pass, and whether every byte came back."""
+    def timed(fn: Callable[[], None]) -> tuple[float, dict]:
+        coder_host = dict(p.coder.host_s) if p.coder else {}
         sync_all(device)
+        p.clock = StageClock(device)
         t0 = time.perf_counter()
         fn()
         p.work.sync()
         p.copy.sync()
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        stats = stage_stats(p.clock.intervals(), wall)
+        if p.coder:
+            stats["host_s"] = {k: v - coder_host[k] for k, v in p.coder.host_s.items()}
+        p.clock = None
+        return wall, stats
 
+    notes = []
+    if p.layout != "plain" and p.v.size_from == "header" and p.coder.size_layout is None:
+        p.calibrating, p.samples = True, []
     timed(p.sleep)
+    if p.calibrating:
+        p.calibrating = False
+        p.coder.size_layout = find_size_layout(p.samples)
+        if p.coder.size_layout is None:
+            notes.append(f"no header field held the binding's sizes ({len(p.samples)} samples): sizes read from "
+                         "the binding, which waits")
+    p.back.fill_(0xA5)
     timed(p.wake)
+    exact = bool(torch.equal(p.back, p.src))
     sleeps, wakes = [], []
     for _ in range(reps):
         sleeps.append(timed(p.sleep))
-        p.back.fill_(0xA5)
+        p.back.fill_(0xA5)  # a wake that writes nothing must not pass for one that gives the bytes back
         wakes.append(timed(p.wake))
-    return {"sleep_s": statistics.median(sleeps), "wake_s": statistics.median(wakes),
-            "host_bytes": p.host_bytes(), "exact": bool(torch.equal(p.back, p.src))}
+        exact = exact and bool(torch.equal(p.back, p.src))
+    sleep, wake = sorted(sleeps, key=lambda t: t[0])[len(sleeps) // 2], sorted(wakes, key=lambda t: t[0])[len(wakes) // 2]
+    return {"sleep_s": sleep[0], "wake_s": wake[0], "sleep_stages": sleep[1], "wake_stages": wake[1],
+            "host_bytes": p.host_bytes(), "exact": exact, "size_from": p.size_from, "variant": asdict(p.v),
+            "size_layout": p.coder.size_layout if p.coder else None, "pipeline_notes": notes}
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    dataset: str
+    codec: Optional[str]  # None: the plain copy
+    layout: str
+    chunk: int
+
+
+def parse_measure(text: str) -> MeasureSpec:
+    """DATASET:CODEC:LAYOUT:CHUNK_MIB (e.g. bf16:ANS-f2:raw:64, bf16:ANS:split-hi:256) or DATASET:plain:CHUNK_MIB."""
+    f = text.split(":")
+    codecs = {c.name: c for c in CODECS}
+    if len(f) == 3 and f[1] == "plain":
+        f = [f[0], "plain", "plain", f[2]]
+    if len(f) != 4:
+        raise ValueError(f"--measure {text!r}: want DATASET:CODEC:LAYOUT:CHUNK_MIB or DATASET:plain:CHUNK_MIB")
+    dataset, codec, layout, mib = f
+    if dataset not in ("bf16", "fp8", "random"):
+        raise ValueError(f"--measure {text!r}: unknown data set {dataset!r} (bf16, fp8, random)")
+    try:
+        chunk = max(4096, round_up(int(float(mib) * MiB), 4096))
+        if float(mib) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--measure {text!r}: chunk {mib!r} is not a positive number of MiB") from None
+    if codec == "plain":
+        return MeasureSpec(dataset, None, "plain", chunk)
+    if codec not in codecs:
+        raise ValueError(f"--measure {text!r}: unknown codec {codec!r}; known: {sorted(codecs)}")
+    layouts = ("raw", "split", "split-hi") if codecs[codec].split else ("raw",)
+    if layout not in layouts:
+        raise ValueError(f"--measure {text!r}: {codec} takes layouts {', '.join(layouts)}, not {layout!r}")
+    if layout != "raw" and dataset == "fp8":
+        raise ValueError(f"--measure {text!r}: the byte split is for 2-byte data, fp8 has 1-byte elements")
+    return MeasureSpec(dataset, codec, layout, chunk)
+
+
+def with_baselines(specs: Sequence[MeasureSpec]) -> list[MeasureSpec]:
+    """The rows asked for, each data set and chunk size's plain copy before its first coded row, once."""
+    out: list[MeasureSpec] = []
+    for s in specs:
+        plain = MeasureSpec(s.dataset, None, "plain", s.chunk)
+        for item in (plain, s):
+            if item not in out:
+                out.append(item)
+    return out
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------
@@ -718,7 +1020,8 @@ def table(res: dict) -> str:
     lim = res.get("limit") or {}
     lines = [f"pinned-copy limit ({(lim.get('bytes') or 0) / GiB:.2f} GiB, one copy): "
              f"D2H {lim.get('d2h_gbps', 0):.1f} GB/s, H2D {lim.get('h2d_gbps', 0):.1f} GB/s"]
-    measured = {(m["dataset"], m["codec"], m["layout"], m["chunk"]): m for m in res.get("measured", [])}
+    measured = {(m["dataset"], m["codec"], m["layout"], m["chunk"]): m for m in res.get("measured", [])
+                if m.get("variant", {}).get("name", "async") == "async"}
     head = (f"{'data':6} {'codec':11} {'layout':8} {'chunk':>5} {'ratio':>6} {'comp GB/s':>9} {'dec GB/s':>8} "
             f"{'model sleep x':>13} {'model wake x':>12} {'meas sleep x':>12} {'meas wake x':>11}  exact")
     lines += [head, "-" * len(head)]
@@ -734,22 +1037,39 @@ def table(res: dict) -> str:
         lines.append(f"{r['dataset']:6} {r['codec']:11} {r['layout']:8} {mib_label(r['chunk']):>5} {r['ratio']:6.3f} "
                      f"{r['compress_gbps']:9.1f} {r['decompress_gbps']:8.1f} {r['model']['sleep_x']:13.2f} "
                      f"{r['model']['wake_x']:12.2f} {ms}  {r['exact']}")
-    lines.append("measured (two streams, every byte through pinned host memory and back):")
+    lines.append("measured (two streams, every byte through pinned host memory and back; per pass the busy ms of "
+                 "the code and copy lanes, ms both busy at once, what bounds it):")
     for m in res.get("measured", []):
-        what = f"  {m['dataset']:6} {m['codec'] or '(none)':11} {m['layout']:8} {mib_label(m['chunk']):>5} MiB:"
-        if "sleep_x" in m:
-            lines.append(f"{what} sleep {m['sleep_s'] * 1e3:8.1f} ms x{m['sleep_x']:.2f}, wake "
-                         f"{m['wake_s'] * 1e3:8.1f} ms x{m['wake_x']:.2f}, host bytes {m['host_ratio']:.3f} x, "
-                         f"exact {m['exact']}")
-        else:
-            lines.append(f"{what} {m.get('error', 'not run')}")
+        lines.append(measured_line(m))
     for e in res.get("errors", []):
         lines.append(f"error: {e}")
     lines.append("ratio = bytes kept / bytes in; GB/s count uncompressed bytes; x = plain one-copy time at the "
-                 f"limit / time (model: {STAGE_SLOTS} staging slots, stage times from the sweep; measured: two "
-                 f"streams, {MEASURED_SLOTS} slots, host clock); split = byte planes both coded, split-hi = low "
-                 "plane sent plain")
+                 f"limit / time (model: {STAGE_SLOTS} staging slots, stage times from the sweep; measured: host "
+                 "clock, variant async unless named: sizes from each output's header, lag/ahead chunks queued; "
+                 "lockstep = the pipeline as first measured); split = byte planes both coded, split-hi = low "
+                 "plane sent plain; bound = the lane busy >= 85 % of the wall time, else stalls")
     return "\n".join(lines)
+
+
+def stages_text(st: dict) -> str:
+    busy = st.get("busy_s", {})
+    text = (f"[code {busy.get('code', 0) * 1e3:.1f} copy {busy.get('copy', 0) * 1e3:.1f} both "
+            f"{st.get('overlap_s', 0) * 1e3:.1f} ms, {st.get('bound')}")
+    host = {k: v for k, v in st.get("host_s", {}).items() if v > 0}
+    if host:
+        text += "; host in " + " ".join(f"{k} {v * 1e3:.1f}" for k, v in host.items()) + " ms"
+    return text + "]"
+
+
+def measured_line(m: dict) -> str:
+    v = m.get("variant") or {}
+    name = "" if m["layout"] == "plain" else f" {v.get('name', '')}/{m.get('size_from', '')}"
+    what = f"  {m['dataset']:6} {m['codec'] or '(none)':11} {m['layout']:8} {mib_label(m['chunk']):>5} MiB{name}:"
+    if "sleep_x" not in m:
+        return f"{what} {m.get('error', 'not run')}"
+    return (f"{what} sleep {m['sleep_s'] * 1e3:.1f} ms x{m['sleep_x']:.2f} {stages_text(m['sleep_stages'])}, wake "
+            f"{m['wake_s'] * 1e3:.1f} ms x{m['wake_x']:.2f} {stages_text(m['wake_stages'])}, host bytes "
+            f"{m['host_ratio']:.3f} x, exact {m['exact']}")
 
 
 def save(res: dict, out_dir: Optional[str]) -> None:
@@ -808,6 +1128,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--codecs", nargs="+", default=None, help=f"subset of: {' '.join(c.name for c in CODECS)}")
     ap.add_argument("--datasets", nargs="+", default=["bf16", "fp8", "random"], choices=["bf16", "fp8", "random"])
     ap.add_argument("--skip-measured", action="store_true", help="no two-stream run")
+    ap.add_argument("--measure", nargs="+", default=["best"],
+                    help="rows to run through pinned memory and back: DATASET:CODEC:LAYOUT:CHUNK_MIB (bf16:ANS-f2:raw:64, "
+                         "bf16:ANS:split-hi:256), DATASET:plain:CHUNK_MIB, or best (the sweep's picks; default); "
+                         "each data set and chunk size's plain copy runs too")
+    ap.add_argument("--slots", type=int, default=4, help="staging slots of the measured pipeline (default 4)")
+    ap.add_argument("--diagnose", type=int, default=0,
+                    help="the first N coded rows also run as async-binding, async-unaligned and lockstep")
     ap.add_argument("--nvcomp-alloc", choices=["default", "torch"], default="default",
                     help="nvCOMP's device scratch: the binding's allocator or torch's caching allocator")
     ap.add_argument("--out", default=None, help="directory for probe_compression.json")
@@ -819,6 +1146,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         ap.error(f"--codecs: unknown {sorted(unknown)}; known: {[c.name for c in CODECS]}")
     if a.gib <= 0 or a.sample_mib <= 0 or a.reps < 1 or any(c <= 0 for c in a.chunk_mib):
         ap.error("--gib, --sample-mib, --chunk-mib must be positive and --reps at least 1")
+    if a.slots < 2 or a.diagnose < 0:
+        ap.error(f"--slots must be at least 2 and --diagnose at least 0, got {a.slots}, {a.diagnose}")
+    for item in a.measure:
+        if item == "best":
+            continue
+        try:
+            spec = parse_measure(item)
+        except ValueError as e:
+            ap.error(str(e))
+        if spec.dataset not in a.datasets:
+            ap.error(f"--measure {item!r}: data set {spec.dataset} is not among --datasets {' '.join(a.datasets)}")
+        if a.codecs is not None and spec.codec and spec.codec not in a.codecs:
+            a.codecs.append(spec.codec)  # a measured codec is made (and swept) though --codecs left it out
     return a
 
 
@@ -910,28 +1250,45 @@ def run_sweep(a: argparse.Namespace, res: dict, data: dict, coders: dict, chunks
 
 def run_measured(a: argparse.Namespace, res: dict, data: dict, coders: dict, host: torch.Tensor,
                  lanes: tuple[Lane, Lane], device: torch.device, plain_chunk: int) -> None:
-    """4.: the planned pipelines for real, into res["measured"]."""
+    """4.: the rows of --measure ("best": the sweep's plan) for real, each data set and chunk size's plain
+    copy first; the first --diagnose coded rows under every variant, the rest as "async"; into
+    res["measured"]."""
     limit = res["limit"]
-    for dataset, codec, layout, chunk in plan_measured(res["rows"], data, plain_chunk):
-        rec: dict = {"dataset": dataset, "codec": codec, "layout": layout, "chunk": chunk}
-        what = f"  measured {dataset:6} {codec or '(none)':11} {layout:8} {mib_label(chunk)} MiB:"
-        try:
-            coder = coders.get(codec) if codec else None
-            p = Pipeline(data[dataset], host, chunk, layout, coder, *lanes)
-            m = measure_pipeline(p, a.reps, device)
-            del p
-            n = data[dataset].numel()
-            rec.update(m, sleep_x=n / (limit["d2h_gbps"] * 1e9) / m["sleep_s"],
-                       wake_x=n / (limit["h2d_gbps"] * 1e9) / m["wake_s"], host_ratio=m["host_bytes"] / n,
-                       notes=sorted(coder.notes) if coder else [])
-            say(f"{what} sleep {m['sleep_s'] * 1e3:.1f} ms (x{rec['sleep_x']:.2f}), wake {m['wake_s'] * 1e3:.1f} ms "
-                f"(x{rec['wake_x']:.2f}), host {rec['host_ratio']:.3f}, exact {m['exact']}")
-        except Exception as e:  # noqa: BLE001 - the next plan may still run
-            rec["error"] = short(e)
-            res["errors"].append(f"measured {dataset} {codec} {layout}: {short(e)}")
-            say(f"{what} {short(e)}")
-        res["measured"].append(rec)
-        save(res, a.out)
+    specs: list[MeasureSpec] = []
+    for item in a.measure:
+        specs += plan_measured(res["rows"], data, plain_chunk) if item == "best" else [parse_measure(item)]
+    every = variants(a.slots)
+    coded = 0
+    for spec in with_baselines(specs):
+        if spec.layout == "plain":
+            runs = [every["async"]]
+        else:
+            coded += 1
+            runs = list(every.values()) if coded <= a.diagnose else [every["async"]]
+        for v in runs:
+            rec: dict = asdict(spec)
+            what = (f"  measured {spec.dataset:6} {spec.codec or '(none)':11} {spec.layout:8} {mib_label(spec.chunk)} MiB"
+                    f"{'' if spec.layout == 'plain' else ' ' + v.name}:")
+            try:
+                coder = coders.get(spec.codec) if spec.codec else None
+                if spec.codec and not isinstance(coder, Coder):
+                    raise RuntimeError(f"codec {spec.codec} not available")
+                p = Pipeline(data[spec.dataset], host, spec.chunk, spec.layout, coder, *lanes, variant=v)
+                m = measure_pipeline(p, a.reps, device)
+                del p
+                n = data[spec.dataset].numel()
+                rec.update(m, sleep_x=n / (limit["d2h_gbps"] * 1e9) / m["sleep_s"],
+                           wake_x=n / (limit["h2d_gbps"] * 1e9) / m["wake_s"], host_ratio=m["host_bytes"] / n,
+                           notes=sorted(coder.notes) if coder else [])
+                res["errors"] += [f"measured {spec.dataset} {spec.codec} {spec.layout} {v.name}: {t}"
+                                  for t in m["pipeline_notes"]]
+                say(measured_line(rec).replace("  ", "  measured ", 1))
+            except Exception as e:  # noqa: BLE001 - the next row may still run
+                rec.update(error=short(e), variant=asdict(v))
+                res["errors"].append(f"measured {spec.dataset} {spec.codec} {spec.layout} {v.name}: {short(e)}")
+                say(f"{what} {short(e)}")
+            res["measured"].append(rec)
+            save(res, a.out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -985,10 +1342,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def plan_measured(rows: Sequence[dict], data: dict, plain_chunk: int) -> list[tuple]:
-    """(dataset, codec, layout, chunk) to run for real: per data set a plain chunked copy and its best
-    exact row by the modelled sleep+wake; random bytes also through bf16's best (what compression costs
-    where it cannot pay)."""
+def plan_measured(rows: Sequence[dict], data: dict, plain_chunk: int) -> list[MeasureSpec]:
+    """The sweep's picks: per data set a plain chunked copy and its best exact row by the modelled
+    sleep+wake; random bytes also through bf16's best (what compression costs where it cannot pay)."""
     best: dict = {}
     for r in rows:
         if r["exact"] and (r["dataset"] not in best or r["model"]["cycle_x"] > best[r["dataset"]]["model"]["cycle_x"]):
@@ -996,13 +1352,12 @@ def plan_measured(rows: Sequence[dict], data: dict, plain_chunk: int) -> list[tu
     plans = []
     for dataset in data:
         b = best.get(dataset)
-        chunk = b["chunk"] if b else plain_chunk
-        plans.append((dataset, None, "plain", chunk))
+        plans.append(MeasureSpec(dataset, None, "plain", b["chunk"] if b else plain_chunk))
         if b:
-            plans.append((dataset, b["codec"], b["layout"], b["chunk"]))
+            plans.append(MeasureSpec(dataset, b["codec"], b["layout"], b["chunk"]))
     if "bf16" in best and "random" in data:
         b = best["bf16"]
-        item = ("random", b["codec"], b["layout"], b["chunk"])
+        item = MeasureSpec("random", b["codec"], b["layout"], b["chunk"])
         if item not in plans:
             plans.append(item)
     return plans

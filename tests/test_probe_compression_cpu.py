@@ -194,10 +194,25 @@ class FakeArray:
         return self.t.__dlpack_device__()
 
 
+HEADER_LEN = 64
+
+
+def native_header(payload: int, raw: int) -> bytes:
+    """A header laid out as nvCOMP's common header: magic, versions, comp_data_size (u64 at 8, the payload),
+    decomp_data_size (u64 at 16), comp_data_offset (u32 at 56, where the payload starts)."""
+    h = bytearray(HEADER_LEN)
+    h[0:4] = b"NVCP"
+    h[8:16] = payload.to_bytes(8, "little")
+    h[16:24] = raw.to_bytes(8, "little")
+    h[56:60] = HEADER_LEN.to_bytes(4, "little")
+    return bytes(h)
+
+
 class FakeCodec:
     """nvcomp.Codec's calls as the binding documents them; zlib does the work."""
 
     broken: set = set()  # algorithms whose construction fails
+    headerless: set = set()  # algorithms whose output has no header holding its size (the zlib stream alone)
     lossy: set = set()  # algorithms whose decode flips a byte
     elsewhere: set = set()  # algorithms that write their output to a buffer of their own, not the one given
 
@@ -217,7 +232,10 @@ class FakeCodec:
 
     def encode(self, arr, out=None, compression_config=None):
         assert compression_config is None or compression_config[1] == arr.buffer_size
-        data = zlib.compress(arr.t.reshape(-1).view(torch.uint8).numpy().tobytes(), 1)
+        raw = arr.t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = zlib.compress(raw, 1)
+        if self.algorithm not in self.headerless:
+            data = native_header(len(data), len(raw)) + data
         dst = out.t.view(torch.uint8)
         if self.algorithm in self.elsewhere:
             dst = torch.empty(len(data), dtype=torch.uint8)
@@ -227,7 +245,8 @@ class FakeCodec:
         return FakeArray(dst, len(data))
 
     def decode(self, arr, out=None, decompression_config=None):
-        data = zlib.decompress(arr.t.view(torch.uint8)[:arr.buffer_size].numpy().tobytes())
+        start = 0 if self.algorithm in self.headerless else HEADER_LEN
+        data = zlib.decompress(arr.t.view(torch.uint8)[start:arr.buffer_size].numpy().tobytes())
         dst = out.t.view(torch.uint8)
         if len(data) != dst.numel():
             raise ValueError(f"decoded {len(data)} bytes into {dst.numel()}")
@@ -251,6 +270,7 @@ def install_fake_nvcomp(mp: pytest.MonkeyPatch) -> types.ModuleType:
     mp.setattr(FakeCodec, "broken", {"LZ4"})
     mp.setattr(FakeCodec, "lossy", {"Zstd"})
     mp.setattr(FakeCodec, "elsewhere", {"Cascaded"})
+    mp.setattr(FakeCodec, "headerless", {"Bitcomp"})
     return fake
 
 
@@ -375,3 +395,181 @@ def test_nvcomp_absent_says_why():
 def test_unknown_codec_name_is_refused_by_name():
     with pytest.raises(SystemExit):
         probe.parse_args(["--codecs", "ANS", "Brotli"])
+
+
+# ---- the measured pipeline: sizes from headers, stage times, rows asked for ---------------------------------------
+
+
+def test_size_field_is_found_where_nvcomps_common_header_keeps_it():
+    samples = [(native_header(p, 4096) + bytes(64), HEADER_LEN + p) for p in (1000, 2345, 77)]
+    layout = probe.find_size_layout(samples)
+    assert layout == probe.NVCOMP_COMMON_LAYOUT
+    assert probe.read_layout(native_header(5000, 1) + bytes(64), layout) == HEADER_LEN + 5000
+
+
+def test_size_field_elsewhere_is_found_and_a_header_without_one_gives_none():
+    def header(size):
+        h = bytearray(128)
+        h[40:48] = size.to_bytes(8, "little")
+        h[8:16] = (size * 3).to_bytes(8, "little")  # a field that moves with the size but is not it
+        return bytes(h)
+
+    assert probe.find_size_layout([(header(n), n) for n in (300, 9000)]) == (("Q", 40),)
+    assert probe.find_size_layout([(bytes(128), 300), (bytes(128), 9000)]) is None
+    assert probe.find_size_layout([]) is None
+
+
+def test_union_length_counts_overlapping_time_once():
+    assert probe.union_length([]) == 0.0
+    assert probe.union_length([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0), (3.2, 3.5)]) == pytest.approx(3.0)
+
+
+def test_stage_stats_name_the_busy_lane_or_say_the_pass_stalled():
+    copy_bound = probe.stage_stats({"code": [(0.0, 0.2), (1.0, 1.1)], "copy": [(0.2, 1.0), (1.1, 2.0)]}, 2.0)
+    assert copy_bound["busy_s"] == pytest.approx({"code": 0.3, "copy": 1.7})
+    assert copy_bound["overlap_s"] == pytest.approx(0.0) and copy_bound["span_s"] == pytest.approx(2.0)
+    assert copy_bound["bound"] == "copy"
+    overlapped = probe.stage_stats({"code": [(0.0, 1.0)], "copy": [(0.2, 1.8)]}, 1.8)
+    assert overlapped["overlap_s"] == pytest.approx(0.8) and overlapped["bound"] == "copy"
+    # lanes busy 1.0 and 0.8 s of a 2.5 s pass: the pipeline waited, neither lane bounds it
+    assert probe.stage_stats({"code": [(0.0, 1.0)], "copy": [(1.5, 2.3)]}, 2.5)["bound"] == "stalls"
+
+
+def test_measure_rows_parse_and_bad_ones_say_what_is_wrong():
+    assert probe.parse_measure("bf16:ANS-f2:raw:64") == probe.MeasureSpec("bf16", "ANS-f2", "raw", 64 * MiB)
+    assert probe.parse_measure("random:plain:256") == probe.MeasureSpec("random", None, "plain", 256 * MiB)
+    assert probe.parse_measure("bf16:ANS:split-hi:0.001").chunk == 4096
+    for text, why in [("bf16:ANS:64", "want DATASET:CODEC"), ("int8:ANS:raw:64", "unknown data set"),
+                      ("bf16:Brotli:raw:64", "unknown codec"), ("bf16:ANS-f2:split-hi:64", "ANS-f2 takes layouts raw"),
+                      ("bf16:ANS:split:-1", "not a positive number"), ("fp8:ANS:split:64", "2-byte data")]:
+        with pytest.raises(ValueError, match=why):
+            probe.parse_measure(text)
+
+
+def test_measure_rows_get_their_plain_copy_first_and_once():
+    a, b = probe.parse_measure("bf16:ANS-f2:raw:64"), probe.parse_measure("bf16:ANS:split-hi:64")
+    c = probe.parse_measure("random:ANS-f2:raw:256")
+    assert probe.with_baselines([a, b, c, a]) == [probe.MeasureSpec("bf16", None, "plain", 64 * MiB), a, b,
+                                                 probe.MeasureSpec("random", None, "plain", 256 * MiB), c]
+
+
+def test_measure_option_refuses_a_data_set_not_made_and_adds_its_codec():
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--datasets", "bf16", "--measure", "random:ANS:raw:64"])
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--measure", "bf16:ANS:diagonal:64"])
+    a = probe.parse_args(["--codecs", "ANS", "--measure", "bf16:ANS-f2:raw:64", "best"])
+    assert a.codecs == ["ANS", "ANS-f2"]
+
+
+def test_variant_refuses_a_lag_that_would_wait_on_its_own_slot():
+    with pytest.raises(ValueError, match="lag < slots"):
+        probe.Variant("x", 3, 3, 0, "header", 4096)
+    with pytest.raises(ValueError, match="header or binding"):
+        probe.Variant("x", 3, 1, 0, "guess", 4096)
+    v = probe.variants(4)
+    assert (v["async"].lag, v["async"].ahead, v["async"].size_from) == (2, 3, "header")
+    assert (v["lockstep"].slots, v["lockstep"].lag, v["lockstep"].ahead) == (3, 1, 0)
+
+
+def cpu_pipeline(nvcomp, spec_index: int, layout: str, variant: str, n: int = 5 * 4096 + 61):
+    dev = torch.device("cpu")
+    src = random_bf16(n, seed=11).view(torch.uint8)[: n // 2 * 2]
+    host = torch.empty(2 * src.numel() + 64 * 4096, dtype=torch.uint8)
+    coder = probe.Coder(nvcomp, probe.CODECS[spec_index], probe.Lane(dev), dev)
+    return probe.Pipeline(src, host, 8192, layout, coder, probe.Lane(dev), probe.Lane(dev),
+                          variant=probe.variants(4)[variant])
+
+
+@pytest.mark.parametrize("variant", ["async", "async-binding", "async-unaligned", "lockstep"])
+@pytest.mark.parametrize("layout", ["raw", "split", "split-hi"])
+def test_every_variant_round_trips_every_layout_and_times_both_lanes(variant, layout, fake_nvcomp):
+    p = cpu_pipeline(fake_nvcomp, 0, layout, variant)  # ANS: its stand-in writes a native header
+    m = probe.measure_pipeline(p, 2, torch.device("cpu"))
+    assert m["exact"] and len(p.records) == len(p.pieces)
+    assert m["size_from"] == ("binding" if variant in ("async-binding", "lockstep") else "header")
+    for stages in (m["sleep_stages"], m["wake_stages"]):
+        assert stages["busy_s"]["code"] > 0 and stages["busy_s"]["copy"] > 0
+        assert stages["host_s"]["encode" if stages is m["sleep_stages"] else "decode"] > 0
+    align = probe.variants(4)[variant].host_align
+    assert all(off % align == 0 for rec in p.records for off, _, _ in rec)
+
+
+def test_header_sizes_are_learned_once_per_codec_and_agree_with_the_binding(fake_nvcomp):
+    p = cpu_pipeline(fake_nvcomp, 0, "raw", "async")
+    probe.measure_pipeline(p, 1, torch.device("cpu"))
+    assert p.coder.size_layout == probe.NVCOMP_COMMON_LAYOUT
+    by_header = [rec[0][1] for rec in p.records]
+    q = probe.Pipeline(p.src, p.host, 8192, "raw", p.coder, p.work, p.copy, variant=probe.variants(4)["async-binding"])
+    q.sleep()
+    assert [rec[0][1] for rec in q.records] == by_header
+
+
+def test_a_codec_without_a_size_in_its_header_is_measured_with_the_bindings_sizes_and_says_so(fake_nvcomp):
+    p = cpu_pipeline(fake_nvcomp, 3, "raw", "async")  # Bitcomp: its stand-in writes no header
+    m = probe.measure_pipeline(p, 1, torch.device("cpu"))
+    assert m["exact"] and m["size_from"] == "binding" and p.coder.size_layout is None
+    assert any("no header field held the binding's sizes" in n for n in m["pipeline_notes"])
+
+
+def test_a_header_size_outside_the_buffer_stops_the_sleep_with_its_value(fake_nvcomp):
+    p = cpu_pipeline(fake_nvcomp, 0, "raw", "async")
+    p.coder.size_layout = (("I", 0),)  # the magic number: no size
+    magic = int.from_bytes(b"NVCP", "little")
+    with pytest.raises(RuntimeError, match=rf"header says {magic} compressed bytes, outside its buffer"):
+        p.sleep()
+
+
+def test_dry_run_measures_the_rows_asked_for_under_every_variant_when_diagnosed(tmp_path, fake_nvcomp, monkeypatch):
+    monkeypatch.setattr(probe, "say", lambda _: None)
+    rc = probe.main(["--device", "cpu", "--gib", str(0.25 / 1024), "--sample-mib", "0.0625", "--chunk-mib", "0.03125",
+                     "--reps", "1", "--slow-gbps", "0", "--datasets", "bf16", "random", "--codecs", "ANS",
+                     "--measure", "bf16:ANS-f2:raw:0.03125", "bf16:ANS:split-hi:0.0625", "random:ANS-f2:raw:0.03125",
+                     "--diagnose", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "probe_compression.json").read_text())
+    got = [(m["dataset"], m["codec"], m["layout"], m["chunk"] // 1024, m["variant"]["name"]) for m in res["measured"]]
+    assert got == [("bf16", None, "plain", 32, "async"),
+                   *[("bf16", "ANS-f2", "raw", 32, v) for v in ("async", "async-binding", "async-unaligned", "lockstep")],
+                   ("bf16", None, "plain", 64, "async"), ("bf16", "ANS", "split-hi", 64, "async"),
+                   ("random", None, "plain", 32, "async"), ("random", "ANS-f2", "raw", 32, "async")]
+    assert all(m["exact"] and "error" not in m for m in res["measured"])
+    assert all(m["sleep_stages"]["bound"] and "copy" in m["wake_stages"]["busy_s"] for m in res["measured"])
+
+
+def logged_pipeline(nvcomp, monkeypatch, variant: str):
+    """A raw ANS pipeline of 6 chunks whose codec calls and host-memory accesses land in a log, in order."""
+    log: list[str] = []
+    for name in ("encode", "size", "decode"):
+        real = getattr(probe.Coder, name)
+        monkeypatch.setattr(probe.Coder, name, lambda self, *a, _real=real, _n=name, **k: (log.append(_n), _real(self, *a, **k))[1])
+    real_host = probe.Pipeline._host
+    monkeypatch.setattr(probe.Pipeline, "_host", lambda self, off, n: (log.append("host"), real_host(self, off, n))[1])
+    dev = torch.device("cpu")
+    src = random_bf16(6 * 4096, seed=5).view(torch.uint8)
+    coder = probe.Coder(nvcomp, probe.CODECS[0], probe.Lane(dev), dev)
+    kwargs = {"variant": probe.variants(4)[variant]} if hasattr(probe, "variants") else {}
+    p = probe.Pipeline(src, torch.empty(4 * src.numel(), dtype=torch.uint8), 8192, "raw", coder, probe.Lane(dev),
+                       probe.Lane(dev), **kwargs)
+    return p, log
+
+
+def test_sleep_compresses_ahead_and_asks_the_binding_no_size_once_the_header_is_known(fake_nvcomp, monkeypatch):
+    p, log = logged_pipeline(fake_nvcomp, monkeypatch, "async")
+    probe.measure_pipeline(p, 1, torch.device("cpu"))  # warm-up learns the header's size field
+    log.clear()
+    p.sleep()
+    assert log.count("encode") == 6 and log.count("size") == 0, log
+    # with the binding's sizes, chunk 0's size is asked only after chunks 1 and 2 are queued for compression
+    p, log = logged_pipeline(fake_nvcomp, monkeypatch, "async-binding")
+    p.sleep()
+    assert log[:4] == ["encode", "encode", "encode", "size"], log
+
+
+def test_wake_copies_chunks_ahead_of_the_one_it_decodes(fake_nvcomp, monkeypatch):
+    p, log = logged_pipeline(fake_nvcomp, monkeypatch, "async")
+    p.sleep()
+    log.clear()
+    p.wake()
+    assert log[:5] == ["host", "host", "host", "host", "decode"], log
+    assert torch.equal(p.back, p.src)
