@@ -275,6 +275,8 @@ class CuMemAllocator:
             self.trim()
         except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
             logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
+        else:
+            self._core.settle()  # no capture runs here: what the frees quarantined can go now
 
     @staticmethod
     def _pool_allocator() -> torch.cuda.memory.CUDAPluggableAllocator:
