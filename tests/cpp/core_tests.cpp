@@ -1417,6 +1417,9 @@ CUresult host_register_result = CUDA_SUCCESS;
 CUstream last_memset_stream = nullptr;
 CUstreamCaptureMode capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;  // this (fake) thread's mode
 std::vector<CUstreamCaptureMode> pinned_in_mode;                     // mode at each pin and unpin
+std::vector<CUstreamCaptureMode> queried_in_mode;                    // mode at each cuStreamIsCapturing
+const CUstream capturing_stream = reinterpret_cast<CUstream>(uintptr_t(0x51));
+const CUstream broken_stream = reinterpret_cast<CUstream>(uintptr_t(0x52));  // the query fails
 unsigned char last_memset_value = 0;
 
 vse::CudaDriver table() {
@@ -1464,6 +1467,12 @@ vse::CudaDriver table() {
   };
   d.cuThreadExchangeStreamCaptureMode = [](CUstreamCaptureMode* mode) {
     std::swap(*mode, capture_mode);
+    return CUDA_SUCCESS;
+  };
+  d.cuStreamIsCapturing = [](CUstream stream, CUstreamCaptureStatus* status) {
+    queried_in_mode.push_back(capture_mode);
+    if (stream == broken_stream) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    *status = stream == capturing_stream ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
   };
   d.cuMemsetD8Async = [](CUdeviceptr, unsigned char value, size_t, CUstream stream) {
@@ -1521,6 +1530,19 @@ void test_cuda_pin_out_of_memory_is_host_out_of_memory() {
   CHECK_THROWS(vse::check_cuda(driver, CUDA_ERROR_OUT_OF_MEMORY, "cuMemCreate"), vse::DeviceOutOfMemory);
 }
 
+// my_malloc asks whether its stream captures before it lets the allocator synchronize: in relaxed
+// mode (asking must not break another thread's capture), and a failed query reads as capturing.
+void test_cuda_stream_capture_query_is_relaxed_and_fails_safe() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  fake_cuda::queried_in_mode.clear();
+  CHECK(vse::CudaBackend::stream_is_capturing(driver, fake_cuda::capturing_stream));
+  CHECK(!vse::CudaBackend::stream_is_capturing(driver, nullptr));
+  CHECK(vse::CudaBackend::stream_is_capturing(driver, fake_cuda::broken_stream));
+  CHECK(fake_cuda::queried_in_mode.size() == 3);
+  for (CUstreamCaptureMode mode : fake_cuda::queried_in_mode) CHECK(mode == CU_STREAM_CAPTURE_MODE_RELAXED);
+  CHECK(fake_cuda::capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL);
+}
+
 // A pin or unpin must not invalidate another thread's CUDA graph capture: each is made in relaxed
 // capture mode, and the thread's own mode is given back afterwards, also when the call fails.
 void test_cuda_pin_and_unpin_run_in_relaxed_capture_mode() {
@@ -1544,6 +1566,7 @@ const Test kTests[] = {
     {"range_set_add", test_range_set_add},
     {"range_set_subtract", test_range_set_subtract},
     {"cuda_pin_and_unpin_run_in_relaxed_capture_mode", test_cuda_pin_and_unpin_run_in_relaxed_capture_mode},
+    {"cuda_stream_capture_query_is_relaxed_and_fails_safe", test_cuda_stream_capture_query_is_relaxed_and_fails_safe},
     {"range_set_clip", test_range_set_clip},
     {"range_set_random_against_bitmap", test_range_set_random_against_bitmap},
     {"allocate_and_free", test_allocate_and_free},

@@ -656,6 +656,106 @@ void test_fill_unrestored_covers_rows_in_a_slab() {
   CHECK(loud);
 }
 
+// Issue 16, item 1. PyTorch frees from empty_cache() without synchronizing; work still queued on the
+// device may read a freed row. The next allocation must not get that range before the device is done
+// with it: here a pending copy reads the row while a new allocation writes at once.
+void test_freed_row_is_not_handed_out_while_queued_work_reads_it() {
+  auto f = make(true, kSlab);
+  Allocator& a = *f.allocator;
+  const uintptr_t neighbour = a.allocate(2 * MiB, 0, "weights");
+  const uintptr_t p = a.allocate(2 * MiB, 0, "weights");
+  fill(p, 2 * MiB, 1);
+  std::vector<uint64_t> host(2 * MiB / 8);
+  std::vector<vse::CopySpan> spans;  // many small copies, so that most are still queued below
+  for (uint64_t at = 0; at < 2 * MiB; at += 4096)
+    spans.push_back({p + at, reinterpret_cast<uint8_t*>(host.data()) + at, 4096});
+  f.backend->enqueue_copies(0, vse::CopyDirection::ToHost, spans);
+  a.free(p);
+  const uintptr_t q = a.allocate(2 * MiB, 0, "weights");
+  CHECK(q != p);
+  fill(q, 2 * MiB, 2);  // the new owner writes at once
+  f.backend->wait_copies(0);
+  CHECK(matches(reinterpret_cast<uintptr_t>(host.data()), 2 * MiB, 1));
+  a.settle();  // the device is done with it now
+  CHECK(a.allocate(2 * MiB, 0, "weights") == p);
+  (void)neighbour;
+}
+
+// Issue 16, item 1: a free of a Mapped row makes no driver call (PyTorch may call it while another
+// thread captures a CUDA graph); settle() waits for the device and gives the memory back.
+void test_free_of_a_mapped_row_makes_no_driver_call_and_settle_does() {
+  auto f = make(false, kSlab, 256 * MiB);
+  Allocator& a = *f.allocator;
+  const uintptr_t small = a.allocate(2 * MiB, 0, "weights");  // in a slab
+  const uintptr_t big = a.allocate(40 * MiB, 0, "weights");   // its own memory
+  f.backend->reset_counts();
+  a.free(small);
+  a.free(big);
+  CHECK(f.backend->syncs == 0 && f.backend->unmaps == 0 && f.backend->releases == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB - kSlab - 40 * MiB);
+  CHECK(a.quarantined_bytes() == 42 * MiB);
+  a.settle();
+  CHECK(f.backend->syncs == 1 && f.backend->unmaps == 2 && f.backend->releases == 2);
+  CHECK(a.quarantined_bytes() == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB);
+  CHECK(f.backend->reservations() == 0);
+}
+
+// Issue 16, item 7: a slab whose rows were all freed but one wakes with that row's memory only, where
+// the whole slab would not fit; new rows then go elsewhere, not into the slab's unmapped part.
+void test_sparse_slab_wakes_with_only_its_rows_memory() {
+  for (bool freed_asleep : {true, false}) {
+    auto f = make(false, kSlab, 80 * MiB);
+    Allocator& a = *f.allocator;
+    std::vector<uintptr_t> rows;
+    for (int i = 0; i < 4; ++i) rows.push_back(a.allocate(2 * MiB, 0, "weights"));
+    fill(rows[2], 2 * MiB, 3);
+    if (!freed_asleep) {
+      a.free(rows[0]);
+      a.free(rows[1]);
+      a.free(rows[3]);
+    }
+    a.sleep({"weights"}, {}, {});
+    if (freed_asleep) {
+      a.free(rows[0]);
+      a.free(rows[1]);
+      a.free(rows[3]);
+    }
+    const uintptr_t hog = a.allocate(72 * MiB, 0, "kv_cache");  // leaves 8 MiB: not a slab, but the row
+    f.backend->reset_counts();
+    const vse::OpStats woke = a.wake(std::vector<std::string>{"weights"});
+    CHECK(woke.bytes_device == 2 * MiB && woke.mappings == 1);
+    CHECK(f.backend->creates == 1);
+    CHECK(matches(rows[2], 2 * MiB, 3));
+    CHECK(f.backend->free_bytes() == 6 * MiB);
+    const uintptr_t late = a.allocate(2 * MiB, 0, "weights");
+    CHECK(f.backend->reservation_of(late) != f.backend->reservation_of(rows[2]));
+    fill(late, 2 * MiB, 4);
+    CHECK(matches(rows[2], 2 * MiB, 3) && matches(late, 2 * MiB, 4));
+    a.free(hog);
+  }
+}
+
+// Issue 16, item 8: a caller that cannot synchronize (its stream captures a CUDA graph) never makes
+// allocate synchronize, even when settling the quarantine would make room; one that can does.
+void test_allocate_that_may_not_synchronize_never_does() {
+  for (uint64_t slab : {uint64_t{0}, 8 * MiB}) {
+    auto f = make(false, slab, 8 * MiB);
+    Allocator& a = *f.allocator;
+    std::vector<uintptr_t> rows;
+    for (int i = 0; i < 4; ++i) rows.push_back(a.allocate(2 * MiB, 0, "weights"));
+    for (uintptr_t p : rows) a.free(p);
+    CHECK(a.quarantined_bytes() == 8 * MiB);
+    f.backend->reset_counts();
+    CHECK_THROWS(a.allocate(4 * MiB, 0, "kv_cache", false), vse::DeviceOutOfMemory);
+    CHECK(f.backend->syncs == 0 && a.quarantined_bytes() == 8 * MiB);
+    const uintptr_t p = a.allocate(4 * MiB, 0, "kv_cache", true);
+    CHECK(f.backend->syncs == 1 && a.quarantined_bytes() == 0);
+    fill(p, 4 * MiB, 9);
+    CHECK(matches(p, 4 * MiB, 9));
+  }
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
@@ -677,6 +777,12 @@ const Test kTests[] = {
     {"failed_slab_release_keeps_the_handle_and_the_rows_honest",
      test_failed_slab_release_keeps_the_handle_and_the_rows_honest},
     {"fill_unrestored_covers_rows_in_a_slab", test_fill_unrestored_covers_rows_in_a_slab},
+    {"freed_row_is_not_handed_out_while_queued_work_reads_it",
+     test_freed_row_is_not_handed_out_while_queued_work_reads_it},
+    {"free_of_a_mapped_row_makes_no_driver_call_and_settle_does",
+     test_free_of_a_mapped_row_makes_no_driver_call_and_settle_does},
+    {"sparse_slab_wakes_with_only_its_rows_memory", test_sparse_slab_wakes_with_only_its_rows_memory},
+    {"allocate_that_may_not_synchronize_never_does", test_allocate_that_may_not_synchronize_never_does},
 };
 
 }  // namespace
