@@ -656,6 +656,31 @@ void test_fill_unrestored_covers_rows_in_a_slab() {
   CHECK(loud);
 }
 
+// The benchmark's hot path: a full slab sleeps with one unmap and one release and wakes with one
+// create and one map, and a sleep synchronizes once; a freed-and-settled row costs nothing more.
+void test_dense_slab_sleeps_and_wakes_with_one_handle() {
+  auto f = make(false, kSlab);
+  Allocator& a = *f.allocator;
+  std::vector<Row> rows;
+  for (uint64_t i = 0; i < 32; ++i) {
+    rows.push_back({a.allocate(2 * MiB, 0, "weights"), 2 * MiB, "weights", 60 + i});
+    fill(rows.back().p, rows.back().n, rows.back().seed);
+  }
+  for (int cycle = 0; cycle < 2; ++cycle) {
+    f.backend->reset_counts();
+    const vse::OpStats slept = a.sleep({"weights"}, {}, {});
+    CHECK(slept.mappings == 1 && slept.bytes_device == kSlab);
+    CHECK(f.backend->syncs == 1 && f.backend->unmaps == 1 && f.backend->releases == 1);
+    CHECK(f.backend->creates == 0 && f.backend->maps == 0);
+    f.backend->reset_counts();
+    const vse::OpStats woke = a.wake(std::nullopt);
+    CHECK(woke.mappings == 1 && woke.bytes_device == kSlab);
+    CHECK(f.backend->creates == 1 && f.backend->maps == 1);
+    CHECK(f.backend->syncs == 0 && f.backend->unmaps == 0 && f.backend->releases == 0);
+    for (const Row& r : rows) CHECK(matches(r.p, r.n, r.seed));
+  }
+}
+
 // Issue 16, item 1. PyTorch frees from empty_cache() without synchronizing; work still queued on the
 // device may read a freed row. The next allocation must not get that range before the device is done
 // with it: here a pending copy reads the row while a new allocation writes at once.
@@ -777,6 +802,7 @@ const Test kTests[] = {
     {"failed_slab_release_keeps_the_handle_and_the_rows_honest",
      test_failed_slab_release_keeps_the_handle_and_the_rows_honest},
     {"fill_unrestored_covers_rows_in_a_slab", test_fill_unrestored_covers_rows_in_a_slab},
+    {"dense_slab_sleeps_and_wakes_with_one_handle", test_dense_slab_sleeps_and_wakes_with_one_handle},
     {"freed_row_is_not_handed_out_while_queued_work_reads_it",
      test_freed_row_is_not_handed_out_while_queued_work_reads_it},
     {"free_of_a_mapped_row_makes_no_driver_call_and_settle_does",
