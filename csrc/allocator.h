@@ -33,7 +33,9 @@
 // nothing). It runs at the start of sleep, wake and discard, from the Python layer after its
 // empty_cache() when the stream is not capturing, and from allocate() when it would fail for lack of
 // device memory and its caller says synchronizing is safe (the pluggable malloc: its stream is not
-// capturing, and no other work may run while a global capture does).
+// capturing, and no other work may run while a global capture does). The price: what PyTorch frees
+// between those points stays held until the next one; in particular PyTorch's own out-of-memory retry
+// for an allocation outside our pools frees our cached segments into the quarantine without settling.
 //
 // Copy ordering (copy_pipeline.h): a sleep releases an allocation only after the fence that follows
 // the last copy of its bytes, not merely some earlier fence. The host backend copies synchronously
@@ -56,8 +58,9 @@
 // one (device, tag), mapped by ONE handle over the whole range when made. A row takes a
 // granularity-aligned free range that lies in a mapped run (first fit). All rows of a segment share a
 // tag, so sleep, discard and wake move them together: sleep releases every run of a segment after the
-// copies of all its rows are done (a failing sleep leaves each segment wholly asleep or wholly
-// mapped); wake maps, per segment, only the runs its rows cover (adjacent rows are one run, so a dense
+// copies of all its rows are done (a failing sleep leaves each segment wholly asleep or wholly mapped,
+// except that a driver call failing between two runs of a sparsely woken segment leaves the rows of
+// the runs released so far asleep, each row still true to its memory); wake maps, per segment, only the runs its rows cover (adjacent rows are one run, so a dense
 // slab is still one handle, and a lone row left in a slab costs its own size, not the slab's) before
 // their backups are copied back, and a failed wake releases them again. New rows go only into mapped
 // runs, so after a sparse wake they go to another awake segment or a new one; when a new slab cannot
