@@ -277,8 +277,8 @@ class CuMemAllocator:
             return  # settling synchronizes the device, which would break the capture: next time
         try:
             self.trim()
-        except _core.SleepExtError:
-            raise  # the core's own failure (a driver call), not PyTorch's "not now"
+        except _core.SleepExtError as e:  # a driver call failed; the next sleep or wake retries it and raises
+            logger.warning("vllm_sleep_ext: freed pool memory not given back yet: %s", e)
         except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
             logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
 
