@@ -56,12 +56,10 @@ struct Allocator::SegmentRows {
   std::vector<uint64_t> offsets;  // of each member in the segment
 };
 
-namespace {
-
 // Groups rows (in table order) by segment, in the order each segment first appears.
 template <typename RowOf>
-std::vector<Allocator::SegmentRows> by_segment(size_t count, RowOf row_of) {
-  std::vector<Allocator::SegmentRows> groups;
+std::vector<Allocator::SegmentRows> Allocator::by_segment(size_t count, RowOf row_of) {
+  std::vector<SegmentRows> groups;
   std::map<const Segment*, size_t> index;
   for (size_t i = 0; i < count; ++i) {
     Segment* s = row_of(i).segment;
@@ -73,13 +71,11 @@ std::vector<Allocator::SegmentRows> by_segment(size_t count, RowOf row_of) {
   return groups;
 }
 
-void synchronize_devices(DeviceBackend& backend, const std::vector<Allocator::SegmentRows>& segments) {
+void Allocator::synchronize_devices(const std::vector<SegmentRows>& segments) {
   std::set<int> devices;
-  for (const Allocator::SegmentRows& g : segments) devices.insert(g.segment->device());
-  for (int device : devices) backend.synchronize(device);
+  for (const SegmentRows& g : segments) devices.insert(g.segment->device());
+  for (int device : devices) backend_->synchronize(device);
 }
-
-}  // namespace
 
 Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)) {}
 
@@ -253,7 +249,7 @@ std::unique_ptr<CopyPipeline> Allocator::copy_backups(SleepPlan& plan, std::shar
   drop_prepared_unless(arena.get());  // host cache
   std::unique_ptr<CopyPipeline> copies;
   try {
-    timed(stats.sync_seconds, [&] { synchronize_devices(*backend_, plan.segments); });
+    timed(stats.sync_seconds, [&] { synchronize_devices(plan.segments); });
     if (arena) {
       copies = std::make_unique<CopyPipeline>(*backend_, arena->data());
       for (SleepPlan::Step& s : plan.steps) {
@@ -432,7 +428,7 @@ void Allocator::discard(const std::vector<std::string>& tags) {
     if (a.state == State::Mapped && contains(tags, a.tag())) mapped.push_back(&a);
   const std::vector<SegmentRows> segments =
       by_segment(mapped.size(), [&](size_t i) -> const Allocation& { return *mapped[i]; });
-  synchronize_devices(*backend_, segments);
+  synchronize_devices(segments);
   // A segment's rows all have its tag, so they go together, with its memory.
   OpStats ignored;
   for (const SegmentRows& g : segments)

@@ -242,15 +242,16 @@ class Allocator {
     set_options_locked(o);
   }
 
- // The rows of one segment that an operation moves (allocator.cpp).
-  struct SegmentRows;
-
  private:
   std::shared_ptr<HostArena> acquire_arena(uint64_t bytes, int device);
   void recycle_arenas();
   uint64_t host_bytes_locked() const;
   void set_options_locked(const AllocatorOptions& options);
   struct SleepPlan;
+  struct SegmentRows;  // the rows of one segment that an operation moves
+  template <typename RowOf>
+  static std::vector<SegmentRows> by_segment(size_t count, RowOf row_of);
+  void synchronize_devices(const std::vector<SegmentRows>& segments);
   void settle_locked();
   std::pair<Segment*, uint64_t> place(uint64_t span, int device, const std::string& tag);
   Segment& new_segment(int device, const std::string& tag, uint64_t size, bool shared);
