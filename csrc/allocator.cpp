@@ -112,7 +112,8 @@ std::pair<Segment*, uint64_t> Allocator::place(uint64_t span, int device, const 
   return {&s, *s.take(span)};
 }
 
-uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag, bool may_synchronize) {
+uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag,
+                             const std::function<bool()>& may_synchronize) {
   if (size == 0) throw InvalidArgument("allocation size must be positive, got 0");
   if (tag.empty()) throw InvalidArgument("allocation tag must not be empty");
   std::lock_guard<std::mutex> lock(mutex_);
@@ -122,7 +123,7 @@ uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag,
     try {
       at = place(span, device, tag);
     } catch (const DeviceOutOfMemory&) {
-      if (!may_synchronize || quarantined_bytes_locked() == 0) throw;
+      if (quarantined_bytes_locked() == 0 || !may_synchronize()) throw;
       settle_locked();  // what was freed may be all the room there is
       at = place(span, device, tag);
     }

@@ -33,7 +33,8 @@
 // nothing). It runs at the start of sleep, wake and discard, from the Python layer after its
 // empty_cache() when the stream is not capturing, and from allocate() when it would fail for lack of
 // device memory and its caller says synchronizing is safe (the pluggable malloc: its stream is not
-// capturing, and no other work may run while a global capture does). The price: what PyTorch frees
+// capturing, and no other work may run while a global capture does; asked only then, so a malloc that
+// fits makes no driver call for it). The price: what PyTorch frees
 // between those points stays held until the next one; in particular PyTorch's own out-of-memory retry
 // for an allocation outside our pools frees our cached segments into the quarantine without settling.
 //
@@ -196,9 +197,11 @@ class Allocator {
 
   const char* backend_name() const { return backend_->name(); }
 
-  // `may_synchronize`: the caller is at a point where waiting for the device is safe (no CUDA graph
-  // capture can be running), so a quarantine may be settled when the device is otherwise full.
-  uintptr_t allocate(uint64_t size, int device, const std::string& tag, bool may_synchronize = true);
+  // `may_synchronize` says whether the caller is at a point where waiting for the device is safe (no
+  // CUDA graph capture can be running), so that a quarantine may be settled to make room. It is asked
+  // only then, when the device is full and something is quarantined: the answer may cost driver calls.
+  uintptr_t allocate(uint64_t size, int device, const std::string& tag,
+                     const std::function<bool()>& may_synchronize = [] { return true; });
   // Never synchronizes, unmaps or releases (Note [Allocation states], "Wait before reuse").
   void free(uintptr_t address);
   // Waits for the devices with quarantined ranges, makes those ranges free and releases the physical

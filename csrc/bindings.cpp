@@ -125,7 +125,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("backend", &vse::Allocator::backend_name)
       .def("malloc",
            [](vse::Allocator& a, int64_t size, int device, const std::string& tag, bool may_synchronize) {
-             return a.allocate(positive_size(size), device, tag, may_synchronize);
+             return a.allocate(positive_size(size), device, tag, [may_synchronize] { return may_synchronize; });
            },
            "size"_a, "device"_a = 0, "tag"_a = "default", "may_synchronize"_a = true, Release())
       .def("free", &vse::Allocator::free, "ptr"_a, Release())

@@ -13,7 +13,7 @@
 // in the process while a global capture runs (Note [Allocation states], "Wait before reuse").
 VSE_EXPORT void* my_malloc(ssize_t size, int device, CUstream stream) {
   return reinterpret_cast<void*>(vse::process_allocate_or_null(size, device, vse::thread_tag().value_or("default"),
-                                                               !vse::stream_is_capturing(stream)));
+                                                               [stream] { return !vse::stream_is_capturing(stream); }));
 }
 VSE_EXPORT void my_free(void* ptr, ssize_t, int, CUstream) {
   vse::process_free_or_warn(reinterpret_cast<uintptr_t>(ptr));

@@ -2,6 +2,7 @@
 // the one CUDA allocator of the process, and the pool tag each thread is allocating for.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -24,8 +25,9 @@ AllocatorOptions default_options();
 // warn(), as does a failed free.
 // `may_synchronize`: see Allocator::allocate.
 uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag,
-                           bool may_synchronize = true) noexcept;
-uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag, bool may_synchronize) noexcept;
+                           const std::function<bool()>& may_synchronize = [] { return true; }) noexcept;
+uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag,
+                                   const std::function<bool()>& may_synchronize) noexcept;
 void process_free_or_warn(uintptr_t address) noexcept;
 
 }  // namespace vse

@@ -772,9 +772,14 @@ void test_allocate_that_may_not_synchronize_never_does() {
     for (uintptr_t p : rows) a.free(p);
     CHECK(a.quarantined_bytes() == 8 * MiB);
     f.backend->reset_counts();
-    CHECK_THROWS(a.allocate(4 * MiB, 0, "kv_cache", false), vse::DeviceOutOfMemory);
+    int asked = 0;
+    CHECK_THROWS(a.allocate(4 * MiB, 0, "kv_cache", [&] { return ++asked, false; }), vse::DeviceOutOfMemory);
+    CHECK(asked == 1);
     CHECK(f.backend->syncs == 0 && a.quarantined_bytes() == 8 * MiB);
-    const uintptr_t p = a.allocate(4 * MiB, 0, "kv_cache", true);
+    const uintptr_t p = a.allocate(4 * MiB, 0, "kv_cache", [&] { return ++asked, true; });
+    CHECK(asked == 2);
+    a.allocate(2 * MiB, 0, "kv_cache", [&] { return ++asked, false; });  // room: not asked
+    CHECK(asked == 2);
     CHECK(f.backend->syncs == 1 && a.quarantined_bytes() == 0);
     fill(p, 4 * MiB, 9);
     CHECK(matches(p, 4 * MiB, 9));
