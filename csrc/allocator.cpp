@@ -12,6 +12,7 @@
 namespace vse {
 namespace {
 
+
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 bool contains(const std::vector<std::string>& tags, const std::string& tag) {
@@ -36,36 +37,6 @@ void timed(double& total, F&& step) {
   total += seconds_since(start);
 }
 
-std::set<int> devices_of(const std::vector<Allocation*>& rows) {
-  std::set<int> devices;
-  for (const Allocation* a : rows) devices.insert(a->device);
-  return devices;
-}
-
-// What one driver call maps or releases: a row's own memory, or a slab with the rows of it at hand.
-struct Unit {
-  DeviceMemory* memory;
-  std::vector<size_t> members;  // indices into the caller's list of rows
-};
-
-// Groups rows (in table order) by their backing memory, in the order each first appears.
-template <typename RowOf>
-std::vector<Unit> units_of(size_t count, RowOf row_of) {
-  std::vector<Unit> units;
-  std::map<const Slab*, size_t> slab_unit;
-  for (size_t i = 0; i < count; ++i) {
-    const Allocation& a = row_of(i);
-    if (a.slab) {
-      auto [it, fresh] = slab_unit.try_emplace(a.slab, units.size());
-      if (fresh) units.push_back({&a.slab->memory, {}});
-      units[it->second].members.push_back(i);
-    } else {
-      units.push_back({a.memory.get(), {i}});
-    }
-  }
-  return units;
-}
-
 }  // namespace
 
 const char* state_name(State state) {
@@ -73,233 +44,274 @@ const char* state_name(State state) {
     case State::Mapped: return "mapped";
     case State::BackedUp: return "backed_up";
     case State::Discarded: return "discarded";
-    case State::Unused: return "unused";
   }
   return "?";
 }
 
-Slab::Slab(DeviceBackend& backend, int device, std::string tag, uint64_t bytes)
-    : memory(backend, device, bytes), tag(std::move(tag)), free({0, bytes}) {}
+// The rows of one segment that an operation moves: indices into the operation's own list of rows.
+struct Allocator::SegmentRows {
+  Segment* segment;
+  std::vector<size_t> members;
+  std::vector<uint64_t> offsets;  // of each member in the segment
+};
 
-std::optional<uint64_t> Slab::take(uint64_t bytes) {
-  for (const ByteRange& r : free.ranges()) {
-    if (r.size() < bytes) continue;
-    const uint64_t offset = r.begin;
-    free.subtract({offset, offset + bytes});
-    return offset;
+// Groups rows (in table order) by segment, in the order each segment first appears.
+template <typename RowOf>
+std::vector<Allocator::SegmentRows> Allocator::by_segment(size_t count, RowOf row_of) {
+  std::vector<SegmentRows> groups;
+  std::map<const Segment*, size_t> index;
+  for (size_t i = 0; i < count; ++i) {
+    Segment* s = row_of(i).segment;
+    auto [it, fresh] = index.try_emplace(s, groups.size());
+    if (fresh) groups.push_back({s, {}, {}});
+    groups[it->second].members.push_back(i);
+    groups[it->second].offsets.push_back(row_of(i).offset);
   }
-  return std::nullopt;
+  return groups;
 }
 
-void Slab::give_back(uint64_t offset, uint64_t bytes) { free.add({offset, offset + bytes}); }
+void Allocator::synchronize_devices(const std::vector<SegmentRows>& segments) {
+  std::set<int> devices;
+  for (const SegmentRows& g : segments) devices.insert(g.segment->device());
+  for (int device : devices) backend_->synchronize(device);
+}
 
 Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)), host_(*backend_) {}
 
-// Each row's DeviceMemory gives its memory back (instances on the host backend come and go in tests).
-// The process-wide CUDA instance is never destroyed: the driver may be gone by then. Background host
-// work ends first (host_ goes first): its jobs hold arenas.
+// Each Segment gives its memory back (instances on the host backend come and go in tests). The
+// process-wide CUDA instance is never destroyed: the driver may be gone by then. Background host work
+// ends first (host_ goes first): its jobs hold arenas.
 Allocator::~Allocator() = default;
 
-std::optional<std::pair<Slab*, uint64_t>> Allocator::place_in_slab(uint64_t span, int device, const std::string& tag) {
-  if (options_.slab_bytes == 0) return std::nullopt;
-  const uint64_t slab_bytes = round_up(options_.slab_bytes, backend_->granularity(device));
-  if (span > slab_bytes / 2) return std::nullopt;
-  for (auto& [base, slab] : slabs_) {
-    if (slab->memory.device() != device || slab->tag != tag || !slab->memory.mapped()) continue;
-    if (auto offset = slab->take(span)) return std::make_pair(slab.get(), *offset);
-  }
-  auto slab = std::make_unique<Slab>(*backend_, device, tag, slab_bytes);
-  try {
-    slab->memory.map();
-  } catch (const DeviceOutOfMemory&) {
-    return std::nullopt;  // no room for a whole slab: the row gets just its own size
-  }
-  Slab* s = slab.get();
-  slabs_.emplace(s->memory.address(), std::move(slab));
-  return std::make_pair(s, *s->take(span));
+Segment& Allocator::new_segment(int device, const std::string& tag, uint64_t size, bool shared) {
+  auto segment = std::make_unique<Segment>(*backend_, device, tag, size, shared);
+  segment->map({0, size});
+  Segment& s = *segment;
+  segments_.emplace(s.address(), std::move(segment));
+  return s;
 }
 
-uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag) {
+// A mapped free range of an awake slab of (device, tag), or a new slab, or (slabs off, row too big,
+// device too full for a new slab) a segment of its own; throws DeviceOutOfMemory when none can be had.
+std::pair<Segment*, uint64_t> Allocator::place(uint64_t span, int device, const std::string& tag) {
+  const uint64_t slab_bytes = round_up(options_.slab_bytes, backend_->granularity(device));
+  if (slab_bytes != 0 && span <= slab_bytes / 2) {
+    for (auto& [base, s] : segments_) {
+      if (!s->shared() || s->device() != device || s->tag() != tag) continue;
+      if (auto offset = s->take(span)) return {s.get(), *offset};
+    }
+    try {
+      Segment& s = new_segment(device, tag, slab_bytes, true);
+      return {&s, *s.take(span)};
+    } catch (const DeviceOutOfMemory&) {
+      // no room for a whole slab: the row gets just its own size
+    }
+  }
+  Segment& s = new_segment(device, tag, span, false);
+  return {&s, *s.take(span)};
+}
+
+uintptr_t Allocator::allocate(uint64_t size, int device, const std::string& tag,
+                             const std::function<bool()>& may_synchronize) {
   if (size == 0) throw InvalidArgument("allocation size must be positive, got 0");
   if (tag.empty()) throw InvalidArgument("allocation tag must not be empty");
   std::lock_guard<std::mutex> lock(mutex_);
   const uint64_t span = round_up(size, backend_->granularity(device));
-  std::unique_ptr<DeviceMemory> memory;
-  uintptr_t address = 0;
-  auto place = place_in_slab(span, device, tag);
-  if (place) {
-    address = place->first->memory.address() + place->second;
-    place->first->rows += 1;
-  } else {
-    memory = std::make_unique<DeviceMemory>(*backend_, device, span);
+  std::pair<Segment*, uint64_t> at;
+  try {
     try {
-      memory->map();
-    } catch (const DeviceOutOfMemory& e) {
-      throw DeviceOutOfMemory("cannot allocate " + format_bytes(memory->size()) + " for tag '" + tag +
-                              "' on device " + std::to_string(device) + ": " + e.what());
+      at = place(span, device, tag);
+    } catch (const DeviceOutOfMemory&) {
+      if (quarantined_bytes_locked() == 0 || !may_synchronize()) throw;
+      settle_locked();  // what was freed may be all the room there is
+      at = place(span, device, tag);
     }
-    address = memory->address();
+  } catch (const DeviceOutOfMemory& e) {
+    throw DeviceOutOfMemory("cannot allocate " + format_bytes(span) + " for tag '" + tag + "' on device " +
+                            std::to_string(device) + ": " + e.what());
   }
+  const uintptr_t address = at.first->address() + at.second;
   Allocation& a = table_[address];
   a.address = address;
   a.size = size;
   a.span = span;
-  a.device = device;
-  a.tag = tag;
+  a.segment = at.first;
+  a.offset = at.second;
   a.state = State::Mapped;
-  a.memory = std::move(memory);
-  a.slab = place ? place->first : nullptr;
   return address;
-}
-
-// The row leaves Mapped only once the unmap succeeded; a failed release then leaves the handle with the
-// row's DeviceMemory, which a later operation gives back (Note [Allocation states]).
-void Allocator::unmap_and_release(Allocation& a, State asleep) {
-  a.memory->unmap();
-  a.state = asleep;
-  a.memory->release();
-}
-
-bool Allocator::other_rows_mapped(const Slab& slab, const Allocation& except) const {
-  const uintptr_t base = slab.memory.address();
-  for (auto it = table_.lower_bound(base); it != table_.end() && it->first < base + slab.memory.size(); ++it)
-    if (&it->second != &except && it->second.state == State::Mapped) return true;
-  return false;
-}
-
-void Allocator::synchronize_devices(const std::vector<Allocation*>& rows) {
-  for (int device : devices_of(rows)) backend_->synchronize(device);
 }
 
 void Allocator::free(uintptr_t address) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = table_.find(address);
   if (it == table_.end()) throw InvalidArgument("free of " + hex(address) + ", which this allocator did not allocate");
-  Allocation& a = it->second;
-  if (Slab* slab = a.slab) {
-    // The slab's memory goes when its last Mapped row goes (and stays for the others).
-    if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
-      backend_->synchronize(a.device);  // kernels still using the memory must finish before it is unmapped
-      slab->memory.unmap();
-      a.state = State::Discarded;
-    }
-    if (!slab->memory.mapped()) slab->memory.release();  // also a handle left by an earlier failed release
-    slab->give_back(a.address - slab->memory.address(), a.span);
-    slab->rows -= 1;
-    table_.erase(it);
-    if (slab->rows == 0) slabs_.erase(slab->memory.address());  // frees the slab's address range
-  } else {
-    if (a.state == State::Mapped) {
-      backend_->synchronize(a.device);
-      unmap_and_release(a, State::Discarded);
-    }
-    a.memory->release();  // a handle left by an earlier failed release
-    table_.erase(it);     // frees the address range
+  Segment& s = *it->second.segment;
+  s.free_row(it->second.offset, it->second.state == State::Mapped);
+  table_.erase(it);
+  if (s.idle()) segments_.erase(s.address());  // nothing is mapped in it: only the address range goes
+  host_.recycle(options_);  // host cache: a backup may have gone with the row
+}
+
+void Allocator::settle() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  settle_locked();
+}
+
+void Allocator::settle_locked() {
+  std::set<int> devices;
+  for (const auto& [base, s] : segments_)
+    if (s->quarantined_bytes() != 0) devices.insert(s->device());
+  for (int device : devices) backend_->synchronize(device);
+  for (auto it = segments_.begin(); it != segments_.end();) {
+    Segment& s = *it->second;
+    s.end_quarantine();
+    s.release_unused();
+    it = s.idle() ? segments_.erase(it) : std::next(it);
   }
-  host_.recycle(options_);
+}
+
+uint64_t Allocator::quarantined_bytes_locked() const {
+  uint64_t total = 0;
+  for (const auto& [base, s] : segments_) total += s->quarantined_bytes();
+  return total;
+}
+
+uint64_t Allocator::quarantined_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return quarantined_bytes_locked();
+}
+
+MemoryInfo Allocator::device_memory(int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return backend_->memory_info(device);
+}
+
+// Each run goes only once its unmap succeeded, and its rows are moved in between, so a failed release
+// leaves them asleep and the handle with the segment (Note [Allocation states]).
+void Allocator::release_runs(const SegmentRows& rows, OpStats& stats, const std::function<void(size_t)>& asleep) {
+  Segment& segment = *rows.segment;
+  for (const ByteRange& run : segment.mapped_runs()) {
+    timed(stats.unmap_seconds, [&] { segment.unmap(run.begin); });
+    for (size_t j = 0; j < rows.members.size(); ++j)
+      if (rows.offsets[j] >= run.begin && rows.offsets[j] < run.end) asleep(rows.members[j]);
+    stats.bytes_device += run.size();
+    stats.mappings += 1;
+    timed(stats.release_seconds, [&] { segment.release(run.begin); });
+  }
+}
+
+// What a sleep will do: the Mapped rows, the bytes of each that go to the host, by segment.
+struct Allocator::SleepPlan {
+  struct Step {
+    Allocation* row;
+    HostBackup backup;
+  };
+  std::vector<Step> steps;
+  std::vector<SegmentRows> segments;
+  std::vector<uint64_t> host_end;  // per segment: past its last byte copied; 0: it keeps nothing
+  uint64_t backup_bytes = 0;
+};
+
+Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offload_tags,
+                                           const std::vector<ByteRange>& preserve,
+                                           const std::vector<ByteRange>& exclude) {
+  RangeSet kept_elsewhere;  // absolute: preserved bytes of allocations whose tag is not offloaded
+  for (const ByteRange& r : preserve) kept_elsewhere.add(r);
+  for (const ByteRange& r : exclude) kept_elsewhere.subtract(r);
+  SleepPlan plan;
+  for (auto& [address, a] : table_) {
+    if (a.state != State::Mapped) continue;
+    SleepPlan::Step step{&a, {}};
+    step.backup.whole = contains(offload_tags, a.tag());
+    step.backup.ranges = step.backup.whole ? RangeSet({0, a.size})
+                                           : kept_elsewhere.clipped_relative({a.address, a.address + a.size});
+    step.backup.offset = plan.backup_bytes;
+    plan.backup_bytes += step.backup.ranges.bytes();
+    plan.steps.push_back(std::move(step));
+  }
+  plan.segments = by_segment(plan.steps.size(), [&](size_t i) -> const Allocation& { return *plan.steps[i].row; });
+  for (const SegmentRows& g : plan.segments) {
+    uint64_t end = 0;
+    for (size_t i : g.members) {
+      const SleepPlan::Step& s = plan.steps[i];
+      if (!s.backup.ranges.empty()) end = std::max(end, s.backup.offset + s.backup.ranges.bytes());
+    }
+    plan.host_end.push_back(end);
+  }
+  return plan;
+}
+
+// Everything of a sleep that can fail comes before the first release: host memory, the wait for
+// pending work, the copies. A throw from here leaves every allocation mapped and untouched.
+std::unique_ptr<CopyPipeline> Allocator::copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena,
+                                                      OpStats& stats) {
+  arena = host_.acquire(plan.backup_bytes, plan.steps.front().row->device(), options_);  // host cache
+  std::unique_ptr<CopyPipeline> copies;
+  try {
+    timed(stats.sync_seconds, [&] { synchronize_devices(plan.segments); });
+    if (arena) {
+      copies = std::make_unique<CopyPipeline>(*backend_, arena->data());
+      for (SleepPlan::Step& s : plan.steps) {
+        uint64_t host_offset = s.backup.offset;
+        for (const ByteRange& r : s.backup.ranges.ranges()) {
+          copies->add(s.row->device(), s.row->address + r.begin, host_offset, r.size());
+          host_offset += r.size();
+        }
+        s.backup.arena = arena;
+      }
+      stats.staging = arena->prepare(plan.backup_bytes, options_.staging,
+                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
+    }
+  } catch (...) {
+    copies.reset();  // copies in flight must not land in an arena being freed
+    for (SleepPlan::Step& s : plan.steps) s.backup.arena.reset();
+    if (arena) host_.forget_failed(arena);  // host cache: may be half pinned
+    throw;
+  }
+  return copies;
+}
+
+// Releases each segment once the copies of all of its rows are done, while later copies still run;
+// those with nothing to keep go first. A failure here (a copy the device reports failed, a driver
+// error) leaves those released so far asleep with complete backups and the rest mapped: nothing is
+// lost, and the same sleep can be retried.
+void Allocator::release_slept(SleepPlan& plan, CopyPipeline* copies, OpStats& stats) {
+  auto asleep = [&](size_t i) {
+    SleepPlan::Step& s = plan.steps[i];
+    if (s.backup.ranges.empty()) {
+      s.row->state = State::Discarded;
+    } else {
+      s.row->state = State::BackedUp;
+      s.row->backup = std::move(s.backup);
+    }
+  };
+  for (size_t k = 0; k < plan.segments.size(); ++k)
+    if (plan.host_end[k] == 0) release_runs(plan.segments[k], stats, asleep);
+  for (size_t k = 0; k < plan.segments.size(); ++k) {
+    if (plan.host_end[k] == 0) continue;
+    timed(stats.copy_wait_seconds,
+          [&] { copies->wait_copied(plan.segments[k].segment->device(), plan.host_end[k]); });
+    release_runs(plan.segments[k], stats, asleep);
+  }
 }
 
 OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                          const std::vector<ByteRange>& exclude) {
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
-  host_.settle();
+  host_.settle();  // host cache
+  settle_locked();  // also gives back handles whose release failed before (a second failure is raised here)
 
-  // Handles whose release failed before go back first (a second failure is raised here, unchanged).
-  for (auto& [address, a] : table_)
-    if (a.state != State::Mapped && a.memory) a.memory->release();
-  for (auto& [base, slab] : slabs_)
-    if (!slab->memory.mapped()) slab->memory.release();
-
-  RangeSet kept_elsewhere;  // absolute: preserved bytes of allocations whose tag is not offloaded
-  for (const ByteRange& r : preserve) kept_elsewhere.add(r);
-  for (const ByteRange& r : exclude) kept_elsewhere.subtract(r);
-
-  struct Step {
-    Allocation* row;
-    HostBackup backup;
-  };
-  std::vector<Step> steps;
-  std::vector<Allocation*> rows;
-  uint64_t backup_bytes = 0;
-  for (auto& [address, a] : table_) {
-    if (a.state != State::Mapped) continue;
-    Step step{&a, {}};
-    step.backup.whole = contains(offload_tags, a.tag);
-    step.backup.ranges = step.backup.whole ? RangeSet({0, a.size})
-                                           : kept_elsewhere.clipped_relative({a.address, a.address + a.size});
-    step.backup.offset = backup_bytes;
-    backup_bytes += step.backup.ranges.bytes();
-    steps.push_back(std::move(step));
-    rows.push_back(&a);
-  }
+  SleepPlan plan = plan_sleep(offload_tags, preserve, exclude);
   OpStats stats;
-  stats.allocations = steps.size();
-  if (steps.empty()) return stats;  // nothing mapped: last_sleep_ keeps the last real sleep
+  stats.allocations = plan.steps.size();
+  if (plan.steps.empty()) return stats;  // nothing mapped: last_sleep_ keeps the last real sleep
 
-  // Everything that can fail comes before the first release: host memory, the wait for pending
-  // work, the copies. A throw from here leaves every allocation mapped and untouched.
-  std::shared_ptr<HostArena> arena = host_.acquire(backup_bytes, steps.front().row->device, options_);
-  std::optional<CopyPipeline> copies;  // after `arena`: its destructor waits for copies into it
-  try {
-    timed(stats.sync_seconds, [&] { synchronize_devices(rows); });
-    if (arena) {
-      copies.emplace(*backend_, arena->data());
-      for (Step& s : steps) {
-        uint64_t host_offset = s.backup.offset;
-        for (const ByteRange& r : s.backup.ranges.ranges()) {
-          copies->add(s.row->device, s.row->address + r.begin, host_offset, r.size());
-          host_offset += r.size();
-        }
-        s.backup.arena = arena;
-      }
-      stats.staging = arena->prepare(backup_bytes, options_.staging,
-                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
-    }
-  } catch (...) {
-    copies.reset();  // copies in flight must not land in an arena being freed
-    for (Step& s : steps) s.backup.arena.reset();
-    if (arena) host_.forget_failed(arena);  // may be half pinned
-    throw;
-  }
-
-  // Release each allocation (a slab: once all of its rows) once the copies of its bytes are done,
-  // while later copies still run; those with nothing to keep go first. A failure here (a copy the
-  // device reports failed, a driver error) leaves those released so far asleep with complete backups
-  // and the rest mapped: nothing is lost, and the same sleep can be retried.
-  uint64_t released_bytes = 0;
-  auto release = [&](const Unit& u) {
-    timed(stats.unmap_seconds, [&] { u.memory->unmap(); });
-    for (size_t i : u.members) {
-      Step& s = steps[i];
-      Allocation& a = *s.row;
-      if (s.backup.ranges.empty()) {
-        a.state = State::Discarded;
-      } else {
-        a.state = State::BackedUp;
-        a.backup = std::move(s.backup);
-      }
-    }
-    released_bytes += u.memory->size();
-    stats.mappings += 1;
-    timed(stats.release_seconds, [&] { u.memory->release(); });
-  };
-  const std::vector<Unit> units = units_of(steps.size(), [&](size_t i) -> const Allocation& { return *steps[i].row; });
-  std::vector<uint64_t> host_end(units.size(), 0);  // past its last byte copied; 0: it keeps nothing
-  for (size_t k = 0; k < units.size(); ++k)
-    for (size_t i : units[k].members)
-      if (!steps[i].backup.ranges.empty())
-        host_end[k] = std::max(host_end[k], steps[i].backup.offset + steps[i].backup.ranges.bytes());
-  for (size_t k = 0; k < units.size(); ++k)
-    if (host_end[k] == 0) release(units[k]);
-  for (size_t k = 0; k < units.size(); ++k) {
-    if (host_end[k] == 0) continue;
-    timed(stats.copy_wait_seconds, [&] { copies->wait_copied(units[k].memory->device(), host_end[k]); });
-    release(units[k]);
-  }
+  std::shared_ptr<HostArena> arena;
+  std::unique_ptr<CopyPipeline> copies = copy_backups(plan, arena, stats);  // after `arena`: waits for copies into it
+  release_slept(plan, copies.get(), stats);
   copies.reset();
-  stats.bytes_device = released_bytes;
-  stats.bytes_copied = backup_bytes;
+  stats.bytes_copied = plan.backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
   return stats;
@@ -308,23 +320,30 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
 OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
+  settle_locked();
 
   std::vector<Allocation*> rows;
   for (auto& [address, a] : table_) {
     bool asleep = a.state == State::BackedUp || a.state == State::Discarded;
-    if (!asleep || (tags && !contains(*tags, a.tag))) continue;
+    if (!asleep || (tags && !contains(*tags, a.tag()))) continue;
     rows.push_back(&a);
   }
   OpStats stats;
   stats.allocations = rows.size();
   if (rows.empty()) return stats;  // nothing asleep: last_wake_ keeps the last real wake
 
-  // The rows of a slab are mapped with it, in one go (Note [Allocation states]).
-  const std::vector<Unit> units = units_of(rows.size(), [&](size_t i) -> const Allocation& { return *rows[i]; });
+  // Per segment, only the runs its rows cover: adjacent rows are one run (Note [Allocation states]).
+  const std::vector<SegmentRows> segments =
+      by_segment(rows.size(), [&](size_t i) -> const Allocation& { return *rows[i]; });
+  std::vector<RangeSet> cover(segments.size());
   std::map<int, uint64_t> needed;  // device -> bytes
   std::map<int, std::set<std::string>> tags_on;
-  for (const Unit& u : units) needed[u.memory->device()] += u.memory->size();
-  for (const Allocation* a : rows) tags_on[a->device].insert(a->tag);
+  for (size_t k = 0; k < segments.size(); ++k) {
+    const Segment& s = *segments[k].segment;
+    for (size_t i : segments[k].members) cover[k].add({rows[i]->offset, rows[i]->offset + rows[i]->span});
+    needed[s.device()] += cover[k].bytes();
+    tags_on[s.device()].insert(s.tag());
+  }
 
   auto no_room = [&](int device, const std::string& why) {
     std::string names;
@@ -338,30 +357,36 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
   for (const auto& [device, bytes] : needed)
     if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
 
-  // Map each allocation (or slab) and start its copies at once, so mapping the next overlaps them;
-  // undo all of it if any step fails. (Driver calls on several threads were measured slower.)
+  // Map each segment's runs and start the copies of its rows at once, so mapping the next overlaps
+  // them; undo all of it if any step fails. (Driver calls on several threads were measured slower.)
   std::set<int> copying;
+  std::vector<std::pair<Segment*, uint64_t>> mapped;  // runs mapped here
   auto undo = [&] {
     drain_copies(*backend_, copying);  // nothing may still write into memory that is unmapped here
-    for (const Unit& u : units)
-      warn_on_failure("undoing a failed wake", [&] { u.memory->release(); });
+    for (const auto& run : mapped)
+      warn_on_failure("undoing a failed wake", [&] { run.first->release(run.second); });
   };
   try {
     std::vector<CopySpan> spans;
-    for (const Unit& u : units) {
-      try {
-        timed(stats.map_seconds, [&] { u.memory->map(); });
-      } catch (const DeviceOutOfMemory& e) {
-        throw no_room(u.memory->device(), e.what());
+    for (size_t k = 0; k < segments.size(); ++k) {
+      Segment& s = *segments[k].segment;
+      for (const ByteRange& run : cover[k].ranges()) {
+        try {
+          timed(stats.map_seconds, [&] { s.map(run); });
+        } catch (const DeviceOutOfMemory& e) {
+          throw no_room(s.device(), e.what());
+        }
+        mapped.emplace_back(&s, run.begin);
+        stats.bytes_device += run.size();
       }
-      for (size_t i : u.members) {
+      for (size_t i : segments[k].members) {
         Allocation& a = *rows[i];
         if (options_.fill_unrestored) {
           RangeSet unrestored({0, a.span});
           if (a.backup) unrestored.subtract(a.backup->ranges);
           for (const ByteRange& r : unrestored.ranges())
-            backend_->fill(a.device, a.address + r.begin, r.size(), 0xFF);
-          copying.insert(a.device);
+            backend_->fill(a.device(), a.address + r.begin, r.size(), 0xFF);
+          copying.insert(a.device());
         }
         if (!a.backup) continue;
         spans.clear();
@@ -371,8 +396,8 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
           host += r.size();
           stats.bytes_copied += r.size();
         }
-        copying.insert(a.device);
-        backend_->enqueue_copies(a.device, CopyDirection::ToDevice, spans);
+        copying.insert(a.device());
+        backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
       }
     }
     timed(stats.copy_wait_seconds, [&] {
@@ -387,9 +412,8 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     a->state = State::Mapped;
     a->backup.reset();
   }
-  for (const Unit& u : units) stats.bytes_device += u.memory->size();
-  stats.mappings = units.size();
-  host_.recycle(options_);
+  stats.mappings = mapped.size();
+  host_.recycle(options_);  // host cache
   stats.seconds = seconds_since(start);
   last_wake_ = stats;
   return stats;
@@ -397,49 +421,24 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
 
 void Allocator::discard(const std::vector<std::string>& tags) {
   std::lock_guard<std::mutex> lock(mutex_);
+  settle_locked();
   std::vector<Allocation*> mapped;
   for (auto& [address, a] : table_)
-    if (a.state == State::Mapped && contains(tags, a.tag)) mapped.push_back(&a);
-  synchronize_devices(mapped);
-  // A slab's Mapped rows all have its tag, so they go together, with its memory.
-  for (const Unit& u : units_of(mapped.size(), [&](size_t i) -> const Allocation& { return *mapped[i]; })) {
-    u.memory->unmap();
-    for (size_t i : u.members) mapped[i]->state = State::Discarded;
-    u.memory->release();
-  }
+    if (a.state == State::Mapped && contains(tags, a.tag())) mapped.push_back(&a);
+  const std::vector<SegmentRows> segments =
+      by_segment(mapped.size(), [&](size_t i) -> const Allocation& { return *mapped[i]; });
+  synchronize_devices(segments);
+  // A segment's rows all have its tag, so they go together, with its memory.
+  OpStats ignored;
+  for (const SegmentRows& g : segments)
+    release_runs(g, ignored, [&](size_t i) { mapped[i]->state = State::Discarded; });
   for (auto& [address, a] : table_) {
-    if (a.state == State::BackedUp && contains(tags, a.tag)) {
+    if (a.state == State::BackedUp && contains(tags, a.tag())) {
       a.backup.reset();
       a.state = State::Discarded;
     }
   }
-  host_.recycle(options_);
-}
-
-void Allocator::trim(uintptr_t address) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = table_.find(address);
-  if (it == table_.end()) throw InvalidArgument("trim of " + hex(address) + ", which this allocator did not allocate");
-  Allocation& a = it->second;
-  if (Slab* slab = a.slab) {
-    // The row keeps its range (its address stays its own until freed); the slab's memory goes when
-    // its last Mapped row goes.
-    if (a.state == State::Mapped && !other_rows_mapped(*slab, a)) {
-      backend_->synchronize(a.device);
-      slab->memory.unmap();
-      a.state = State::Unused;
-    }
-    if (!slab->memory.mapped()) slab->memory.release();  // also a handle left by an earlier failed release
-  } else {
-    if (a.state == State::Mapped) {
-      backend_->synchronize(a.device);
-      unmap_and_release(a, State::Unused);
-    }
-    a.memory->release();  // a handle left by an earlier failed release
-  }
-  a.backup.reset();
-  a.state = State::Unused;
-  host_.recycle(options_);
+  host_.recycle(options_);  // host cache
 }
 
 uint64_t Allocator::host_bytes() const {
@@ -477,7 +476,7 @@ std::vector<AllocationInfo> Allocator::allocations() const {
   out.reserve(table_.size());
   for (const auto& [address, a] : table_) {
     uint64_t backup = a.backup ? a.backup->ranges.bytes() : 0;
-    out.push_back({a.address, a.size, a.device, a.tag, a.state, backup, a.backup && !a.backup->whole ? backup : 0});
+    out.push_back({a.address, a.size, a.device(), a.tag(), a.state, backup, a.backup && !a.backup->whole ? backup : 0});
   }
   return out;
 }
@@ -485,7 +484,6 @@ std::vector<AllocationInfo> Allocator::allocations() const {
 std::map<std::string, TagStats> Allocator::tag_stats() const {
   std::map<std::string, TagStats> out;
   for (const AllocationInfo& a : allocations()) {
-    if (a.state == State::Unused) continue;
     TagStats& s = out[a.tag];
     s.allocations += 1;
     (a.state == State::Mapped ? s.mapped_bytes : s.asleep_bytes) += a.size;

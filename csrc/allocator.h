@@ -2,28 +2,41 @@
 //
 // Note [Allocation states]
 // Every piece of memory the pools hand out is one row of Allocator::table_, keyed by its address, in
-// one of four states:
+// one of three states:
 //   Mapped    - physical memory is mapped at the address; kernels see plain device memory.
 //   BackedUp  - asleep: the physical memory was released and some bytes wait in a host backup: the
 //               whole allocation when its tag was offloaded, else only its preserved ranges.
 //   Discarded - asleep: the physical memory was released and nothing was kept.
-//   Unused    - PyTorch keeps the segment cached in a pool that is never allocated from again, with
-//               nothing in it: its physical memory is released for good and it is never woken.
 // sleep() moves Mapped rows to BackedUp or Discarded; discard() moves Mapped and BackedUp rows to
-// Discarded; wake() moves BackedUp and Discarded rows to Mapped; trim() moves any row to Unused;
-// free() removes a row in any state. (Unused rows keep their address reserved until PyTorch frees
-// them, so a late free can never hit a newer allocation at a reused address.)
+// Discarded; wake() moves BackedUp and Discarded rows to Mapped; free() removes a row in any state.
 // Rows move only under mutex_. The address range stays reserved in every state, so tensor pointers
 // and captured CUDA graphs stay valid across a sleep.
 //
-// Device memory has one owner. Each row holds a DeviceMemory (device_memory.h; a row in a slab uses
-// its slab's, see Slabs below): the reserved range
-// and the physical handle, with map()/unmap()/release() that change what it holds only after the
-// driver call succeeded. No other code calls reserve/create/map/unmap/release. A row leaves Mapped
-// only once its unmap succeeded, and is Mapped only once its map succeeded; a release that fails
-// after that leaves the handle with its DeviceMemory, which the next sleep, wake (it maps that handle
-// again), trim or free gives back. So a half-done driver call can make an operation fail, never make
-// a row lie about its memory or lose a handle.
+// Device memory has one owner: a Segment (segment.h), as PyTorch's ExpandableSegment. A segment is
+// one reserved range of one (device, tag) and the physical handles mapped in it, as runs; rows are
+// ranges of it and never own memory. An allocation with its own memory is a segment of one row; small
+// ones share slabs (below). A row holds its segment and offset, so free, sleep, wake and discard each
+// take one path over segments. Only Segment calls reserve/create/map/unmap/release, and it changes
+// what it holds only after the driver call succeeded: a row leaves Mapped only once the unmap of its
+// run succeeded, and is Mapped only once its map succeeded; a release that fails after that leaves the
+// handle with the segment, unmapped, which the next settle() gives back. So a half-done driver call can
+// make an operation fail, never make a row lie about its memory or lose a handle.
+//
+// Wait before reuse: memory that was mapped may be handed out again, or unmapped, only after the work
+// that could touch it is done. PyTorch calls free from empty_cache() without synchronizing (its own
+// path relies on cudaFree doing it), possibly while another thread captures a CUDA graph, where a
+// synchronize or an unmap would break the capture. So free() of a Mapped row makes no driver call: its
+// range goes into its segment's quarantine (still taken, never handed out; quarantined_bytes() counts
+// it, physical memory still held) and the row leaves the table. A free of a sleeping row needs no wait:
+// its range is free at once. settle() synchronizes the devices that have quarantined ranges, makes
+// those ranges free, and releases every run no row lies in any more (unreserving a segment left with
+// nothing). It runs at the start of sleep, wake and discard, from the Python layer after its
+// empty_cache() when the stream is not capturing, and from allocate() when it would fail for lack of
+// device memory and its caller says synchronizing is safe (the pluggable malloc: its stream is not
+// capturing, and no other work may run while a global capture does; asked only then, so a malloc that
+// fits makes no driver call for it). The price: what PyTorch frees
+// between those points stays held until the next one; in particular PyTorch's own out-of-memory retry
+// for an allocation outside our pools frees our cached segments into the quarantine without settling.
 //
 // Copy ordering (copy_pipeline.h): a sleep releases an allocation only after the fence that follows
 // the last copy of its bytes, not merely some earlier fence. The host backend copies synchronously
@@ -35,27 +48,26 @@
 // everything that can fail (host memory, physical memory, copies), then takes the irreversible steps
 // (releasing physical memory, dropping backups), and undoes its own work when a step before those
 // fails: a failed wake, or a sleep that fails before releasing, leaves the table as it was. Sleep
-// releases each allocation as soon as its copies are done, so a failure found only then (a copy the
-// device reports failed, a driver error) leaves the allocations released so far asleep with complete
-// backups and the rest mapped. Either way the same call can be retried.
+// (plan, copy, release) releases each segment as soon as the copies of all of its rows are done, so a
+// failure found only then (a copy the device reports failed, a driver error) leaves the segments
+// released so far asleep with complete backups and the rest mapped. Either way the same call can be
+// retried.
 //
 // Slabs (option slab_bytes; 0 = off). For small allocations the driver's cost is per physical handle
 // mapped (for large ones it is per byte: cuMemRelease takes ~0.7 ms per GiB), so rows of at most
-// slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: a reserved range of
-// slab_bytes for one (device, tag), owned by a Slab in slabs_ through one DeviceMemory with ONE
-// handle mapped over the whole range while the slab is awake. Such a row holds
-// no DeviceMemory of its own; it points at its slab and takes a granularity-aligned range of it
-// (first fit). Rows keep their own state; a slab is awake (mapped) exactly while one of its rows is
-// Mapped. All rows of a slab share a tag, so sleep, discard and wake move them together, and the
-// slab is the unit they unmap, release and map: sleep releases it only after the copies of every one
-// of its rows are done (a failing sleep leaves each slab wholly asleep or wholly mapped), wake maps
-// it before any of its rows' backups are copied back, and a failed wake releases it again. free()
-// gives the row's range back; trim() keeps it taken (an Unused row keeps its address, as above).
-// Both leave the physical memory to the slab, which releases it once no row is Mapped, and is
-// unreserved once it has no rows. New rows go only into awake slabs; when a new slab cannot be had
-// (device full), the row gets its own memory, as rows over the threshold do. The price, while awake:
-// the free part of the slabs is physical memory too (one partly filled slab per (device, tag) as rows
-// come, plus the holes freed rows leave).
+// slab_bytes/2 (PyTorch's 2 MiB and 20 MiB segments at 64 MiB) share slabs: segments of slab_bytes for
+// one (device, tag), mapped by ONE handle over the whole range when made. A row takes a
+// granularity-aligned free range that lies in a mapped run (first fit). All rows of a segment share a
+// tag, so sleep, discard and wake move them together: sleep releases every run of a segment after the
+// copies of all its rows are done (a failing sleep leaves each segment wholly asleep or wholly mapped,
+// except that a driver call failing between two runs of a sparsely woken segment leaves the rows of
+// the runs released so far asleep, each row still true to its memory); wake maps, per segment, only the runs its rows cover (adjacent rows are one run, so a dense
+// slab is still one handle, and a lone row left in a slab costs its own size, not the slab's) before
+// their backups are copied back, and a failed wake releases them again. New rows go only into mapped
+// runs, so after a sparse wake they go to another awake segment or a new one; when a new slab cannot
+// be had (device full), the row gets its own memory, as rows over the threshold do. The price, while
+// awake: the free part of the mapped runs is physical memory too (one partly filled slab per (device,
+// tag) as rows come, plus the holes freed rows leave until their run empties).
 //
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
@@ -65,6 +77,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -74,14 +87,16 @@
 #include <vector>
 
 #include "backend.h"
-#include "device_memory.h"
 #include "host_arena.h"
 #include "host_cache.h"
 #include "range_set.h"
+#include "segment.h"
 
 namespace vse {
 
-enum class State { Mapped, BackedUp, Discarded, Unused };
+class CopyPipeline;
+
+enum class State { Mapped, BackedUp, Discarded };
 const char* state_name(State state);
 
 // Bytes of one allocation kept on the host while it sleeps, laid out in range order from `offset`.
@@ -92,30 +107,17 @@ struct HostBackup {
   bool whole = false;  // the tag was offloaded (else: preserved ranges only)
 };
 
-// Physical memory shared by the small rows of one (device, tag): see "Slabs" in the note above.
-struct Slab {
-  Slab(DeviceBackend& backend, int device, std::string tag, uint64_t bytes);
-
-  // A slab-relative range of `bytes` (a multiple of the granularity), first fit; none when full.
-  std::optional<uint64_t> take(uint64_t bytes);
-  void give_back(uint64_t offset, uint64_t bytes);
-
-  DeviceMemory memory;  // the whole range, one handle; mapped while awake
-  const std::string tag;
-  RangeSet free;        // slab-relative
-  uint64_t rows = 0;    // rows of the table in this slab, in any state
-};
-
 struct Allocation {
   uintptr_t address = 0;
   uint64_t size = 0;  // as asked by the caller
   uint64_t span = 0;  // size rounded up to the granularity: the address range the row owns
-  int device = 0;
-  std::string tag;
+  Segment* segment = nullptr;  // owned by Allocator::segments_; the row is [offset, offset + span) of it
+  uint64_t offset = 0;
   State state = State::Mapped;
-  std::unique_ptr<DeviceMemory> memory;  // its own memory, mapped while Mapped; null in a slab
-  Slab* slab = nullptr;                  // owned by Allocator::slabs_, when the row lives in a slab
   std::optional<HostBackup> backup;
+
+  int device() const { return segment->device(); }
+  const std::string& tag() const { return segment->tag(); }
 };
 
 struct AllocationInfo {
@@ -178,8 +180,18 @@ class Allocator {
 
   const char* backend_name() const { return backend_->name(); }
 
-  uintptr_t allocate(uint64_t size, int device, const std::string& tag);
+  // `may_synchronize` says whether the caller is at a point where waiting for the device is safe (no
+  // CUDA graph capture can be running), so that a quarantine may be settled to make room. It is asked
+  // only then, when the device is full and something is quarantined: the answer may cost driver calls.
+  uintptr_t allocate(uint64_t size, int device, const std::string& tag,
+                     const std::function<bool()>& may_synchronize = [] { return true; });
+  // Never synchronizes, unmaps or releases (Note [Allocation states], "Wait before reuse").
   void free(uintptr_t address);
+  // Waits for the devices with quarantined ranges, makes those ranges free and releases the physical
+  // memory no row uses any more. Call it only where no CUDA graph capture can be running.
+  void settle();
+  uint64_t quarantined_bytes() const;  // freed while mapped, not settled yet: physical memory still held
+  MemoryInfo device_memory(int device);  // as the backend reports it (tests compare it with a model)
 
   // Mapped allocations whose tag is in `offload_tags` are backed up whole; of the others, the bytes in
   // `preserve` minus `exclude` (absolute ranges) are backed up; all are then released.
@@ -188,8 +200,6 @@ class Allocator {
   // Maps sleeping allocations of `tags` (all when empty optional) again and restores their backups.
   OpStats wake(const std::optional<std::vector<std::string>>& tags);
   void discard(const std::vector<std::string>& tags);
-  // The allocation at `address` holds nothing and never will again: release it for good.
-  void trim(uintptr_t address);
 
   std::vector<AllocationInfo> allocations() const;
   std::map<std::string, TagStats> tag_stats() const;
@@ -220,16 +230,25 @@ class Allocator {
 
  private:
   void set_options_locked(const AllocatorOptions& options);
-  void unmap_and_release(Allocation& a, State asleep);
-  // An awake slab of (device, tag) with `span` bytes taken for a new row, or none when the row gets
-  // its own memory (slabs off, row too big, device too full for a new slab).
-  std::optional<std::pair<Slab*, uint64_t>> place_in_slab(uint64_t span, int device, const std::string& tag);
-  bool other_rows_mapped(const Slab& slab, const Allocation& except) const;
-  void synchronize_devices(const std::vector<Allocation*>& rows);
+  struct SleepPlan;
+  struct SegmentRows;  // the rows of one segment that an operation moves
+  template <typename RowOf>
+  static std::vector<SegmentRows> by_segment(size_t count, RowOf row_of);
+  void synchronize_devices(const std::vector<SegmentRows>& segments);
+  void settle_locked();
+  std::pair<Segment*, uint64_t> place(uint64_t span, int device, const std::string& tag);
+  Segment& new_segment(int device, const std::string& tag, uint64_t size, bool shared);
+  SleepPlan plan_sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
+                       const std::vector<ByteRange>& exclude);
+  std::unique_ptr<CopyPipeline> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
+  void release_slept(SleepPlan& plan, CopyPipeline* copies, OpStats& stats);
+  // Unmaps each mapped run of a segment, calls `asleep(member)` for its rows in it, then releases it.
+  void release_runs(const SegmentRows& rows, OpStats& stats, const std::function<void(size_t)>& asleep);
+  uint64_t quarantined_bytes_locked() const;
 
   std::unique_ptr<DeviceBackend> backend_;
   mutable std::mutex mutex_;
-  std::map<uintptr_t, std::unique_ptr<Slab>> slabs_;  // by base address; outlives the rows in table_
+  std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // by base address; outlives the rows in table_
   std::map<uintptr_t, Allocation> table_;
   AllocatorOptions options_;
   std::optional<OpStats> last_sleep_;

@@ -124,11 +124,15 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0)
       .def_property_readonly("backend", &vse::Allocator::backend_name)
       .def("malloc",
-           [](vse::Allocator& a, int64_t size, int device, const std::string& tag) {
-             return a.allocate(positive_size(size), device, tag);
+           [](vse::Allocator& a, int64_t size, int device, const std::string& tag, bool may_synchronize) {
+             return a.allocate(positive_size(size), device, tag, [may_synchronize] { return may_synchronize; });
            },
-           "size"_a, "device"_a = 0, "tag"_a = "default", Release())
+           "size"_a, "device"_a = 0, "tag"_a = "default", "may_synchronize"_a = true, Release())
       .def("free", &vse::Allocator::free, "ptr"_a, Release())
+      .def("settle", &vse::Allocator::settle, Release())
+      .def("quarantined_bytes", &vse::Allocator::quarantined_bytes, Release())
+      .def("_device_free_bytes", [](vse::Allocator& a, int device) { return a.device_memory(device).free; },
+           "device"_a = 0, Release())
       .def("sleep",
            [](vse::Allocator& a, const std::vector<std::string>& offload_tags,
               const std::vector<std::pair<uintptr_t, uint64_t>>& preserve,
@@ -142,7 +146,6 @@ PYBIND11_MODULE(_core, m) {
            "exclude"_a = std::vector<std::pair<uintptr_t, uint64_t>>{})
       .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), Release())
       .def("discard", &vse::Allocator::discard, "tags"_a, Release())
-      .def("trim", &vse::Allocator::trim, "ptr"_a, Release())
       .def("allocations", &vse::Allocator::allocations, Release())
       .def("tag_stats", &vse::Allocator::tag_stats, Release())
       .def_property_readonly("last_sleep", py::cpp_function(&vse::Allocator::last_sleep, Release()))

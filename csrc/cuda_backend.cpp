@@ -142,6 +142,24 @@ CudaBackend::RelaxedCaptureScope::~RelaxedCaptureScope() {
   driver_.cuThreadExchangeStreamCaptureMode(&mode);
 }
 
+bool CudaBackend::stream_is_capturing(const CudaDriver& driver, CUstream stream) noexcept {
+  try {
+    RelaxedCaptureScope relaxed(driver);
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    return driver.cuStreamIsCapturing(stream, &status) != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_NONE;
+  } catch (...) {
+    return true;
+  }
+}
+
+bool stream_is_capturing(CUstream stream) noexcept {
+  try {
+    return CudaBackend::stream_is_capturing(cuda_driver(), stream);
+  } catch (...) {
+    return true;
+  }
+}
+
 void CudaBackend::pin(int device_index, void* host, uint64_t bytes) {
   ContextScope scope(*this, device_index);
   RelaxedCaptureScope relaxed(driver_);

@@ -45,6 +45,11 @@ class CudaBackend final : public DeviceBackend {
   void wait_mark(int device, uint64_t mark) override;
   void release_mark(int device, uint64_t mark) noexcept override;
 
+  // Whether `stream` is capturing a CUDA graph: asked in relaxed capture mode, so that asking never
+  // breaks another thread's capture. Any error (no driver, an implicit capture of the legacy stream)
+  // reads as capturing: the answer decides whether synchronizing is safe.
+  static bool stream_is_capturing(const CudaDriver& driver, CUstream stream) noexcept;
+
  private:
   struct Device {
     CUdevice handle = 0;
@@ -88,5 +93,8 @@ class CudaBackend final : public DeviceBackend {
   std::mutex mutex_;  // guards lazy set-up of devices_
   std::vector<std::unique_ptr<Device>> devices_;
 };
+
+// stream_is_capturing over the process's libcuda.
+bool stream_is_capturing(CUstream stream) noexcept;
 
 }  // namespace vse

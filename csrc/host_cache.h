@@ -63,7 +63,7 @@ class HostCache {
   std::shared_ptr<HostArena> acquire(uint64_t bytes, int device, const AllocatorOptions& options);
   // A sleep failed before releasing anything, with `arena` perhaps half prepared: it goes.
   void forget_failed(const std::shared_ptr<HostArena>& arena);
-  // After a wake, free, discard, trim or a change of options: idle arenas beyond what the policy keeps
+  // After a wake, free, discard or a change of options: idle arenas beyond what the policy keeps
   // go, and under "reclaimable" the rest are unpinned in the background.
   void recycle(const AllocatorOptions& options);
 

@@ -46,10 +46,11 @@ std::optional<std::string> set_thread_tag(std::optional<std::string> tag) {
 
 std::optional<std::string> thread_tag() { return current_tag; }
 
-uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag) noexcept {
+uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag,
+                           const std::function<bool()>& may_synchronize) noexcept {
   try {
     if (size <= 0) throw InvalidArgument("allocation size must be positive, got " + std::to_string(size));
-    return allocator.allocate(static_cast<uint64_t>(size), device, tag);
+    return allocator.allocate(static_cast<uint64_t>(size), device, tag, may_synchronize);
   } catch (const DeviceOutOfMemory&) {
     return 0;
   } catch (const std::exception& e) {
@@ -59,10 +60,11 @@ uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const
   }
 }
 
-uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag) noexcept {
+uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag,
+                                   const std::function<bool()>& may_synchronize) noexcept {
   Allocator* allocator = nullptr;
   warn_on_failure("setting up the CUDA allocator", [&] { allocator = &process_cuda_allocator(); });
-  return allocator ? allocate_or_null(*allocator, size, device, tag) : 0;
+  return allocator ? allocate_or_null(*allocator, size, device, tag, may_synchronize) : 0;
 }
 
 void process_free_or_warn(uintptr_t address) noexcept {

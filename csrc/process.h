@@ -2,6 +2,7 @@
 // the one CUDA allocator of the process, and the pool tag each thread is allocating for.
 #pragma once
 
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -22,8 +23,11 @@ AllocatorOptions default_options();
 // returns 0 (PyTorch raises its own error then). Running out of device memory is said nowhere: PyTorch
 // frees its cache and retries, and raises OutOfMemoryError if that fails too; any other failure goes to
 // warn(), as does a failed free.
-uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag) noexcept;
-uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag) noexcept;
+// `may_synchronize`: see Allocator::allocate.
+uintptr_t allocate_or_null(Allocator& allocator, int64_t size, int device, const std::string& tag,
+                           const std::function<bool()>& may_synchronize = [] { return true; }) noexcept;
+uintptr_t process_allocate_or_null(int64_t size, int device, const std::string& tag,
+                                   const std::function<bool()>& may_synchronize) noexcept;
 void process_free_or_warn(uintptr_t address) noexcept;
 
 }  // namespace vse

@@ -74,7 +74,7 @@ def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYT
         patterns = (patterns,)
     device = _device(device)
     torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()  # cached but unused segments become free memory that we overwrite too
+    empty_cache()  # cached but unused segments become free memory that we overwrite too
     # Deterministic mode would fill every chunk with NaN first; we fill it ourselves.
     deterministic = torch.utils.deterministic
     fill_uninitialized = deterministic.fill_uninitialized_memory
@@ -86,7 +86,7 @@ def scribble_free_gpu_memory(patterns: int | Iterable[int] = (NAN_BYTE, HUGE_BYT
     finally:
         deterministic.fill_uninitialized_memory = fill_uninitialized
         chunks.clear()
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def param_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -166,12 +166,21 @@ def anything_asleep(alloc) -> bool:
     return any(data.is_asleep for data in alloc.pointer_to_data.values())
 
 
+def empty_cache() -> None:
+    """torch.cuda.empty_cache(), and what it freed of our pools goes back to the driver too: PyTorch's
+    frees only quarantine pool memory until the core settles (CuMemAllocator.trim() does both)."""
+    torch.cuda.empty_cache()
+    from vllm_sleep_ext import _core
+
+    _core.cuda_allocator().settle()
+
+
 def release_cuda_memory() -> None:
     """Collect garbage and return cached CUDA memory to the driver."""
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 # Memory held by "someone else" (the trainer), outside the pools, to make a wake run out of room.
@@ -180,11 +189,11 @@ def hog_device_memory(leave_free_bytes: int, device: int | torch.device | None =
     """Allocates (outside any pool) and fills chunks until less than `leave_free_bytes` + 16 MiB is free.
 
     Chunks go from 1 GiB down to 16 MiB (above 10 MiB the caching allocator maps exactly the size
-    asked). Returns the chunks; drop them and call torch.cuda.empty_cache() to give the memory back.
+    asked). Returns the chunks; drop them and call empty_cache() to give the memory back.
     """
     device = _device(device)
     torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
+    empty_cache()
     return _fill_free_memory(device, leave_free_bytes, 16 * MiB, itertools.repeat(pattern))
 
 

@@ -221,6 +221,19 @@ def test_tensor_freed_while_asleep_releases_its_allocation(alloc: CuMemAllocator
     assert alloc.get_current_usage() == 0
 
 
+
+def test_tensor_freed_while_awake_is_held_until_the_next_sleep_or_wake(alloc: CuMemAllocator) -> None:
+    for settle in (alloc.wake_up, alloc.sleep):
+        with alloc.use_memory_pool(tag="weights"):
+            t = alloc.empty((MiB,), torch.uint8)
+        del t
+        gc.collect()
+        assert alloc.stats().quarantined_bytes == 2 * MiB, "kernels may still use it: held, not handed out"
+        settle()
+        assert alloc.stats().quarantined_bytes == 0, f"{settle.__name__} settles what was freed"
+    alloc.wake_up()
+
+
 @pytest.mark.parametrize(
     "bad, error",
     [(("weight",), ValueError), ([1], TypeError), (42, TypeError), ((None,), TypeError)],

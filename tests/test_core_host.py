@@ -169,6 +169,21 @@ def test_malloc_without_room_raises_and_names_the_tag():
     assert len(a.allocations()) == 1
 
 
+
+def test_memory_freed_while_mapped_is_held_until_settled_and_malloc_settles_only_when_allowed():
+    a = make(capacity=4 * MiB)
+    a.free(a.malloc(4 * MiB, tag="weights"))
+    assert a.quarantined_bytes() == 4 * MiB  # the device may still be using it
+    assert a._device_free_bytes() == 0
+    with pytest.raises(core.DeviceOutOfMemoryError, match="'kv_cache'"):
+        a.malloc(MiB, tag="kv_cache", may_synchronize=False)  # e.g. while its stream captures a graph
+    assert a.quarantined_bytes() == 4 * MiB
+    a.malloc(MiB, tag="kv_cache")  # may synchronize: settles, then fits
+    assert a.quarantined_bytes() == 0
+    a.settle()
+    assert a._device_free_bytes() == 2 * MiB
+
+
 # ---- faults: no host memory for backups -----------------------------------------------------------
 
 def test_sleep_over_the_host_memory_limit_raises_and_releases_nothing():

@@ -203,6 +203,70 @@ def test_cuda_graph_captured_inside_a_pool_lands_in_the_graph_pool(alloc: CuMemA
     del graph
 
 
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 8),
+                    reason="torch < 2.8 refuses empty_cache() while a capture is underway")
+def test_retired_pool_freed_during_another_threads_graph_capture_keeps_the_capture(alloc: CuMemAllocator) -> None:
+    """Issue 16, item 8. PyTorch may free a retired pool's segments while another thread captures a CUDA
+    graph in global mode (empty_cache(), or its out-of-memory retry): our free must make no driver call
+    (a synchronize or an unmap there invalidates the capture). The memory stays quarantined until a
+    settle, after the capture."""
+    tag = "retired_during_capture_test"
+    with alloc.use_memory_pool(tag=tag):
+        doomed = [torch.full((64 * MiB,), 3, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    doomed_bytes = sum(t.nbytes for t in doomed)
+    x = torch.randn(256, 256, device="cuda") / 16
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up the kernels outside the capture
+        torch.tanh(x @ x)
+    torch.cuda.current_stream().wait_stream(stream)
+    expected = x
+    for _ in range(20):
+        expected = torch.tanh(expected @ x)
+    torch.cuda.synchronize()
+
+    capturing, freed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def free_the_retired_pool() -> None:
+        try:
+            assert capturing.wait(60), "the capture did not start"
+            doomed.clear()  # the pool's blocks go back to PyTorch's cache of that (freeable) pool
+            torch.cuda.empty_cache()  # which hands its segments to our free while the capture runs
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            freed.set()
+
+    quarantined_before = alloc.stats().quarantined_bytes
+    freer = threading.Thread(target=free_the_retired_pool, daemon=True)
+    freer.start()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # global capture mode, as vLLM captures
+        y = x
+        for i in range(20):
+            y = torch.tanh(y @ x)
+            if i == 10:
+                capturing.set()
+                assert freed.wait(60), "the freeing thread did not finish"
+    freer.join(60)
+    assert not errors, f"freeing during the capture failed: {errors[0]!r}"
+    assert tag_bytes(alloc, tag) == 0, "the retired pool's segments were not freed during the capture"
+    assert alloc.stats().quarantined_bytes - quarantined_before >= doomed_bytes, "released during the capture"
+
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(y, expected, atol=1e-4), "the graph captured while the pool was freed computes wrong"
+
+    free_before = torch.cuda.mem_get_info()[0]
+    alloc.trim()  # after the capture: the quarantine goes back to the driver
+    assert alloc.stats().quarantined_bytes == 0
+    assert torch.cuda.mem_get_info()[0] - free_before >= doomed_bytes
+    del graph
+
+
 SETTINGS_PROBE = textwrap.dedent("""
     import json, torch
     from vllm_sleep_ext import CuMemAllocator

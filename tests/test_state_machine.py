@@ -5,12 +5,17 @@ complete later on another thread (as on a GPU), so every sequence also exercises
 The model is a dict of allocations (tag, state, size, the bytes last written, and the byte ranges whose
 contents are still known: all of them after a write, the offloaded whole or the preserved ranges after a
 sleep, none after a discard). Rules: alloc, free, write, sleep (offload subset, preserve and exclude
-ranges), wake (subset or all), discard, trim, keep_host_backups on/off, release_host_cache, and injected
+ranges), wake (subset or all), discard, settle, keep_host_backups on/off, release_host_cache, and injected
 faults: a "hog" allocation that leaves too little device memory for a wake (DeviceOutOfMemoryError, and
 nothing may change), and a host-memory limit below what a sleep needs (HostOutOfMemoryError, nothing
 released). The capacity is small, so mallocs and wakes also run out of room by themselves, and the model
 predicts exactly when. After every step: states, sizes, tags, backup and preserved bytes, tag_stats, the
-last sleep/wake numbers, host memory, and every byte the model knows of every mapped allocation.
+last sleep/wake numbers, host memory, the quarantine (bytes freed while mapped, held until a settle),
+the device memory in use, and every byte the model knows of every mapped allocation.
+
+It runs twice: with slabs off (every allocation its own memory: the model predicts device memory exactly)
+and with slabs of 4 MiB on a card of three (small allocations share slabs, wake maps only what rows
+cover; the model bounds device memory from both sides where the slabs' free parts make it inexact).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class Model:
 
     @property
     def asleep(self) -> bool:
-        return self.state in ("backed_up", "discarded")  # "unused" (trimmed) rows never wake
+        return self.state in ("backed_up", "discarded")
 
 
 sizes = st.one_of(st.integers(1, 8 * KiB), st.integers(1, MAX_SIZE), st.sampled_from([GRANULARITY, MAX_SIZE]))
@@ -88,12 +93,16 @@ range_specs = st.lists(
 
 
 class CoreMachine(RuleBasedStateMachine):
+    SLAB_BYTES = 0  # every allocation its own memory: device memory in use is exactly what the model says
+
     def __init__(self):
         super().__init__()
         self.core = core.Allocator("host-async", capacity_bytes=CAPACITY)
         self.core.staging_threads = 2
         self.core.staging_piece_bytes = 2 * MiB  # backups of a few MiB take several pieces
+        self.core.slab_bytes = self.SLAB_BYTES
         self.model: dict[int, Model] = {}
+        self.quarantined = 0  # spans freed while mapped since the last settle: still held
         self.rng = random.Random(0)
         self.expect_sleep = None  # (allocations, bytes_copied, bytes_device) of the last sleep
         self.expect_wake = None
@@ -109,6 +118,9 @@ class CoreMachine(RuleBasedStateMachine):
 
     def used(self) -> int:
         return sum(m.mapped_size for m in self.model.values() if m.mapped)
+
+    def device_used(self) -> int:
+        return CAPACITY - self.core._device_free_bytes()
 
     def pick(self, index: int, only=None) -> Model | None:
         # Insertion order, not address order: addresses differ between runs, and a choice that
@@ -148,15 +160,25 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(size=sizes, tag=st.sampled_from(TAGS))
     def alloc(self, size, tag):
+        # Room once the quarantine is settled, which malloc does when it would fail otherwise.
         fits = self.used() + round_up(size) <= CAPACITY
+        fits_now = round_up(size) <= self.core._device_free_bytes()  # its own memory fits at least
         try:
             ptr = self.core.malloc(size, tag=tag)
         except core.DeviceOutOfMemoryError as e:
-            assert not fits, f"malloc of {size} failed with {CAPACITY - self.used()} free: {e}"
+            assert not fits_now, f"malloc of {size} failed with {self.core._device_free_bytes()} free: {e}"
+            if not self.SLAB_BYTES:
+                assert not fits, f"malloc of {size} failed with {CAPACITY - self.used()} free once settled: {e}"
             assert f"'{tag}'" in str(e)
+            assert self.core.quarantined_bytes() == 0, "malloc failed without settling the quarantine"
+            self.quarantined = 0
             event("malloc: device full")
             return
         assert fits, "malloc succeeded beyond the capacity"
+        if self.core.quarantined_bytes() != self.quarantined:
+            assert self.core.quarantined_bytes() == 0 and not fits_now, "malloc settled with room to spare"
+            self.quarantined = 0
+            event("malloc: settled the quarantine")
         assert ptr not in self.model
         data = bytearray(self.rng.randbytes(size))
         write(ptr, data)
@@ -167,7 +189,17 @@ class CoreMachine(RuleBasedStateMachine):
     def free(self, index):
         m = self.pick(index)
         self.core.free(m.ptr)
+        if m.mapped:
+            self.quarantined += m.mapped_size  # the device may still use it: held until settled
+        event(f"free: {m.state}")
         del self.model[m.ptr]
+
+    @rule()
+    def settle(self):
+        self.core.settle()
+        self.quarantined = 0
+        if not self.SLAB_BYTES:
+            assert self.device_used() == self.used()
 
     @precondition(lambda self: any(m.mapped for m in self.model.values()))
     @rule(index=st.integers(0, 1 << 16), fraction=st.floats(0, 1), length=st.integers(1, 64 * KiB))
@@ -185,11 +217,12 @@ class CoreMachine(RuleBasedStateMachine):
         preserve_abs = self.absolute_ranges(preserve)
         exclude_abs = self.absolute_ranges(exclude)
         stats = self.core.sleep(offload, preserve_abs, exclude_abs)
+        self.quarantined = 0  # a sleep settles first
         kept = subtract(union((b, b + n) for b, n in preserve_abs), union((b, b + n) for b, n in exclude_abs))
         count = copied = released = 0
         for m in self.model.values():
             if not m.mapped:
-                continue  # sleeping (and trimmed) allocations are left as they are
+                continue  # sleeping allocations are left as they are
             count += 1
             released += m.mapped_size
             m.whole = m.tag in offload
@@ -197,10 +230,13 @@ class CoreMachine(RuleBasedStateMachine):
             copied += total(m.backup)
             m.state = "backed_up" if m.backup else "discarded"
             m.known = intersect(m.known, m.backup)
-        if count:  # a sleep with nothing mapped leaves last_sleep as it was
-            self.expect_sleep = (count, copied, released)
         event(f"sleep: {'nothing to do' if not count else 'backed up bytes' if copied else 'discarded all'}")
-        assert (stats.allocations, stats.bytes_copied, stats.bytes_device) == (count, copied, released)
+        assert self.device_used() == 0, "a sleep left device memory mapped"
+        if count:
+            assert (stats.allocations, stats.bytes_copied) == (count, copied)
+            # A slab goes whole, its free part too.
+            assert stats.bytes_device == released if not self.SLAB_BYTES else stats.bytes_device >= released
+            self.expect_sleep = (count, copied, stats.bytes_device)
 
     @rule(offload=st.lists(st.sampled_from(TAGS), unique=True, min_size=1), preserve=range_specs)
     def sleep_offloading(self, offload, preserve):
@@ -218,15 +254,20 @@ class CoreMachine(RuleBasedStateMachine):
         try:
             stats = self.core.wake(tags)
         except core.DeviceOutOfMemoryError as e:
-            assert not fits, f"wake needing {needed} failed with {CAPACITY - self.used()} free: {e}"
+            self.quarantined = 0  # a wake settles first
+            assert needed > self.core._device_free_bytes(), f"wake needing {needed} failed: {e}"
+            if not self.SLAB_BYTES:
+                assert not fits, f"wake needing {needed} failed with {CAPACITY - self.used()} free: {e}"
             assert self.snapshot() == before
             assert all(f"'{m.tag}'" in str(e) for m in targets)
             event("wake: device full")
             return
+        self.quarantined = 0
         assert fits, "wake succeeded beyond the capacity"
         self._woke(targets, stats)
 
     def _woke(self, targets, stats):
+        # Only what the rows cover is mapped, in slabs too.
         copied = 0
         for m in targets:
             copied += total(m.backup)
@@ -239,16 +280,10 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(tags=tag_sets)
     def discard(self, tags):
         self.core.discard(tags)
+        self.quarantined = 0  # a discard settles first
         for m in self.model.values():
-            if m.tag in tags and m.state != "unused":
+            if m.tag in tags:
                 m.state, m.backup, m.whole, m.known = "discarded", [], False, []
-
-    @precondition(lambda self: self.model)
-    @rule(index=st.integers(0, 1 << 16))
-    def trim(self, index):
-        m = self.pick(index)
-        self.core.trim(m.ptr)  # released for good, in any state
-        m.state, m.backup, m.whole, m.known = "unused", [], False, []
 
     @rule(keep=st.booleans())
     def keep_host_backups(self, keep):
@@ -270,12 +305,17 @@ class CoreMachine(RuleBasedStateMachine):
     def fault_no_room_to_wake(self, tags):
         targets = self._wake_targets(tags)
         needed = sum(m.mapped_size for m in targets)
-        free = CAPACITY - self.used()
+        self.settle()  # so that the device's free memory is what a wake finds
+        free = self.core._device_free_bytes()
         if not targets or needed > free:
             event("fault_no_room_to_wake: not injected")
             return  # nothing to wake, or it fails without help (the wake rule covers that)
         event("fault_no_room_to_wake: injected")
-        hog = self.core.malloc(free - needed + GRANULARITY, tag="hog")  # leaves one page too few
+        self.core.slab_bytes = 0  # the hog takes exactly its size
+        try:
+            hog = self.core.malloc(free - needed + GRANULARITY, tag="hog")  # leaves one page too few
+        finally:
+            self.core.slab_bytes = self.SLAB_BYTES
         try:
             before = self.snapshot()
             host_before = self.core.host_bytes()
@@ -290,8 +330,9 @@ class CoreMachine(RuleBasedStateMachine):
             for m in targets:
                 assert f"'{m.tag}'" in message
         finally:
-            self.core.free(hog)
+            self.core.free(hog)  # quarantined: the wake settles it first
         stats = self.core.wake(tags)  # the same wake, once memory is free
+        self.quarantined = 0
         self._woke(targets, stats)
 
     @precondition(lambda self: any(m.mapped for m in self.model.values()))
@@ -311,7 +352,7 @@ class CoreMachine(RuleBasedStateMachine):
             try:
                 self.core.sleep(offload, preserve_abs, [])
             except core.HostOutOfMemoryError:
-                pass
+                self.quarantined = 0  # the sleep settled before it found no host memory
             else:
                 raise AssertionError(f"sleep needing {needed} host bytes succeeded under a limit of {limit}")
             assert self.snapshot() == before, "a failed sleep changed the table"
@@ -340,8 +381,6 @@ class CoreMachine(RuleBasedStateMachine):
     def tag_stats_match_model(self):
         expected: dict[str, list[int]] = {}
         for m in self.model.values():
-            if m.state == "unused":
-                continue  # not counted
             s = expected.setdefault(m.tag, [0, 0, 0, 0, 0])
             s[0] += 1
             s[1 if m.mapped else 2] += m.size
@@ -358,6 +397,15 @@ class CoreMachine(RuleBasedStateMachine):
                 assert got is None
             else:
                 assert (got.allocations, got.bytes_copied, got.bytes_device) == want
+
+    @invariant()
+    def quarantine_and_device_memory_match_model(self):
+        assert self.core.quarantined_bytes() == self.quarantined
+        in_use = self.used() + self.quarantined  # mapped rows and what was freed while mapped, at least
+        if self.SLAB_BYTES:
+            assert in_use <= self.device_used() <= CAPACITY
+        else:
+            assert self.device_used() == in_use
 
     @invariant()
     def host_memory_covers_backups(self):
@@ -383,3 +431,11 @@ CoreMachine.TestCase.settings = settings(
     database=None,
 )
 TestCoreStateMachine = CoreMachine.TestCase
+
+
+class SlabMachine(CoreMachine):
+    SLAB_BYTES = 4 * MiB  # a card of three slabs; rows up to 2 MiB share them, larger ones have their own
+
+
+SlabMachine.TestCase.settings = CoreMachine.TestCase.settings
+TestSlabStateMachine = SlabMachine.TestCase

@@ -104,6 +104,7 @@ class AllocatorStats:
     last_sleep: Optional[OpStats]
     last_wake: Optional[OpStats]
     host_bytes: int  # host memory held for backups, the kept cache included
+    quarantined_bytes: int = 0  # device memory freed while mapped, held until the device is known done with it
 
 
 def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
@@ -257,12 +258,17 @@ class CuMemAllocator:
         """
         if self.backend == "cuda":
             torch.cuda.empty_cache()
+        # PyTorch's frees only quarantine (kernels may still use the memory); settling waits for the
+        # device and releases it, so not while this thread's stream captures a CUDA graph.
+        self._core.settle()
 
     def _trim_quietly(self) -> None:
         if self.backend == "cuda" and torch.cuda.is_current_stream_capturing():
-            return  # freeing synchronizes the device, which would break the capture: next time
+            return  # settling synchronizes the device, which would break the capture: next time
         try:
             self.trim()
+        except _core.SleepExtError as e:  # a driver call failed; the next sleep or wake retries it and raises
+            logger.warning("vllm_sleep_ext: freed pool memory not given back yet: %s", e)
         except RuntimeError as e:  # torch < 2.8 while another pool or capture is open: next time
             logger.debug("vllm_sleep_ext: pool segments not trimmed now (%s)", e)
 
@@ -553,12 +559,11 @@ class CuMemAllocator:
         return {
             a.ptr: AllocationData(ptr=a.ptr, size=a.size, device=a.device, tag=a.tag, state=a.state)
             for a in self._core.allocations()
-            if a.state != "unused"
         }
 
     def get_current_usage(self) -> int:
         """Bytes of every allocation in the pools, awake or asleep."""
-        return sum(a.size for a in self._core.allocations() if a.state != "unused")
+        return sum(a.size for a in self._core.allocations())
 
     def stats(self) -> AllocatorStats:
         def op(s: Optional[_core.OpStats]) -> Optional[OpStats]:
@@ -569,6 +574,7 @@ class CuMemAllocator:
             last_sleep=op(self._core.last_sleep),
             last_wake=op(self._core.last_wake),
             host_bytes=self._core.host_bytes(),
+            quarantined_bytes=self._core.quarantined_bytes(),
         )
 
     # -- host backend ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@
 #include "async_host_backend.h"
 #include "copy_pipeline.h"
 #include "cuda_backend.h"
-#include "device_memory.h"
+#include "segment.h"
 #include "errors.h"
 #include "host_arena.h"
 #include "host_backend.h"
@@ -636,48 +636,6 @@ void test_free_returns_capacity_in_every_state() {
   a->free(all);
 }
 
-// trim(): PyTorch keeps a segment cached that it will never allocate from again.
-void test_trim() {
-  const uint64_t cap = 4 * MiB;
-  auto a = host_allocator(cap);
-  uintptr_t p = a->allocate(2 * MiB, 0, "weights");
-  uintptr_t q = a->allocate(MiB, 0, "weights");
-  fill(q, MiB, 2);
-  a->trim(p);
-  CHECK(state_of(*a, p) == State::Unused);
-  CHECK(std::string(vse::state_name(State::Unused)) == "unused");
-  auto st = a->tag_stats();
-  CHECK(st["weights"].allocations == 1 && st["weights"].mapped_bytes == MiB);  // not counted
-  uintptr_t extra = a->allocate(2 * MiB, 0, "x");  // its memory is free again
-  a->free(extra);
-  // Never slept, woken or discarded again.
-  CHECK(a->sleep({"weights"}, {{p, p + 100}}, {}).allocations == 1);
-  CHECK(a->wake(std::nullopt).allocations == 1);
-  CHECK(matches(q, MiB, 2));
-  a->discard({"weights"});
-  CHECK(state_of(*a, p) == State::Unused && state_of(*a, q) == State::Discarded);
-  a->wake(std::nullopt);
-  CHECK(state_of(*a, p) == State::Unused && state_of(*a, q) == State::Mapped);
-  a->trim(p);  // again: nothing
-  // A sleeping allocation's backup goes with it.
-  fill(q, MiB, 3);
-  vse::AllocatorOptions o = a->options();
-  o.keep_host_backups = false;
-  a->set_options(o);
-  a->sleep({"weights"}, {}, {});
-  CHECK(a->host_bytes() >= MiB);
-  a->trim(q);
-  CHECK(state_of(*a, q) == State::Unused);
-  CHECK(a->host_bytes() == 0);
-  CHECK(a->tag_stats().empty());
-  a->free(p);
-  a->free(q);
-  CHECK(a->allocations().empty());
-  CHECK_THROWS(a->trim(p), vse::InvalidArgument);
-  uintptr_t all = a->allocate(cap, 0, "x");
-  a->free(all);
-}
-
 void test_stats_exact() {
   auto a = host_allocator(64 * MiB);
   CHECK(!a->last_sleep() && !a->last_wake());
@@ -1042,8 +1000,8 @@ void test_concurrent_alloc_free_during_sleep_wake() {
             std::shared_lock<std::shared_mutex> access(gate);
             if (!words_match(live[k].p, live[k].n, live[k].seed)) ++bad_data;
           }
-          if (rng() % 4 == 0) a->trim(live[k].p);  // released for good first, in whatever state
           a->free(live[k].p);
+          if (rng() % 4 == 0) a->settle();  // what the frees quarantined goes, while others use theirs
           live.erase(live.begin() + static_cast<long>(k));
         }
         ++worker_iterations;
@@ -1142,8 +1100,9 @@ struct CapturedWarnings {
   vse::WarningSink previous;
 };
 
-// A cuMemRelease that fails once: in sleep, free, trim and discard. The row is asleep (it was unmapped),
-// the handle is kept, and the next call gives it back; no capacity leaks, no later call fails.
+// A cuMemRelease that fails once: in sleep, discard and settle. The row is asleep (it was unmapped),
+// the handle is kept, and the next settle (on its own, or first in sleep, wake and discard) gives it
+// back; no capacity leaks, no later call fails.
 void test_failed_release_keeps_the_handle_and_the_row_honest() {
   const uint64_t cap = 64 * MiB;
   FaultyBackend* b = nullptr;
@@ -1164,7 +1123,7 @@ void test_failed_release_keeps_the_handle_and_the_row_honest() {
   CHECK(matches(w, 3 * MiB, 1));
 
   // A release failing for an offloaded allocation: asleep with its whole backup, handle kept; the wake
-  // maps that handle again.
+  // gives that handle back first, then maps what the row needs.
   b->release_fault.arm(1);
   CHECK_THROWS(a->sleep({"weights"}, {}, {}), vse::Error);
   CHECK(state_of(*a, w) == State::BackedUp);
@@ -1173,19 +1132,22 @@ void test_failed_release_keeps_the_handle_and_the_row_honest() {
   CHECK(matches(w, 3 * MiB, 1));
   CHECK(b->real_free() == cap - 6 * MiB);
 
-  // discard, trim, free.
+  // discard, then settle.
   b->release_fault.arm(0);
   CHECK_THROWS(a->discard({"kv_cache"}), vse::Error);
   CHECK(state_of(*a, k) == State::Discarded);
+  CHECK(b->real_free() == cap - 6 * MiB);
   b->release_fault.arm(0);
-  CHECK_THROWS(a->trim(k), vse::Error);  // the handle left by discard fails to go back again
+  CHECK_THROWS(a->settle(), vse::Error);  // the handle left by discard fails to go back again
   CHECK(state_of(*a, k) == State::Discarded);
-  a->trim(k);
+  a->settle();
   CHECK(b->real_free() == cap - 4 * MiB);
+  a->free(w);  // quarantined: nothing goes back before the settle
+  CHECK(a->quarantined_bytes() == 4 * MiB && b->real_free() == cap - 4 * MiB);
   b->release_fault.arm(0);
-  CHECK_THROWS(a->free(w), vse::Error);
-  CHECK(state_of(*a, w) == State::Discarded);
-  a->free(w);
+  CHECK_THROWS(a->settle(), vse::Error);
+  CHECK(a->quarantined_bytes() == 0 && b->real_free() == cap - 4 * MiB);  // the handle is still held
+  a->settle();
   a->free(k);
   CHECK(a->allocations().empty());
   CHECK(b->real_free() == cap);
@@ -1201,27 +1163,31 @@ void test_failed_release_keeps_the_handle_and_the_row_honest() {
   a->wake(std::nullopt);
   CHECK(matches(x, MiB, 7));
   a->free(x);
+  a->settle();
   CHECK(b->real_free() == cap);
 }
 
 // A map failing after create: the new handle goes back at once; if even that release fails, the
-// warning says so and the handle stays with its owner until the next call.
-void test_device_memory_map_failure_gives_the_new_handle_back() {
+// warning says so and the handle stays with its segment until release_unused() gives it back.
+void test_segment_map_failure_gives_the_new_handle_back() {
   const uint64_t cap = 16 * MiB;
   FaultyBackend b(cap);
   CapturedWarnings warnings;
   {
-    vse::DeviceMemory m(b, 0, 2 * MiB);
+    vse::Segment m(b, 0, "weights", 2 * MiB, false);
     b.map_fault.arm(0);
-    CHECK_THROWS(m.map(), vse::Error);
-    CHECK(!m.mapped() && !m.holds_physical() && b.real_free() == cap);
+    CHECK_THROWS(m.map({0, 2 * MiB}), vse::Error);
+    CHECK(m.mapped_runs().empty() && m.idle() && b.real_free() == cap);
     b.map_fault.arm(0);
     b.release_fault.arm(0);
-    CHECK_THROWS(m.map(), vse::Error);
-    CHECK(!m.mapped() && m.holds_physical());
+    CHECK_THROWS(m.map({0, 2 * MiB}), vse::Error);
+    CHECK(m.mapped_runs().empty() && !m.idle() && b.real_free() == cap - 2 * MiB);
     CHECK(warnings.count() == 1);
-    m.map();  // maps the handle it still holds
-    CHECK(m.mapped() && b.real_free() == cap - 2 * MiB);
+    CHECK_THROWS(m.map({0, 2 * MiB}), vse::Error);  // the held handle is in the way: never lost
+    m.release_unused();
+    CHECK(m.idle() && b.real_free() == cap);
+    m.map({0, 2 * MiB});
+    CHECK(m.mapped_runs().size() == 1 && b.real_free() == cap - 2 * MiB);
   }
   CHECK(b.real_free() == cap);  // the destructor gave it back
 }
@@ -1431,10 +1397,11 @@ void test_failure_while_undoing_a_wake_is_warned() {
   CHECK_THROWS(a->wake(std::nullopt), vse::Error);
   CHECK(warnings.count() >= 1);
   CHECK(state_of(*a, p) == State::BackedUp && state_of(*a, q) == State::BackedUp);
-  a->wake(std::nullopt);  // maps the handle left behind
+  a->wake(std::nullopt);  // gives the handle left behind back first
   CHECK(matches(p, MiB, 1) && matches(q, MiB, 2));
   a->free(p);
   a->free(q);
+  a->settle();
   CHECK(b->real_free() == 64 * MiB);
 }
 
@@ -1450,6 +1417,9 @@ CUresult host_register_result = CUDA_SUCCESS;
 CUstream last_memset_stream = nullptr;
 CUstreamCaptureMode capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;  // this (fake) thread's mode
 std::vector<CUstreamCaptureMode> pinned_in_mode;                     // mode at each pin and unpin
+std::vector<CUstreamCaptureMode> queried_in_mode;                    // mode at each cuStreamIsCapturing
+const CUstream capturing_stream = reinterpret_cast<CUstream>(uintptr_t(0x51));
+const CUstream broken_stream = reinterpret_cast<CUstream>(uintptr_t(0x52));  // the query fails
 unsigned char last_memset_value = 0;
 
 vse::CudaDriver table() {
@@ -1497,6 +1467,12 @@ vse::CudaDriver table() {
   };
   d.cuThreadExchangeStreamCaptureMode = [](CUstreamCaptureMode* mode) {
     std::swap(*mode, capture_mode);
+    return CUDA_SUCCESS;
+  };
+  d.cuStreamIsCapturing = [](CUstream stream, CUstreamCaptureStatus* status) {
+    queried_in_mode.push_back(capture_mode);
+    if (stream == broken_stream) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    *status = stream == capturing_stream ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
   };
   d.cuMemsetD8Async = [](CUdeviceptr, unsigned char value, size_t, CUstream stream) {
@@ -1554,6 +1530,19 @@ void test_cuda_pin_out_of_memory_is_host_out_of_memory() {
   CHECK_THROWS(vse::check_cuda(driver, CUDA_ERROR_OUT_OF_MEMORY, "cuMemCreate"), vse::DeviceOutOfMemory);
 }
 
+// my_malloc asks whether its stream captures before it lets the allocator synchronize: in relaxed
+// mode (asking must not break another thread's capture), and a failed query reads as capturing.
+void test_cuda_stream_capture_query_is_relaxed_and_fails_safe() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  fake_cuda::queried_in_mode.clear();
+  CHECK(vse::CudaBackend::stream_is_capturing(driver, fake_cuda::capturing_stream));
+  CHECK(!vse::CudaBackend::stream_is_capturing(driver, nullptr));
+  CHECK(vse::CudaBackend::stream_is_capturing(driver, fake_cuda::broken_stream));
+  CHECK(fake_cuda::queried_in_mode.size() == 3);
+  for (CUstreamCaptureMode mode : fake_cuda::queried_in_mode) CHECK(mode == CU_STREAM_CAPTURE_MODE_RELAXED);
+  CHECK(fake_cuda::capture_mode == CU_STREAM_CAPTURE_MODE_GLOBAL);
+}
+
 // A pin or unpin must not invalidate another thread's CUDA graph capture: each is made in relaxed
 // capture mode, and the thread's own mode is given back afterwards, also when the call fails.
 void test_cuda_pin_and_unpin_run_in_relaxed_capture_mode() {
@@ -1577,6 +1566,7 @@ const Test kTests[] = {
     {"range_set_add", test_range_set_add},
     {"range_set_subtract", test_range_set_subtract},
     {"cuda_pin_and_unpin_run_in_relaxed_capture_mode", test_cuda_pin_and_unpin_run_in_relaxed_capture_mode},
+    {"cuda_stream_capture_query_is_relaxed_and_fails_safe", test_cuda_stream_capture_query_is_relaxed_and_fails_safe},
     {"range_set_clip", test_range_set_clip},
     {"range_set_random_against_bitmap", test_range_set_random_against_bitmap},
     {"allocate_and_free", test_allocate_and_free},
@@ -1586,7 +1576,6 @@ const Test kTests[] = {
     {"selective_wake_and_noops", test_selective_wake_and_noops},
     {"discard", test_discard},
     {"free_returns_capacity_in_every_state", test_free_returns_capacity_in_every_state},
-    {"trim", test_trim},
     {"stats_exact", test_stats_exact},
     {"host_cache", test_host_cache},
     {"wake_out_of_memory_then_retry", test_wake_out_of_memory_then_retry},
@@ -1596,7 +1585,7 @@ const Test kTests[] = {
     {"destructor_releases_everything", test_destructor_releases_everything},
     {"concurrent_alloc_free_during_sleep_wake", test_concurrent_alloc_free_during_sleep_wake},
     {"failed_release_keeps_the_handle_and_the_row_honest", test_failed_release_keeps_the_handle_and_the_row_honest},
-    {"device_memory_map_failure_gives_the_new_handle_back", test_device_memory_map_failure_gives_the_new_handle_back},
+    {"segment_map_failure_gives_the_new_handle_back", test_segment_map_failure_gives_the_new_handle_back},
     {"sleep_releases_each_allocation_only_after_its_own_copies",
      test_sleep_releases_each_allocation_only_after_its_own_copies},
     {"fences_release_themselves_and_wait_for_their_prefix", test_fences_release_themselves_and_wait_for_their_prefix},

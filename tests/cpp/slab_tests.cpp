@@ -70,7 +70,7 @@ class CountingBackend final : public vse::DeviceBackend {
   }
 
   Fault create_fault, map_fault, release_fault, wait_mark_fault;
-  std::atomic<long> creates{0}, maps{0}, unmaps{0}, releases{0};
+  std::atomic<long> creates{0}, maps{0}, unmaps{0}, releases{0}, syncs{0};
 
   const char* name() const override { return inner_->name(); }
   int device_count() override { return inner_->device_count(); }
@@ -106,7 +106,10 @@ class CountingBackend final : public vse::DeviceBackend {
     inner_->unmap(device, address, size);
   }
   vse::MemoryInfo memory_info(int device) override { return inner_->memory_info(device); }
-  void synchronize(int device) override { inner_->synchronize(device); }
+  void synchronize(int device) override {
+    ++syncs;
+    inner_->synchronize(device);
+  }
   void pin(int device, void* host, uint64_t bytes) override { inner_->pin(device, host, bytes); }
   void unpin(int device, void* host) override { inner_->unpin(device, host); }
   void enqueue_copies(int device, vse::CopyDirection direction, const std::vector<vse::CopySpan>& spans) override {
@@ -143,7 +146,8 @@ class CountingBackend final : public vse::DeviceBackend {
     auto it = reserved_.find(base);
     return it == reserved_.end() ? 0 : it->second;
   }
-  void reset_counts() { creates = maps = unmaps = releases = 0; }
+  void reset_counts() { creates = maps = unmaps = releases = syncs = 0; }
+  vse::DeviceBackend& inner() { return *inner_; }
 
  private:
   std::unique_ptr<vse::DeviceBackend> inner_;
@@ -266,7 +270,7 @@ void test_mixed_tags_never_share_a_slab() {
   for (const auto& [slab, in] : tags_in) CHECK(in.size() == 1);
 }
 
-// Sleep (offloaded, preserved, discarded), wake, discard, trim and free, with data checked each time.
+// Sleep (offloaded, preserved, discarded), wake, discard, free and settle, with data checked each time.
 void round_trips_keep_data(bool async) {
   auto f = make(async, kSlab);
   Allocator& a = *f.allocator;
@@ -332,17 +336,17 @@ void round_trips_keep_data(bool async) {
   a.wake(std::nullopt);
   for (const Row& r : kv) fill(r.p, r.n, r.seed);
 
-  // Free and trim inside awake slabs: the others keep their data through a cycle.
+  // Frees inside awake slabs: the others keep their data through a cycle; a freed range is taken
+  // again only after a settle.
   a.free(weights[3].p);
-  a.trim(weights[4].p);
-  CHECK(state_of(a, weights[4].p) == State::Unused);
-  const uintptr_t again = a.allocate(2 * MiB, 0, "weights");  // never at the trimmed row's address
-  CHECK(again != weights[4].p);
+  a.free(weights[4].p);
+  CHECK(a.quarantined_bytes() == 4 * MiB);
+  const uintptr_t again = a.allocate(2 * MiB, 0, "weights");  // never at a quarantined address
+  CHECK(again != weights[3].p && again != weights[4].p);
   fill(again, 2 * MiB, 999);
   a.sleep({"weights", "kv_cache"}, {}, {});
-  CHECK(state_of(a, weights[4].p) == State::Unused);
+  CHECK(a.quarantined_bytes() == 0);
   a.wake(std::nullopt);
-  CHECK(state_of(a, weights[4].p) == State::Unused);
   CHECK(matches(again, 2 * MiB, 999));
   for (size_t i = 0; i < weights.size(); ++i)
     if (i != 3 && i != 4) CHECK(matches(weights[i].p, weights[i].n, weights[i].seed));
@@ -352,10 +356,11 @@ void round_trips_keep_data(bool async) {
   // Free of every row, in every state, gives every slab and every byte back.
   a.sleep({"weights"}, {}, {});
   for (size_t i = 0; i < weights.size(); ++i)
-    if (i != 3) a.free(weights[i].p);
+    if (i != 3 && i != 4) a.free(weights[i].p);
   a.free(again);
   for (const Row& r : kv) a.free(r.p);
   for (const Row& r : runtime) a.free(r.p);
+  a.settle();
   CHECK(a.allocations().empty());
   CHECK(f.backend->reservations() == 0);
   CHECK(f.backend->free_bytes() == 1024 * MiB);
@@ -428,7 +433,7 @@ void failed_wake_leaves_everything_asleep(bool async) {
   }
   CHECK(fired == 6);
   a.wake(std::nullopt);
-  CHECK(f.backend->free_bytes() == free_awake);
+  CHECK(f.backend->free_bytes() >= free_awake);  // only what the rows cover: not the slabs' free tails
   for (const Row& r : rows) CHECK(matches(r.p, r.n, r.seed));
   CHECK(matches(kv[0].p, 4096, kv[0].seed));
   CHECK(f.backend->early_releases() == 0);
@@ -475,22 +480,26 @@ void test_sleep_failing_while_releasing_moves_whole_slabs() {
   CHECK(failed >= 1);
 }
 
-void test_trim_of_every_row_releases_the_slab() {
+void test_freed_rows_of_a_slab_are_quarantined_until_settle() {
   auto f = make(false, kSlab, 256 * MiB);
   Allocator& a = *f.allocator;
   std::vector<uintptr_t> rows;
   for (int i = 0; i < 4; ++i) rows.push_back(a.allocate(2 * MiB, 0, "weights"));
   CHECK(f.backend->free_bytes() == 256 * MiB - kSlab);
-  for (uintptr_t p : rows) a.trim(p);
-  CHECK(f.backend->free_bytes() == 256 * MiB);  // no Mapped row left: the slab's memory went
-  CHECK(f.backend->reservations() == 1);        // the trimmed rows keep their addresses
+  for (uintptr_t p : rows) a.free(p);
+  CHECK(a.allocations().empty());
+  CHECK(a.quarantined_bytes() == 8 * MiB);
+  CHECK(f.backend->free_bytes() == 256 * MiB - kSlab);  // still held: the device may still use it
   const uintptr_t next = a.allocate(2 * MiB, 0, "weights");
   for (uintptr_t p : rows) CHECK(next != p);
-  a.sleep({"weights"}, {}, {});
-  a.wake(std::nullopt);
-  for (uintptr_t p : rows) CHECK(state_of(a, p) == State::Unused);
-  for (uintptr_t p : rows) a.free(p);
+  a.settle();
+  CHECK(a.quarantined_bytes() == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB - kSlab);  // `next` keeps the slab's run
+  const uintptr_t reused = a.allocate(2 * MiB, 0, "weights");
+  CHECK(reused == rows[0]);  // settled: first fit again
   a.free(next);
+  a.free(reused);
+  a.settle();
   CHECK(f.backend->reservations() == 0);
   CHECK(f.backend->free_bytes() == 256 * MiB);
 }
@@ -506,6 +515,7 @@ void test_no_room_for_a_slab_falls_back_to_own_memory() {
   a.wake(std::nullopt);
   CHECK(matches(p, 2 * MiB, 5));
   a.free(p);
+  a.settle();
   CHECK(f.backend->reservations() == 0);
 }
 
@@ -534,6 +544,7 @@ void test_slab_bytes_option_is_checked_and_changes_only_new_rows() {
   a.free(own);
   a.free(small);
   a.free(second);
+  a.settle();
   CHECK(f.backend->reservations() == 0);
 }
 
@@ -552,10 +563,8 @@ void test_concurrent_small_allocations_during_sleep_wake() {
       const uintptr_t p = a.allocate(n, 0, "weights");
       fill(p, n, id * 1000 + i);
       if (!matches(p, n, id * 1000 + i)) ++bad;
-      if (i % 4 == 0) {
-        a.trim(p);
-      }
       a.free(p);
+      if (i % 4 == 0) a.settle();
       ++done;
     }
   };
@@ -584,11 +593,12 @@ void test_concurrent_small_allocations_during_sleep_wake() {
   for (const Row& r : kept) CHECK(matches(r.p, r.n, r.seed));
   CHECK(f.backend->early_releases() == 0);
   for (const Row& r : kept) a.free(r.p);
+  a.settle();
   CHECK(f.backend->reservations() == 0);
 }
 
-// A slab whose release fails keeps its handle: its rows are asleep with complete backups, the next
-// wake maps that handle again (and restores the rows), or the next sleep or free gives it back.
+// A slab whose release fails keeps its handle: its rows are asleep with complete backups, and the next
+// settle (first thing in a wake, or on its own) gives it back.
 void test_failed_slab_release_keeps_the_handle_and_the_rows_honest() {
   auto f = make(false, kSlab, 256 * MiB);
   Allocator& a = *f.allocator;
@@ -608,22 +618,22 @@ void test_failed_slab_release_keeps_the_handle_and_the_rows_honest() {
   for (const auto& i : a.allocations()) CHECK(i.state == State::BackedUp && i.backup_bytes == i.size);
   CHECK(f.backend->free_bytes() == 256 * MiB - kSlab);  // the handle is still held
   f.backend->reset_counts();
-  a.wake(std::nullopt);  // maps the held handle: no create
-  CHECK(f.backend->creates == 0 && f.backend->maps == 1);
+  a.wake(std::nullopt);  // gives the held handle back, then maps the one run the rows cover
+  CHECK(f.backend->releases == 1 && f.backend->creates == 1 && f.backend->maps == 1);
   for (const Row& r : rows) CHECK(matches(r.p, r.n, r.seed));
 
-  // The same on the last free of the slab; the retried free gives everything back.
-  for (size_t i = 1; i < rows.size(); ++i) a.free(rows[i].p);
+  // The same in the settle after the last free of the slab; the retried settle gives everything back.
+  for (const Row& r : rows) a.free(r.p);
   f.backend->release_fault.arm(0);
   threw = false;
   try {
-    a.free(rows[0].p);
+    a.settle();
   } catch (const vse::Error&) {
     threw = true;
   }
   CHECK(threw);
-  CHECK(state_of(a, rows[0].p) == State::Discarded);
-  a.free(rows[0].p);
+  CHECK(f.backend->free_bytes() == 256 * MiB - 8 * MiB);  // the run the four rows covered, still held
+  a.settle();
   CHECK(a.allocations().empty());
   CHECK(f.backend->reservations() == 0);
   CHECK(f.backend->free_bytes() == 256 * MiB);
@@ -646,6 +656,136 @@ void test_fill_unrestored_covers_rows_in_a_slab() {
   CHECK(loud);
 }
 
+// The benchmark's hot path: a full slab sleeps with one unmap and one release and wakes with one
+// create and one map, and a sleep synchronizes once; a freed-and-settled row costs nothing more.
+void test_dense_slab_sleeps_and_wakes_with_one_handle() {
+  auto f = make(false, kSlab);
+  Allocator& a = *f.allocator;
+  std::vector<Row> rows;
+  for (uint64_t i = 0; i < 32; ++i) {
+    rows.push_back({a.allocate(2 * MiB, 0, "weights"), 2 * MiB, "weights", 60 + i});
+    fill(rows.back().p, rows.back().n, rows.back().seed);
+  }
+  for (int cycle = 0; cycle < 2; ++cycle) {
+    f.backend->reset_counts();
+    const vse::OpStats slept = a.sleep({"weights"}, {}, {});
+    CHECK(slept.mappings == 1 && slept.bytes_device == kSlab);
+    CHECK(f.backend->syncs == 1 && f.backend->unmaps == 1 && f.backend->releases == 1);
+    CHECK(f.backend->creates == 0 && f.backend->maps == 0);
+    f.backend->reset_counts();
+    const vse::OpStats woke = a.wake(std::nullopt);
+    CHECK(woke.mappings == 1 && woke.bytes_device == kSlab);
+    CHECK(f.backend->creates == 1 && f.backend->maps == 1);
+    CHECK(f.backend->syncs == 0 && f.backend->unmaps == 0 && f.backend->releases == 0);
+    for (const Row& r : rows) CHECK(matches(r.p, r.n, r.seed));
+  }
+}
+
+// Issue 16, item 1. PyTorch frees from empty_cache() without synchronizing; work still queued on the
+// device may read a freed row. The next allocation must not get that range before the device is done
+// with it: here a pending copy reads the row while a new allocation writes at once.
+void test_freed_row_is_not_handed_out_while_queued_work_reads_it() {
+  auto f = make(true, kSlab);
+  Allocator& a = *f.allocator;
+  const uintptr_t neighbour = a.allocate(2 * MiB, 0, "weights");
+  const uintptr_t p = a.allocate(2 * MiB, 0, "weights");
+  fill(p, 2 * MiB, 1);
+  std::vector<uint64_t> host(2 * MiB / 8);
+  std::vector<vse::CopySpan> spans;  // many small copies, so that most are still queued below
+  for (uint64_t at = 0; at < 2 * MiB; at += 4096)
+    spans.push_back({p + at, reinterpret_cast<uint8_t*>(host.data()) + at, 4096});
+  f.backend->enqueue_copies(0, vse::CopyDirection::ToHost, spans);
+  a.free(p);
+  const uintptr_t q = a.allocate(2 * MiB, 0, "weights");
+  CHECK(q != p);
+  fill(q, 2 * MiB, 2);  // the new owner writes at once
+  f.backend->wait_copies(0);
+  CHECK(matches(reinterpret_cast<uintptr_t>(host.data()), 2 * MiB, 1));
+  a.settle();  // the device is done with it now
+  CHECK(a.allocate(2 * MiB, 0, "weights") == p);
+  (void)neighbour;
+}
+
+// Issue 16, item 1: a free of a Mapped row makes no driver call (PyTorch may call it while another
+// thread captures a CUDA graph); settle() waits for the device and gives the memory back.
+void test_free_of_a_mapped_row_makes_no_driver_call_and_settle_does() {
+  auto f = make(false, kSlab, 256 * MiB);
+  Allocator& a = *f.allocator;
+  const uintptr_t small = a.allocate(2 * MiB, 0, "weights");  // in a slab
+  const uintptr_t big = a.allocate(40 * MiB, 0, "weights");   // its own memory
+  f.backend->reset_counts();
+  a.free(small);
+  a.free(big);
+  CHECK(f.backend->syncs == 0 && f.backend->unmaps == 0 && f.backend->releases == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB - kSlab - 40 * MiB);
+  CHECK(a.quarantined_bytes() == 42 * MiB);
+  a.settle();
+  CHECK(f.backend->syncs == 1 && f.backend->unmaps == 2 && f.backend->releases == 2);
+  CHECK(a.quarantined_bytes() == 0);
+  CHECK(f.backend->free_bytes() == 256 * MiB);
+  CHECK(f.backend->reservations() == 0);
+}
+
+// Issue 16, item 7: a slab whose rows were all freed but one wakes with that row's memory only, where
+// the whole slab would not fit; new rows then go elsewhere, not into the slab's unmapped part.
+void test_sparse_slab_wakes_with_only_its_rows_memory() {
+  for (bool freed_asleep : {true, false}) {
+    auto f = make(false, kSlab, 80 * MiB);
+    Allocator& a = *f.allocator;
+    std::vector<uintptr_t> rows;
+    for (int i = 0; i < 4; ++i) rows.push_back(a.allocate(2 * MiB, 0, "weights"));
+    fill(rows[2], 2 * MiB, 3);
+    if (!freed_asleep) {
+      a.free(rows[0]);
+      a.free(rows[1]);
+      a.free(rows[3]);
+    }
+    a.sleep({"weights"}, {}, {});
+    if (freed_asleep) {
+      a.free(rows[0]);
+      a.free(rows[1]);
+      a.free(rows[3]);
+    }
+    const uintptr_t hog = a.allocate(72 * MiB, 0, "kv_cache");  // leaves 8 MiB: not a slab, but the row
+    f.backend->reset_counts();
+    const vse::OpStats woke = a.wake(std::vector<std::string>{"weights"});
+    CHECK(woke.bytes_device == 2 * MiB && woke.mappings == 1);
+    CHECK(f.backend->creates == 1);
+    CHECK(matches(rows[2], 2 * MiB, 3));
+    CHECK(f.backend->free_bytes() == 6 * MiB);
+    const uintptr_t late = a.allocate(2 * MiB, 0, "weights");
+    CHECK(f.backend->reservation_of(late) != f.backend->reservation_of(rows[2]));
+    fill(late, 2 * MiB, 4);
+    CHECK(matches(rows[2], 2 * MiB, 3) && matches(late, 2 * MiB, 4));
+    a.free(hog);
+  }
+}
+
+// Issue 16, item 8: a caller that cannot synchronize (its stream captures a CUDA graph) never makes
+// allocate synchronize, even when settling the quarantine would make room; one that can does.
+void test_allocate_that_may_not_synchronize_never_does() {
+  for (uint64_t slab : {uint64_t{0}, 8 * MiB}) {
+    auto f = make(false, slab, 8 * MiB);
+    Allocator& a = *f.allocator;
+    std::vector<uintptr_t> rows;
+    for (int i = 0; i < 4; ++i) rows.push_back(a.allocate(2 * MiB, 0, "weights"));
+    for (uintptr_t p : rows) a.free(p);
+    CHECK(a.quarantined_bytes() == 8 * MiB);
+    f.backend->reset_counts();
+    int asked = 0;
+    CHECK_THROWS(a.allocate(4 * MiB, 0, "kv_cache", [&] { return ++asked, false; }), vse::DeviceOutOfMemory);
+    CHECK(asked == 1);
+    CHECK(f.backend->syncs == 0 && a.quarantined_bytes() == 8 * MiB);
+    const uintptr_t p = a.allocate(4 * MiB, 0, "kv_cache", [&] { return ++asked, true; });
+    CHECK(asked == 2);
+    a.allocate(2 * MiB, 0, "kv_cache", [&] { return ++asked, false; });  // room: not asked
+    CHECK(asked == 2);
+    CHECK(f.backend->syncs == 1 && a.quarantined_bytes() == 0);
+    fill(p, 4 * MiB, 9);
+    CHECK(matches(p, 4 * MiB, 9));
+  }
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
@@ -659,7 +799,7 @@ const Test kTests[] = {
     {"failed_wake_leaves_everything_asleep_on_host", test_failed_wake_leaves_everything_asleep_on_host},
     {"failed_wake_leaves_everything_asleep_on_host_async", test_failed_wake_leaves_everything_asleep_on_host_async},
     {"sleep_failing_while_releasing_moves_whole_slabs", test_sleep_failing_while_releasing_moves_whole_slabs},
-    {"trim_of_every_row_releases_the_slab", test_trim_of_every_row_releases_the_slab},
+    {"freed_rows_of_a_slab_are_quarantined_until_settle", test_freed_rows_of_a_slab_are_quarantined_until_settle},
     {"no_room_for_a_slab_falls_back_to_own_memory", test_no_room_for_a_slab_falls_back_to_own_memory},
     {"slab_bytes_option_is_checked_and_changes_only_new_rows",
      test_slab_bytes_option_is_checked_and_changes_only_new_rows},
@@ -667,6 +807,13 @@ const Test kTests[] = {
     {"failed_slab_release_keeps_the_handle_and_the_rows_honest",
      test_failed_slab_release_keeps_the_handle_and_the_rows_honest},
     {"fill_unrestored_covers_rows_in_a_slab", test_fill_unrestored_covers_rows_in_a_slab},
+    {"dense_slab_sleeps_and_wakes_with_one_handle", test_dense_slab_sleeps_and_wakes_with_one_handle},
+    {"freed_row_is_not_handed_out_while_queued_work_reads_it",
+     test_freed_row_is_not_handed_out_while_queued_work_reads_it},
+    {"free_of_a_mapped_row_makes_no_driver_call_and_settle_does",
+     test_free_of_a_mapped_row_makes_no_driver_call_and_settle_does},
+    {"sparse_slab_wakes_with_only_its_rows_memory", test_sparse_slab_wakes_with_only_its_rows_memory},
+    {"allocate_that_may_not_synchronize_never_does", test_allocate_that_may_not_synchronize_never_does},
 };
 
 }  // namespace
