@@ -468,6 +468,7 @@ class Coder:
         try:
             ptr = res.__cuda_array_interface__["data"][0]
         except Exception:  # noqa: BLE001 - no interface to ask: trust the documented in-place write
+            self.in_place[call] = True
             return True
         self.in_place[call] = ptr == out.data_ptr()
         if not self.in_place[call]:
@@ -930,6 +931,8 @@ def measure_pipeline(p: Pipeline, reps: int, device: torch.device) -> dict:
         p.copy.sync()
         wall = time.perf_counter() - t0
         stats = stage_stats(p.clock.intervals(), wall)
+        copy_s = stats["busy_s"].get("copy", 0.0)
+        stats["copy_gbps"] = p.host_bytes() / copy_s / 1e9 if copy_s > 0 else None  # the link's rate while busy
         if p.coder:
             stats["host_s"] = {k: v - coder_host[k] for k, v in p.coder.host_s.items()}
         p.clock = None
@@ -1053,7 +1056,8 @@ def table(res: dict) -> str:
 
 def stages_text(st: dict) -> str:
     busy = st.get("busy_s", {})
-    text = (f"[code {busy.get('code', 0) * 1e3:.1f} copy {busy.get('copy', 0) * 1e3:.1f} both "
+    rate = f" at {st['copy_gbps']:.1f} GB/s" if st.get("copy_gbps") else ""
+    text = (f"[code {busy.get('code', 0) * 1e3:.1f} copy {busy.get('copy', 0) * 1e3:.1f}{rate} both "
             f"{st.get('overlap_s', 0) * 1e3:.1f} ms, {st.get('bound')}")
     host = {k: v for k, v in st.get("host_s", {}).items() if v > 0}
     if host:

@@ -573,3 +573,11 @@ def test_wake_copies_chunks_ahead_of_the_one_it_decodes(fake_nvcomp, monkeypatch
     p.wake()
     assert log[:5] == ["host", "host", "host", "host", "decode"], log
     assert torch.equal(p.back, p.src)
+
+
+def test_measured_stages_give_the_copy_lanes_rate_in_the_bytes_it_moved(fake_nvcomp):
+    p = cpu_pipeline(fake_nvcomp, 0, "split-hi", "async")
+    m = probe.measure_pipeline(p, 1, torch.device("cpu"))
+    for st in (m["sleep_stages"], m["wake_stages"]):
+        assert st["copy_gbps"] == pytest.approx(m["host_bytes"] / st["busy_s"]["copy"] / 1e9)
+        assert " GB/s both " in probe.stages_text(st)
