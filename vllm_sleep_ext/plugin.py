@@ -21,7 +21,7 @@ import sys
 from types import ModuleType
 from typing import Optional
 
-from vllm_sleep_ext import log
+from vllm_sleep_ext import log, sleep_backend
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def _install() -> None:
     except ImportError:
         return  # registered by pip, run without vLLM: nothing to do and no vLLM log to write to
     log.route_to_vllm()
+    sleep_backend.register()  # "vllm_sleep_ext" for --sleep-mode-backend, where vLLM has the registry
     if _env_flag(DISABLE_ENV):
         logger.info("vllm_sleep_ext: turned off by %s=%s; %s", DISABLE_ENV, os.environ[DISABLE_ENV], _KEPT)
         return

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/: gpu_helpers
@@ -160,12 +161,17 @@ def wait_host(worker) -> float:
     return alloc._core.host_pinned_bytes() / GiB
 
 
-def save_params(worker) -> int:
-    """The trainer's copy of the parameters (named_parameters only: never buffers or anything else)."""
+def save_params(worker, exclude: Sequence[str] = ()) -> int:
+    """The trainer's copy of the parameters (named_parameters only: never buffers or anything else),
+    less those matching a glob of ``exclude`` (what vLLM's sleep_preserve_parameter_names keeps: the
+    trainer must not send them)."""
+    from fnmatch import fnmatch
+
     import torch
 
     model = worker.get_model()
-    worker._vse_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    worker._vse_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                          if not any(fnmatch(n, pattern) for pattern in exclude)}
     torch.cuda.synchronize()
     return sum(t.numel() * t.element_size() for t in worker._vse_params.values())
 
@@ -176,8 +182,9 @@ def load_params(worker) -> int:
 
     model = worker.get_model()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data.copy_(worker._vse_params[name], non_blocking=True)
+        params = dict(model.named_parameters())
+        for name, value in worker._vse_params.items():
+            params[name].data.copy_(value, non_blocking=True)
     torch.cuda.synchronize()
     return len(worker._vse_params)
 
@@ -240,11 +247,13 @@ def generate(llm) -> list[tuple[list[int], list[float]]]:
 
 class Run:
     def __init__(self, args) -> None:
+        import vllm
+
         self.args = args
         self.llm, self.startup_s = make_llm(args)
         self.workers = self.llm.collective_rpc(worker_info)
-        self.result: dict = {"command": args.command, "model": args.model, "tp": args.tp,
-                             "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
+        self.result: dict = {"command": args.command, "vllm": vllm.__version__, "model": args.model,
+                             "tp": args.tp, "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
                              "workers": self.workers, "startup_s": round(self.startup_s, 2), "checks": {}}
         print(f"workers' allocator: {self.workers}", flush=True)
         self.reference = generate(self.llm)
