@@ -320,6 +320,10 @@ def cmd_timing(run: Run) -> None:
     r = run.result
     r["weights_bytes"] = sum(run.rpc(save_params))
     r["pools_awake"] = run.rpc(pool_bytes)
+    # What level 1 copies to host: the weights pool, and in vLLM 0.33 the "runtime" and "cudagraph" pools
+    # too (0.26 has neither); the GB/s below are of the parameters' bytes.
+    r["level1_offload_bytes"] = sum(b for pools in r["pools_awake"] for tag, b in pools.items()
+                                    if tag in ("weights", "runtime", "cudagraph"))
     r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
     print(f"weights pool, non-parameter tensors: {r['weights_pool_nonparams']}", flush=True)
     if "vllm_sleep_ext" in str(run.workers):
@@ -354,7 +358,8 @@ def cmd_timing(run: Run) -> None:
           f"({gb / r['level1_warm_sleep_s']:.1f} GB/s), wake {r['level1_warm_wake_s']:.3f} s "
           f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
-          f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB", flush=True)
+          f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB; level 1 "
+          f"offloads {r['level1_offload_bytes'] / 1e9:.2f} GB of pools {r['pools_awake']}", flush=True)
 
 
 def decode_during_prepare(run: Run) -> None:
