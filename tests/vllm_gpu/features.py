@@ -94,6 +94,7 @@ def engine_facts(worker, preserve_names: tuple = ()) -> dict:
     name = lambda obj: None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"  # noqa: E731
     kept = getattr(CuMemAllocator.get_instance(), "last_preserved", None)
     return {"runner": name(runner), "sleep_mode_backend": name(backend), "draft_model": name(draft),
+            "prefix_caching": worker.vllm_config.cache_config.enable_prefix_caching,
             "ours_last_sleep_preserved": dataclasses.asdict(kept) if dataclasses.is_dataclass(kept) else None,
             "vllm_preserved_parameter_bytes": sum(p.nbytes for n, p in worker.get_model().named_parameters()
                                                   if any(fnmatch(n, g) for g in preserve_names))}
