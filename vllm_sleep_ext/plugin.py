@@ -22,7 +22,7 @@ import sys
 from types import ModuleType
 from typing import Optional
 
-from vllm_sleep_ext import envs, log
+from vllm_sleep_ext import envs, log, sleep_backend
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def _install() -> None:
     except ImportError:
         return  # registered by pip, run without vLLM: nothing to do and no vLLM log to write to
     log.route_to_vllm()
+    sleep_backend.register()  # "vllm_sleep_ext" for --sleep-mode-backend, where vLLM has the registry
     try:
         disabled = envs.get(envs.DISABLE)
     except envs.EnvError as e:  # an opt-out we cannot read: do not take vLLM's allocator over

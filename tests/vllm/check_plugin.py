@@ -6,6 +6,8 @@ vLLM configures it; the parent checks the class vLLM ends up with and what vLLM'
 - cuda: a CUDA platform (faked here, no GPU needed): our class is installed, the "active" line is in
   vLLM's log, and a sleep/wake through vLLM 0.33's SleepModeBackendFactory ("cumem" backend) reaches
   our allocator (host backend standing in for the GPU) and logs its lines with GB/s in vLLM's log.
+  Where vLLM has that registry, the name "vllm_sleep_ext" resolves to a CuMemBackend that is supported
+  exactly where our class is installed (here and in no other scenario).
 - platform: this machine's real platform (no GPU): vLLM keeps its allocator; the log says why.
 - disabled: VLLM_SLEEP_EXT_DISABLE=1 on CUDA: vLLM keeps its allocator; the log says why.
 - nocore: our compiled core fails to import: vLLM keeps its allocator, starts, and the log says why.
@@ -76,10 +78,27 @@ def run_scenario(name: str) -> dict:
     import vllm.device_allocator.cumem as cumem
 
     ours = cumem.CuMemAllocator.__module__.startswith("vllm_sleep_ext")
-    facts = {"vllm": vllm.__version__, "installed": ours, "cumem_available": cumem.cumem_available}
+    facts = {"vllm": vllm.__version__, "installed": ours, "cumem_available": cumem.cumem_available,
+             "named_backend": named_backend_facts()}
     if name == "cuda":
         facts["backend_path"] = sleep_and_wake_through_vllms_backend(cumem.CuMemAllocator)
     return facts
+
+
+def named_backend_facts() -> dict:
+    """What vLLM's registry says of the name "vllm_sleep_ext" (--sleep-mode-backend): registered by our
+    plugin, vLLM's CuMemBackend underneath, supported exactly where our class serves."""
+    try:
+        from vllm.device_allocator.sleep_mode_backend import CuMemBackend, SleepModeBackendFactory
+    except ImportError:
+        return {"registry": False}
+    try:
+        cls = SleepModeBackendFactory.get_backend_class("vllm_sleep_ext")
+    except ValueError as e:
+        return {"registry": True, "registered": False, "error": str(e)}
+    return {"registry": True, "registered": True, "cumem_backend": issubclass(cls, CuMemBackend),
+            "supported": cls.is_supported(), "preserves_communicators": cls.preserves_communicators(),
+            "supports_durable_storage": cls.supports_durable_storage()}
 
 
 def sleep_and_wake_through_vllms_backend(ours: type) -> str:
@@ -121,6 +140,10 @@ def main() -> int:
         elif facts["installed"] != installed:
             problems.append(f"our class installed: {facts['installed']}, expected {installed}")
         problems += [f"vLLM's log lacks {line!r}" for line in lines if line not in log]
+        backend = (facts or {}).get("named_backend", {})
+        if backend.get("registry") and not (
+                backend.get("registered") and backend.get("cumem_backend") and backend.get("supported") == installed):
+            problems.append(f"named backend 'vllm_sleep_ext': {backend} (supported should be {installed})")
         ours = [l for l in log.splitlines() if "vllm_sleep_ext" in l or "sleep: " in l or "wake_up: " in l]
         print(f"[{name}] {'PASS' if not problems else 'FAIL'} {facts}")
         for line in ours[:6]:

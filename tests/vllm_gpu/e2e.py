@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/: gpu_helpers
@@ -160,12 +161,17 @@ def wait_host(worker) -> float:
     return alloc._core.host_pinned_bytes() / GiB
 
 
-def save_params(worker) -> int:
-    """The trainer's copy of the parameters (named_parameters only: never buffers or anything else)."""
+def save_params(worker, exclude: Sequence[str] = ()) -> int:
+    """The trainer's copy of the parameters (named_parameters only: never buffers or anything else),
+    less those matching a glob of ``exclude`` (what vLLM's sleep_preserve_parameter_names keeps: the
+    trainer must not send them)."""
+    from fnmatch import fnmatch
+
     import torch
 
     model = worker.get_model()
-    worker._vse_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    worker._vse_params = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                          if not any(fnmatch(n, pattern) for pattern in exclude)}
     torch.cuda.synchronize()
     return sum(t.numel() * t.element_size() for t in worker._vse_params.values())
 
@@ -176,8 +182,9 @@ def load_params(worker) -> int:
 
     model = worker.get_model()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.data.copy_(worker._vse_params[name], non_blocking=True)
+        params = dict(model.named_parameters())
+        for name, value in worker._vse_params.items():
+            params[name].data.copy_(value, non_blocking=True)
     torch.cuda.synchronize()
     return len(worker._vse_params)
 
@@ -240,11 +247,13 @@ def generate(llm) -> list[tuple[list[int], list[float]]]:
 
 class Run:
     def __init__(self, args) -> None:
+        import vllm
+
         self.args = args
         self.llm, self.startup_s = make_llm(args)
         self.workers = self.llm.collective_rpc(worker_info)
-        self.result: dict = {"command": args.command, "model": args.model, "tp": args.tp,
-                             "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
+        self.result: dict = {"command": args.command, "vllm": vllm.__version__, "model": args.model,
+                             "tp": args.tp, "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
                              "workers": self.workers, "startup_s": round(self.startup_s, 2), "checks": {}}
         print(f"workers' allocator: {self.workers}", flush=True)
         self.reference = generate(self.llm)
@@ -311,6 +320,10 @@ def cmd_timing(run: Run) -> None:
     r = run.result
     r["weights_bytes"] = sum(run.rpc(save_params))
     r["pools_awake"] = run.rpc(pool_bytes)
+    # What level 1 copies to host: the weights pool, and in vLLM 0.33 the "runtime" and "cudagraph" pools
+    # too (0.26 has neither); the GB/s below are of the parameters' bytes.
+    r["level1_offload_bytes"] = sum(b for pools in r["pools_awake"] for tag, b in pools.items()
+                                    if tag in ("weights", "runtime", "cudagraph"))
     r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
     print(f"weights pool, non-parameter tensors: {r['weights_pool_nonparams']}", flush=True)
     if "vllm_sleep_ext" in str(run.workers):
@@ -345,7 +358,8 @@ def cmd_timing(run: Run) -> None:
           f"({gb / r['level1_warm_sleep_s']:.1f} GB/s), wake {r['level1_warm_wake_s']:.3f} s "
           f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
-          f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB", flush=True)
+          f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB; level 1 "
+          f"offloads {r['level1_offload_bytes'] / 1e9:.2f} GB of pools {r['pools_awake']}", flush=True)
 
 
 def decode_during_prepare(run: Run) -> None:

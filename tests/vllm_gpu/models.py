@@ -29,6 +29,14 @@ CONFIGS: dict[str, dict] = {
     "llama-tiny": {**_LLAMA3_8B, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
                    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
                    "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    # Drafts for llama-tiny's speculative decoding (same vocabulary): a smaller Llama (method
+    # "draft_model") and a one-layer head of llama-tiny's width (method "eagle", vLLM wraps it).
+    "llama-draft-tiny": {**_LLAMA3_8B, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000,
+                         "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    "llama-eagle-tiny": {**_LLAMA3_8B, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 1,
+                         "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
+                         "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2},
     # Qwen2: qkv bias, tied embeddings.
     "qwen2-tiny": {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 512,

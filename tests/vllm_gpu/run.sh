@@ -1,44 +1,108 @@
 #!/usr/bin/env bash
-# The real-vLLM GPU suite: vLLM 0.26.0 unpacked at /tmp/vsite (../shared/vllm-gpu), this package installed
-# into the machine's python so vLLM's plugin loader finds it, then engines run with our allocator and with
-# stock vLLM's (VLLM_PLUGINS=""), side by side.
+# The real-vLLM GPU suite: a vLLM kit unpacked under /tmp, this package installed into the machine's
+# python so vLLM's plugin loader finds it, then engines run with our allocator and with stock vLLM's
+# (VLLM_PLUGINS=""), side by side.
 #
-# Usage: tests/vllm_gpu/run.sh SCENARIO...   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 (default: flows)
-# Output: $OUT/vllm.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run).
+# Usage: [VLLM_KIT=0.26|0.33] tests/vllm_gpu/run.sh SCENARIO...
+#   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 features (default: flows)
+#   VLLM_KIT=0.26 (default): vLLM 0.26.0 at /tmp/vsite (../shared/vllm-gpu), the machine's torch 2.11.
+#   VLLM_KIT=0.33: vLLM 0.33.0 at /tmp/vsite033 with its carried torch 2.14 (../shared/vllm-gpu-033).
+#   FEATURES="lora ngram ...": the features scenario's list (default: all of tests/vllm_gpu/features.py);
+#   FEATURE_JOBS (default 4): its runs at once on the one GPU (they take turns for GPU work).
+#   VLLM_SITE: the kit's site dir, if not the default above.
+#   REINSTALL=0 keeps an installed vllm_sleep_ext (default: reinstall from this tree).
+# Output: $OUT/vllm-<kit>.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run, each
+# with the kit and the vLLM version).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-LOG="$OUT/vllm.log"
+KIT=${VLLM_KIT:-0.26}
+case $KIT in
+  0.26) VSITE=${VLLM_SITE:-/tmp/vsite}; KIT_ENV=() ;;
+  # torch 2.14 against the machine's cuDNN 9.19: its Python-side version check would refuse (kit README)
+  0.33) VSITE=${VLLM_SITE:-/tmp/vsite033}; KIT_ENV=(PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1) ;;
+  *) echo "VLLM_KIT=$KIT: must be 0.26 or 0.33"; exit 2 ;;
+esac
+LOG="$OUT/vllm-$KIT.log"
 RESULTS="$OUT/vllm-results.jsonl"
-test -d /tmp/vsite || { echo "no /tmp/vsite: install vLLM first (../shared/vllm-gpu/README.md)"; exit 3; }
-export PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+test -d "$VSITE" || { echo "no $VSITE: install the vLLM $KIT kit first (tools/vllm_gpu_calls.md)"; exit 3; }
+VLLM_VERSION=$(cd "$VSITE" && ls -d vllm-*.dist-info | sed 's/^vllm-//; s/\.dist-info$//')
+export PYTHONPATH=$VSITE VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   PYTHONUNBUFFERED=1 VLLM_ALLOW_INSECURE_SERIALIZATION=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
-  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ! python3 -c "import vllm_sleep_ext._core" 2>/dev/null || [ "${REINSTALL:-1}" = 1 ]; then
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 ${KIT_ENV[@]+"${KIT_ENV[@]}"}
+echo "=== vLLM $VLLM_VERSION from $VSITE (kit $KIT)" | tee -a "$LOG"
+# One build serves both kits: the core needs pybind11 and cuda.h, no torch headers (setup.py, CMakeLists.txt),
+# so it goes into the machine's python (outside PYTHONPATH), where both kits' vLLM find its entry point.
+if [ "${REINSTALL:-1}" = 1 ] || ! (cd /tmp && python3 -c "import vllm_sleep_ext._core") 2>/dev/null; then
   (PYTHONPATH= python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3) || exit 4
 fi
 # Run from /tmp so that `import vllm_sleep_ext` finds the installed copy, not the source tree.
 REPO=$PWD
 E2E="$REPO/tests/vllm_gpu/e2e.py"
+FEATURES_PY="$REPO/tests/vllm_gpu/features.py"
 PLAIN="$REPO/tests/vllm_gpu/check_plain_attributes.py"
 status=0
-run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run (timeout ENGINE_TIMEOUT, default 400 s),
-                # its RESULT line, if it prints one, appended to $RESULTS
-  local who=$1 script=$2; shift 2
+engine_run() {  # engine_run ours|stock TMP SCRIPT ARGS...: one engine run (timeout ENGINE_TIMEOUT, default
+                # 400 s), its output into TMP and its exit status into TMP.rc
+  local who=$1 tmp=$2 script=$3; shift 3
   local plugins=vllm_sleep_ext
   [ "$who" = stock ] && plugins=""
-  echo "=== [$who] $(basename "$script") $* ($(date -u +%T))" | tee -a "$LOG"
-  local t0=$SECONDS
-  (cd /tmp && VLLM_PLUGINS="$plugins" timeout "${ENGINE_TIMEOUT:-400}" python3 "$script" "$@" 2>&1) > "$OUT/engine.tmp"
-  local rc=$?
-  cat "$OUT/engine.tmp" >> "$LOG"
-  grep -E "^(PASS|FAIL|MISMATCH|workers' allocator|weights |decode tokens|live scope)|vllm_sleep_ext|Traceback|Error" "$OUT/engine.tmp" \
-    | grep -v "^\s*File " | head -40
-  grep "^RESULT " "$OUT/engine.tmp" | sed "s/^RESULT /{\"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
-  rm -f "$OUT/engine.tmp"
-  echo "=== [$who] exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-  [ $rc -eq 0 ] || status=1
+  (cd /tmp && VLLM_PLUGINS="$plugins" timeout "${ENGINE_TIMEOUT:-400}" python3 "$script" "$@" 2>&1) > "$tmp"
+  echo $? > "$tmp.rc.part" && mv "$tmp.rc.part" "$tmp.rc"  # whole, or not there yet
+}
+report() {  # report ours|stock TMP TITLE TIME: the run's output into $LOG, its summary lines shown, its
+            # RESULT line (if any) appended to $RESULTS with the kit and the vLLM version
+  local who=$1 tmp=$2 title=$3 seconds=$4 rc
+  rc=$(cat "$tmp.rc")
+  { echo "=== [$who] $title"; cat "$tmp"; } >> "$LOG"
+  echo "=== [$who] $title"
+  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
+    | grep -v -e "^\s*File " -e "^RESULT " | head -40
+  grep "^RESULT " "$tmp" | sed "s/^RESULT /{\"kit\": \"$KIT\", \"vllm\": \"$VLLM_VERSION\", \"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
+  rm -f "$tmp" "$tmp.rc"
+  echo "=== [$who] exit $rc after $seconds" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
+}
+in_budget() {  # SUITE_BUDGET_S: no engine run starts later than that many seconds into this script, so a
+               # device call ends on time with every finished run reported
+  [ -z "${SUITE_BUDGET_S:-}" ] || [ "$SECONDS" -lt "$SUITE_BUDGET_S" ] && return 0
+  echo "=== SKIPPED (SUITE_BUDGET_S=$SUITE_BUDGET_S reached): $*" | tee -a "$LOG"
+  status=1
+  return 1
+}
+run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run, then its report
+  in_budget "$@" || return 0
+  local who=$1 t0=$SECONDS title="vLLM $VLLM_VERSION $(basename "$2") ${*:3} ($(date -u +%T))"
+  engine_run "$who" "$OUT/engine.tmp" "$@"
+  report "$who" "$OUT/engine.tmp" "$title" "$((SECONDS - t0)) s"
+}
+FEATURE_RUNS=()  # "who feature" of the features scenario's runs
+FEATURE_TMP=/tmp/vse-features
+FEATURE_NEXT=0   # the next of them to report
+report_finished_features() {  # reports, in order, every run finished so far
+  while [ "$FEATURE_NEXT" -lt "${#FEATURE_RUNS[@]}" ] && [ -f "$FEATURE_TMP/$FEATURE_NEXT.rc" ]; do
+    set -- ${FEATURE_RUNS[$FEATURE_NEXT]}
+    report "$1" "$FEATURE_TMP/$FEATURE_NEXT" "vLLM $VLLM_VERSION features.py $2" "$((SECONDS - FEATURE_T0)) s of the scenario"
+    FEATURE_NEXT=$((FEATURE_NEXT + 1))
+  done
+}
+features() {  # features.py for each of FEATURES (default: all), stock then ours, FEATURE_JOBS (default 4)
+              # runs at once; their GPU work takes turns (features.py --lock), reports come in order
+  local jobs=${FEATURE_JOBS:-4} lock="$FEATURE_TMP/gpu.lock" i f who
+  local list=${FEATURES:-$(cd "$REPO/tests/vllm_gpu" && python3 -c "from features import FEATURES; print(*FEATURES)")}
+  FEATURE_RUNS=() FEATURE_NEXT=0 FEATURE_T0=$SECONDS
+  rm -rf "$FEATURE_TMP" && mkdir -p "$FEATURE_TMP"
+  for f in $list; do for who in stock ours; do FEATURE_RUNS+=("$who $f"); done; done
+  echo "=== features on vLLM $VLLM_VERSION, $jobs at a time: $list ($(date -u +%T))" | tee -a "$LOG"
+  for i in "${!FEATURE_RUNS[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; report_finished_features; done
+    in_budget "features.py ${FEATURE_RUNS[*]:$i}" || break
+    set -- ${FEATURE_RUNS[$i]}
+    ENGINE_TIMEOUT=${ENGINE_TIMEOUT:-300} engine_run "$1" "$FEATURE_TMP/$i" "$FEATURES_PY" "$2" --lock "$lock" &
+  done
+  wait
+  report_finished_features
 }
 engine() { local who=$1; shift; run_script "$who" "$E2E" "$@"; }  # engine ours|stock E2E-ARGS...
 limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios
@@ -86,6 +150,8 @@ for s in "${scenarios[@]}"; do
     tp2)
       engine ours flows --model llama-tiny --tp 2
       engine ours flows --model qwen3moe-tiny --tp 2 ;;
+    features)  # engine features that keep state in the weights pool: state compared byte for byte, stock vs ours
+      features ;;
     *) echo "unknown scenario $s"; status=1 ;;
   esac
 done

@@ -1,0 +1,237 @@
+"""The engine state a sleep must keep, compared byte for byte inside a vLLM worker (collective_rpc).
+
+``capture_state(worker)`` walks every object reachable from the worker's model runner (attributes,
+containers, modules' parameters and buffers, LoRA layers' stacked slots, the drafter and its model),
+copies each CUDA tensor's bytes to host and keeps them on the worker; ``compare_state(worker)`` walks
+again after a sleep and wake (and the trainer's reload) and reports, per category, how many tensors
+and bytes differ. Tokens are a second signal only: a tiny random model's greedy outputs can change
+between two identical calls, its state cannot.
+
+Categories (what owns the tensor), and the pool the tensor lives in (the allocator's tag of the
+allocation holding it, stock or ours):
+- params / draft_params: parameters of the target model / of the draft model (level 2: what the
+  trainer sends, or vLLM's sleep_preserve_parameter_names keeps);
+- buffers / draft_buffers: registered buffers (vLLM's worker copies these itself at level 2);
+- lora: LoRA layers' stacked adapter slots (lora_a_stacked, lora_b_stacked, ...);
+- other: every other tensor, named by its pool ("weights", "runtime", "cudagraph", "none" = not in a
+  sleep-mode pool). The KV cache ("kv_cache") and scratch ("workspace") are not state: never compared.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import deque
+from typing import Any, Optional
+
+# Tensors in these pools are rebuilt or rewritten by the engine after a wake: not state.
+NOT_STATE_TAGS = ("kv_cache", "workspace")
+DEVICE_TYPE = "cuda"  # tensors on this device are state (the CPU test of this module sets "cpu")
+MAX_OBJECTS = 400_000
+MAX_TENSOR_BYTES = 2 << 30  # larger tensors are counted, not copied (none in the tiny models here)
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), type, types.ModuleType,
+          types.FunctionType, types.BuiltinFunctionType, types.MethodType, range, memoryview)
+
+
+def _pool_spans() -> list[tuple[int, int, str]]:
+    """(start, end, tag) of every sleep-mode allocation of this process, stock or ours, sorted."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    spans = []
+    for data in CuMemAllocator.get_instance().pointer_to_data.values():
+        if hasattr(data, "ptr"):  # ours
+            ptr, size = data.ptr, data.size
+        else:  # stock: handle = (device, size, ptr, handle)
+            ptr, size = data.handle[2], data.handle[1]
+        spans.append((int(ptr), int(ptr) + int(size), data.tag))
+    return sorted(spans)
+
+
+def _tag_of(ptr: int, spans: list[tuple[int, int, str]]) -> str:
+    import bisect
+
+    i = bisect.bisect_right(spans, (ptr, float("inf"), "")) - 1
+    if i >= 0 and spans[i][0] <= ptr < spans[i][1]:
+        return spans[i][2]
+    return "none"
+
+
+def _children(obj: Any):
+    """(name, child) pairs of an object: container items and attributes; nothing for atoms."""
+    import torch
+
+    if isinstance(obj, dict):
+        for k, v in list(obj.items()):
+            yield (f"[{k!r}]" if not isinstance(k, str) else f"[{k}]"), v
+    elif isinstance(obj, (list, tuple, deque)):
+        for i, v in enumerate(list(obj)):
+            yield f"[{i}]", v
+    elif isinstance(obj, (set, frozenset)):
+        for i, v in enumerate(list(obj)):
+            yield f"{{{i}}}", v
+    else:
+        if isinstance(obj, (torch.dtype, torch.device, torch.Size, torch.Stream, torch.Event)):
+            return
+        try:
+            attrs = vars(obj)
+        except TypeError:
+            attrs = {}
+        for k, v in list(attrs.items()):
+            yield f".{k}", v
+        for cls in type(obj).__mro__:
+            for slot in getattr(cls, "__slots__", ()):
+                if isinstance(slot, str) and slot not in attrs and slot != "__weakref__":
+                    try:
+                        yield f".{slot}", getattr(obj, slot)
+                    except AttributeError:
+                        continue
+
+
+def reachable_tensors(roots: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Every tensor on DEVICE_TYPE reachable from ``roots``, by its shortest path; and the objects visited."""
+    import torch
+
+    seen: set[int] = set()
+    found: dict[str, Any] = {}
+    queue = deque(roots.items())
+    while queue and len(seen) < MAX_OBJECTS:
+        path, obj = queue.popleft()
+        if isinstance(obj, _ATOMS) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == DEVICE_TYPE and obj.layout == torch.strided:
+                found[path] = obj
+            continue
+        try:
+            for name, child in _children(obj):
+                if not isinstance(child, _ATOMS) and id(child) not in seen:
+                    queue.append((path + name, child))
+        except Exception:  # noqa: BLE001 - an object whose attributes cannot be listed
+            continue
+    return found, len(seen)
+
+
+def _category(path: str, tensor: Any, ids: dict[int, str], tag: str) -> Optional[str]:
+    if tag in NOT_STATE_TAGS:
+        return None
+    if id(tensor) in ids:
+        return ids[id(tensor)]
+    if "lora_" in path and "_stacked" in path:
+        return "lora"
+    return f"other:{tag}"
+
+
+def _owner_ids(worker) -> dict[int, str]:
+    """id(tensor) -> category for the target's and the draft's parameters and buffers."""
+    ids: dict[int, str] = {}
+    runner = worker.model_runner
+    draft = None
+    get_draft = getattr(runner, "get_draft_model", None) or getattr(worker, "get_draft_model", None)
+    if callable(get_draft):
+        try:
+            draft = get_draft()
+        except Exception:  # noqa: BLE001 - no drafter
+            draft = None
+    for prefix, module in (("draft_", draft), ("", worker.get_model())):
+        if module is None:
+            continue
+        for _, p in module.named_parameters(remove_duplicate=False):
+            ids[id(p)] = f"{prefix}params"
+        for _, b in module.named_buffers(remove_duplicate=False):
+            ids[id(b)] = f"{prefix}buffers"
+    return ids
+
+
+def _walk(worker) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
+    """The state tensors, keyed by view (address, shape, strides, dtype: a sleep keeps addresses), as
+    (path, category, tensor); and what was left out."""
+    import torch
+
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.synchronize()
+    roots = {"runner": worker.model_runner, "model": worker.get_model()}
+    tensors, visited = reachable_tensors(roots)
+    spans = _pool_spans()
+    ids = _owner_ids(worker)
+    state: dict[tuple, tuple[str, str, Any]] = {}
+    skipped = {"not_state_tensors": 0, "not_state_bytes": 0, "too_large": []}
+    for path, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        if key in state:  # the same view reached by two paths: compared once
+            continue
+        tag = _tag_of(t.untyped_storage().data_ptr(), spans)
+        category = _category(path, t, ids, tag)
+        if category is None:
+            skipped["not_state_tensors"] += 1
+            skipped["not_state_bytes"] += t.nbytes
+            continue
+        if t.nbytes > MAX_TENSOR_BYTES:
+            skipped["too_large"].append((path, t.nbytes))
+            continue
+        state[key] = (path, category, t)
+    skipped["objects_visited"] = visited
+    return state, skipped
+
+
+def _host_bytes(t) -> Any:
+    import torch
+
+    flat = t.detach().to("cpu", copy=True).contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def capture_state(worker) -> dict:
+    """Copies every state tensor's bytes to host (kept on the worker); returns counts per category."""
+    state, skipped = _walk(worker)
+    worker._vse_state = {}
+    skipped["uncopyable"] = []
+    for key, (path, cat, t) in state.items():
+        try:
+            worker._vse_state[key] = (path, cat, _host_bytes(t))
+        except Exception as e:  # noqa: BLE001 - e.g. a quantized dtype with no byte view: named, not compared
+            skipped["uncopyable"].append(f"{path}: {type(e).__name__}")
+    summary: dict[str, dict] = {}
+    for _, cat, data in worker._vse_state.values():
+        s = summary.setdefault(cat, {"tensors": 0, "bytes": 0})
+        s["tensors"] += 1
+        s["bytes"] += int(data.numel())
+    return {"categories": summary, "skipped": skipped}
+
+
+def compare_state(worker) -> dict:
+    """Per category: tensors and bytes compared, and those that differ from capture_state's copy.
+    ``identical`` is true when every captured tensor is still reachable (same address, shape, dtype)
+    and equal byte for byte."""
+    import torch
+
+    before = getattr(worker, "_vse_state", None)
+    if before is None:
+        raise RuntimeError("compare_state before capture_state")
+    now, _ = _walk(worker)
+    report: dict[str, dict] = {}
+    missing = []
+    for key, (path, cat, old) in before.items():
+        r = report.setdefault(cat, {"tensors": 0, "bytes": 0, "differing_tensors": 0, "differing_bytes": 0,
+                                    "examples": []})
+        r["tensors"] += 1
+        r["bytes"] += int(old.numel())
+        if key not in now:
+            missing.append(path)
+            continue
+        new = _host_bytes(now[key][2])
+        if new.shape == old.shape and torch.equal(new, old):
+            continue
+        n = int((new != old).sum()) if new.shape == old.shape else int(old.numel())
+        r["differing_tensors"] += 1
+        r["differing_bytes"] += n
+        if len(r["examples"]) < 4:
+            r["examples"].append(f"{path} ({n} of {int(old.numel())} B)")
+    identical = not missing and all(r["differing_tensors"] == 0 for r in report.values())
+    return {"identical": identical, "categories": report, "missing": missing[:8], "missing_count": len(missing)}
+
+
+def state_differs(report: dict, categories: tuple[str, ...] = ()) -> list[str]:
+    """The categories of a compare_state report (of one worker) whose bytes differ (all, or those
+    starting with one of ``categories``)."""
+    return sorted(cat for cat, r in report["categories"].items()
+                  if r["differing_tensors"] and (not categories or cat.startswith(categories)))
