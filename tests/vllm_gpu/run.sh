@@ -74,7 +74,7 @@ in_budget() {  # SUITE_BUDGET_S: no engine run starts later than that many secon
 run_script() {  # run_script ours|stock SCRIPT ARGS...: one engine run, then its report
   in_budget "$@" || return 0
   local who=$1 t0=$SECONDS title="vLLM $VLLM_VERSION $(basename "$2") ${*:3} ($(date -u +%T))"
-  engine_run "$who" "$OUT/engine.tmp" "$@"
+  engine_run "$who" "$OUT/engine.tmp" "${@:2}"
   report "$who" "$OUT/engine.tmp" "$title" "$((SECONDS - t0)) s"
 }
 FEATURE_RUNS=()  # "who feature" of the features scenario's runs
