@@ -100,6 +100,7 @@ class CountingBackend final : public vse::DeviceBackend {
     if (map_fault.fire()) throw vse::Error("injected: map");
     ++maps;
     inner_->map(device, address, size, handle);
+    log_event('m', address);
   }
   void unmap(int device, uintptr_t address, uint64_t size) override {
     ++unmaps;
@@ -114,6 +115,7 @@ class CountingBackend final : public vse::DeviceBackend {
   void unpin(int device, void* host) override { inner_->unpin(device, host); }
   void enqueue_copies(int device, vse::CopyDirection direction, const std::vector<vse::CopySpan>& spans) override {
     inner_->enqueue_copies(device, direction, spans);
+    if (!spans.empty()) log_event('c', spans.front().device);
   }
   void wait_copies(int device) override { inner_->wait_copies(device); }
   void fill(int device, uintptr_t address, uint64_t bytes, uint8_t value) override {
@@ -146,7 +148,16 @@ class CountingBackend final : public vse::DeviceBackend {
     auto it = reserved_.find(base);
     return it == reserved_.end() ? 0 : it->second;
   }
-  void reset_counts() { creates = maps = unmaps = releases = syncs = 0; }
+  void reset_counts() {
+    creates = maps = unmaps = releases = syncs = 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.clear();
+  }
+  // Maps ('m') and copy enqueues ('c', at the device address of the first span) in call order.
+  std::vector<std::pair<char, uintptr_t>> events() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return events_;
+  }
   vse::DeviceBackend& inner() { return *inner_; }
 
  private:
@@ -154,6 +165,12 @@ class CountingBackend final : public vse::DeviceBackend {
   vse::AsyncHostBackend* async_ = nullptr;
   std::mutex mutex_;
   std::map<uintptr_t, uint64_t> reserved_;
+  std::vector<std::pair<char, uintptr_t>> events_;
+
+  void log_event(char kind, uintptr_t address) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.emplace_back(kind, address);
+  }
 };
 
 struct Fixture {
@@ -681,6 +698,36 @@ void test_dense_slab_sleeps_and_wakes_with_one_handle() {
   }
 }
 
+// Issue 17, item 1. A wake's copies are what the user waits for; memory with nothing to copy back (the
+// KV cache) is mapped while they run, not before them: every copy is enqueued before the first map of
+// an allocation that has no backup, whatever the order of their addresses.
+void test_wake_starts_every_copy_before_mapping_memory_without_a_backup() {
+  auto f = make(true, kSlab);
+  Allocator& a = *f.allocator;
+  std::vector<Row> weights;
+  std::set<uintptr_t> kv;
+  for (uint64_t i = 0; i < 4; ++i) {
+    kv.insert(a.allocate(48 * MiB, 0, "kv_cache"));  // own memory, between the weights
+    weights.push_back({a.allocate(40 * MiB, 0, "weights"), 40 * MiB, "weights", 90 + i});
+    fill(weights.back().p, weights.back().n, weights.back().seed);
+    weights.push_back({a.allocate(2 * MiB, 0, "weights"), 2 * MiB, "weights", 95 + i});  // slab rows
+    fill(weights.back().p, weights.back().n, weights.back().seed);
+  }
+  a.sleep({"weights"}, {}, {});
+  f.backend->reset_counts();
+  a.wake(std::nullopt);
+  const auto events = f.backend->events();
+  size_t last_copy = 0, first_kv_map = events.size(), copies = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i].first == 'c') last_copy = i, ++copies;
+    if (events[i].first == 'm' && kv.count(events[i].second) && first_kv_map == events.size()) first_kv_map = i;
+  }
+  CHECK(copies >= 5);  // four 40 MiB allocations and the slab
+  CHECK(first_kv_map < events.size());
+  CHECK(last_copy < first_kv_map);
+  for (const Row& r : weights) CHECK(matches(r.p, r.n, r.seed));
+}
+
 // Issue 16, item 1. PyTorch frees from empty_cache() without synchronizing; work still queued on the
 // device may read a freed row. The next allocation must not get that range before the device is done
 // with it: here a pending copy reads the row while a new allocation writes at once.
@@ -814,6 +861,8 @@ const Test kTests[] = {
      test_free_of_a_mapped_row_makes_no_driver_call_and_settle_does},
     {"sparse_slab_wakes_with_only_its_rows_memory", test_sparse_slab_wakes_with_only_its_rows_memory},
     {"allocate_that_may_not_synchronize_never_does", test_allocate_that_may_not_synchronize_never_does},
+    {"wake_starts_every_copy_before_mapping_memory_without_a_backup",
+     test_wake_starts_every_copy_before_mapping_memory_without_a_backup},
 };
 
 }  // namespace
