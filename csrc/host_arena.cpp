@@ -24,32 +24,58 @@ namespace {
 
 constexpr uint64_t kHugePage = 2ull << 20;
 constexpr uint64_t kPage = 4096;
+// Room to grow beyond the capacity asked for: a quarter, at least 1 GiB (vLLM 0.33's level 1 backs up
+// the runtime and CUDA-graph pools beside the weights; on a small model they can outweigh a quarter).
+constexpr uint64_t kMinGrowthBytes = 1ull << 30;
+constexpr uint64_t kMaxArenaBytes = 1ull << 56;  // far beyond any host; keeps the arithmetic from overflow
 
 uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
 }  // namespace
 
 HostArena::HostArena(DeviceBackend& backend, int device, uint64_t capacity)
-    : backend_(backend), device_(device), fork_epoch_(fork_epoch()), capacity_(round_up(std::max<uint64_t>(capacity, 1), kPage)) {
+    : backend_(backend), device_(device), fork_epoch_(fork_epoch()) {
+  if (capacity > kMaxArenaBytes)
+    throw HostOutOfMemory("cannot reserve " + format_bytes(capacity) + " of host memory for backups: more than " +
+                          "the address space holds");
   // Capacity is rounded to pages only, so host memory stays within a page of the backup; the start is
   // huge-page aligned, so all but the tail can be backed by huge pages.
-  // Over-reserve by one huge page so the arena starts on a huge-page boundary.
-  mapping_bytes_ = capacity_ + kHugePage;
-  mapping_ = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  capacity_ = round_up(std::max<uint64_t>(capacity, 1), kPage);
+  max_capacity_ = round_up(capacity_ + std::max(capacity_ / 4, kMinGrowthBytes), kHugePage);
+  // Over-reserve by one huge page so the arena starts on a huge-page boundary. PROT_NONE: address space
+  // only, no commit charge; the capacity is opened below and by extend().
+  mapping_bytes_ = max_capacity_ + kHugePage;
+  mapping_ = mmap(nullptr, mapping_bytes_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mapping_ == MAP_FAILED) {
     mapping_ = nullptr;
     throw HostOutOfMemory("cannot reserve " + format_bytes(capacity_) + " of host memory for backups: mmap: " +
                           std::strerror(errno));
   }
   base_ = reinterpret_cast<uint8_t*>(round_up(reinterpret_cast<uintptr_t>(mapping_), kHugePage));
-  madvise(base_, capacity_, MADV_HUGEPAGE);  // a hint; without THP it is only slower
-  if (madvise(mapping_, mapping_bytes_, MADV_DONTFORK) != 0) {
+  auto fail = [&](const std::string& what) {
     const int error = errno;
     munmap(mapping_, mapping_bytes_);
     mapping_ = nullptr;
-    throw HostOutOfMemory("cannot keep " + format_bytes(capacity_) + " of host backup memory out of forked " +
-                          "children: madvise(MADV_DONTFORK): " + std::strerror(error));
-  }
+    throw HostOutOfMemory(what + std::strerror(error));
+  };
+  // The whole reservation, so that what extend() opens is kept from children and huge-page backed too.
+  if (madvise(mapping_, mapping_bytes_, MADV_DONTFORK) != 0)
+    fail("cannot keep " + format_bytes(capacity_) + " of host backup memory out of forked children: " +
+         "madvise(MADV_DONTFORK): ");
+  madvise(base_, max_capacity_, MADV_HUGEPAGE);  // a hint; without THP it is only slower
+  if (mprotect(base_, capacity_, PROT_READ | PROT_WRITE) != 0)
+    fail("cannot reserve " + format_bytes(capacity_) + " of host memory for backups: mprotect: ");
+}
+
+bool HostArena::extend(uint64_t new_capacity) {
+  if (new_capacity > max_capacity_) return false;
+  new_capacity = round_up(new_capacity, kPage);  // max_capacity_ is whole pages: still within it
+  if (new_capacity <= capacity_) return true;
+  if (mprotect(base_ + capacity_, new_capacity - capacity_, PROT_READ | PROT_WRITE) != 0)
+    throw HostOutOfMemory("cannot grow host memory for backups from " + format_bytes(capacity_) + " to " +
+                          format_bytes(new_capacity) + ": mprotect: " + std::strerror(errno));
+  capacity_ = new_capacity;
+  return true;
 }
 
 HostArena::~HostArena() {

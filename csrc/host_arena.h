@@ -8,6 +8,11 @@
 // copy it serves, so a first sleep would run at a twentieth of the PCIe limit. Here worker threads
 // fault pieces in (transparent huge pages, MADV_POPULATE_WRITE) and pin them (cuMemHostRegister), and
 // the caller copies each piece as soon as it is ready, so the three stages overlap.
+//
+// The arena's logical capacity lies inside a larger reservation of address space, so that it can grow
+// in place: the background preparation starts on the weights while vLLM has yet to allocate the other
+// pools its level 1 backs up, and growing keeps what is already resident and pinned. Past the capacity
+// the reservation is PROT_NONE, which costs neither memory nor commit charge until extend() opens it.
 #pragma once
 
 #include <atomic>
@@ -39,7 +44,8 @@ struct StagingTimes {
 
 class HostArena {
  public:
-  // Reserves `capacity` bytes (throws HostOutOfMemory); nothing is resident or pinned yet.
+  // Reserves address space for `capacity` bytes and room to grow (throws HostOutOfMemory); nothing is
+  // resident or pinned yet.
   HostArena(DeviceBackend& backend, int device, uint64_t capacity);
   ~HostArena();
   HostArena(const HostArena&) = delete;
@@ -54,7 +60,13 @@ class HostArena {
   static uint64_t piece_bytes(const StagingOptions& options);
 
   uint8_t* data() const { return base_; }
-  uint64_t capacity() const { return capacity_; }
+  uint64_t capacity() const { return capacity_; }          // logical: what is held and may be prepared
+  uint64_t max_capacity() const { return max_capacity_; }  // what extend() can grow it to
+
+  // Grows the capacity to `new_capacity` (rounded up to pages) within the reservation; the ready prefix
+  // stays ready. False, changing nothing, when it does not fit; true when it holds that much already.
+  // Throws HostOutOfMemory when the system refuses the memory. Not while prepare() runs.
+  bool extend(uint64_t new_capacity);
 
   // Makes [0, bytes) resident and pinned. `on_ready(begin, end)` runs on the calling thread, in address
   // order, for each stretch as it becomes ready; a stretch never crosses two pinned registrations. Throws HostOutOfMemory or Error, after which the arena
@@ -84,10 +96,11 @@ class HostArena {
   DeviceBackend& backend_;
   const int device_;
   const uint64_t fork_epoch_;  // of the process that made it: only that one gives it back
-  void* mapping_ = nullptr;
+  void* mapping_ = nullptr;  // the whole reservation, alignment slack included
   uint64_t mapping_bytes_ = 0;
   uint8_t* base_ = nullptr;
-  uint64_t capacity_ = 0;
+  uint64_t capacity_ = 0;      // [base_, base_ + capacity_) is readable and writable
+  uint64_t max_capacity_ = 0;  // [base_ + capacity_, base_ + max_capacity_) is reserved, PROT_NONE
   uint64_t ready_bytes_ = 0;  // this prefix is resident and pinned
 
   std::vector<ByteRange> pinned_;  // offsets of each registration, in address order

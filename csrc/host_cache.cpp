@@ -45,10 +45,12 @@ HostCache::HostCache(DeviceBackend& backend) : backend_(backend), fork_hook_([th
 void HostCache::forget_after_fork() {
   arenas_.clear();
   prepared_ = nullptr;
+  prepared_target_ = 0;
 }
 
 void HostCache::settle() {
   worker_.cancel_and_wait();
+  prepared_target_ = 0;  // a preparation cancelled part way promises nothing
   for (auto it = arenas_.begin(); it != arenas_.end();) {
     if (idle(*it) && (*it)->unusable()) {
       if (it->get() == prepared_) prepared_ = nullptr;
@@ -66,12 +68,28 @@ std::shared_ptr<HostArena> HostCache::smallest_idle(uint64_t bytes) const {
   return best;
 }
 
+std::shared_ptr<HostArena> HostCache::extendable_idle(uint64_t bytes) const {
+  std::shared_ptr<HostArena> best;
+  for (const auto& arena : arenas_) {
+    if (!idle(arena) || arena->max_capacity() < bytes) continue;
+    if (arena.get() == prepared_) return arena;  // it was made ready for the next sleep: grow that one
+    if (!best || arena->capacity() > best->capacity()) best = arena;
+  }
+  return best;
+}
+
+void HostCache::extend_to(HostArena& arena, uint64_t bytes) {
+  if (!arena.extend(bytes))  // extendable_idle() chose it because it fits
+    throw Error("host arena of " + format_bytes(arena.capacity()) + " cannot grow to " + format_bytes(bytes));
+}
+
 void HostCache::drop_prepared_unless(const HostArena* taken) {
   if (prepared_ && prepared_ != taken) {
     auto it = std::find_if(arenas_.begin(), arenas_.end(), [&](const auto& a) { return a.get() == prepared_; });
     if (it != arenas_.end() && idle(*it)) arenas_.erase(it);
   }
   prepared_ = nullptr;
+  prepared_target_ = 0;
 }
 
 std::shared_ptr<HostArena> HostCache::acquire(uint64_t bytes, int device, const AllocatorOptions& options) {
@@ -91,10 +109,20 @@ std::shared_ptr<HostArena> HostCache::acquire(uint64_t bytes, int device, const 
     // Its memory is held anyway, and pinned or about to be, so the copies start at once.
     arena = smallest_idle(bytes);
     if (!arena) {
-      if (limit != 0 && held_bytes() + bytes > limit)
-        arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
-      arena = std::make_shared<HostArena>(backend_, device, bytes);
-      arenas_.push_back(arena);
+      // Growing an idle arena keeps what of it is ready; a new one starts from nothing.
+      std::shared_ptr<HostArena> grown = extendable_idle(bytes);
+      const uint64_t held_after = held_bytes() - (grown ? grown->capacity() : 0) + bytes;
+      if (limit != 0 && held_after > limit)  // the other idle arenas go (in_use + bytes fits: checked above)
+        arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(),
+                                     [&](const auto& a) { return idle(a) && a != grown; }),
+                      arenas_.end());
+      if (grown) {
+        extend_to(*grown, bytes);
+        arena = std::move(grown);
+      } else {
+        arena = std::make_shared<HostArena>(backend_, device, bytes);
+        arenas_.push_back(arena);
+      }
     }
   }
   drop_prepared_unless(arena.get());
@@ -189,43 +217,59 @@ void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const Stagin
 void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
                         std::unique_lock<std::mutex>& lock) {
   if (bytes == 0) return;
+  // vLLM leaves the CUDA-graph pool once per captured graph, each time with a few bytes more: while the
+  // preparation under way covers them, it goes on undisturbed.
+  if (!wait && prepared_ && bytes <= prepared_target_ && !prepared_->unusable()) return;
   settle();
+  // Half a percent over `bytes`: the sleep may back up a little more (preserved buffers of other
+  // tags) and still take this arena, which stays within 1% of its backup.
+  const uint64_t capacity = round_up(bytes + bytes / 200, 4096);
   std::shared_ptr<HostArena> arena = smallest_idle(bytes);
+  if (!arena) arena = extendable_idle(capacity);  // a preparation started for fewer bytes goes on from its ready part
   drop_prepared_unless(arena.get());
-  if (!arena) {
-    // Half a percent over `bytes`: the sleep may back up a little more (preserved buffers of other
-    // tags) and still take this arena, which stays within 1% of its backup.
-    const uint64_t capacity = round_up(bytes + bytes / 200, 4096);
+  if (!arena || arena->capacity() < bytes) {
     try {
       const uint64_t limit = options.host_memory_limit;
-      if (limit != 0 && held_bytes() + capacity > limit)
+      const uint64_t held_after = held_bytes() - (arena ? arena->capacity() : 0) + capacity;
+      if (limit != 0 && held_after > limit)
         throw HostOutOfMemory("preparing " + format_bytes(capacity) + " of host memory for backups would pass the " +
                               "host memory limit of " + format_bytes(limit));
-      arena = std::make_shared<HostArena>(backend_, device, capacity);
+      if (arena) {
+        extend_to(*arena, capacity);
+      } else {
+        arena = std::make_shared<HostArena>(backend_, device, capacity);
+        arenas_.push_back(arena);
+      }
     } catch (const std::exception& e) {
       worker_.set_error(e.what());
       if (wait) throw;
       return;
     }
-    arenas_.push_back(arena);
   }
   prepared_ = arena.get();
-  if (arena->ready_bytes() >= bytes) return;  // an idle arena already ready
+  // Up to the margin, so that a few bytes more later need no new start (see above).
+  const uint64_t target = std::min(capacity, arena->capacity());
+  prepared_target_ = target;
+  if (arena->ready_bytes() >= target) return;  // an idle arena already ready
 
   StagingOptions staging = options.staging;
   const uint64_t rate = wait ? 0 : options.host_prepare_rate;
   if (!wait) staging.threads = 1;
-  std::function<void(const std::atomic<bool>&)> job = [arena, bytes, staging, rate](const std::atomic<bool>& cancelled) {
+  std::function<void(const std::atomic<bool>&)> job = [arena, target, staging, rate](const std::atomic<bool>& cancelled) {
     try {
-      prepare_in_pieces(*arena, bytes, staging, rate, cancelled);
+      prepare_in_pieces(*arena, target, staging, rate, cancelled);
     } catch (...) {
       arena->mark_unusable();
       throw;
     }
   };
+  const HostArena* const preparing = arena.get();
   arena.reset();
   const bool posted = worker_.post(job);
-  if (!wait) return;
+  if (!wait) {
+    if (!posted) prepared_target_ = 0;  // dropped: nothing is under way, and the next call tries again
+    return;
+  }
   lock.unlock();
   if (!posted) job(std::atomic<bool>{false});  // no thread could start: do it here
   job = nullptr;  // its arena goes back before settle() looks at it
@@ -233,6 +277,7 @@ void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOp
   lock.lock();
   settle();
   if (!prepared_) throw HostOutOfMemory("cannot prepare host memory for backups: " + worker_.take_error());
+  if (prepared_ == preparing) prepared_target_ = target;  // done (unless another call came in meanwhile)
 }
 
 void HostCache::wait() { worker_.wait(); }

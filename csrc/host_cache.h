@@ -17,7 +17,11 @@
 // copies into it while it pins the rest.
 // A backup, and a preparation, take the smallest idle arena that holds their bytes, and make ready
 // what of it is not: a level-2 sleep's small backup goes into the arena a level-1 sleep left, and a
-// second prepare_host() finishes the idle arena instead of pinning a second one beside it.
+// second prepare_host() finishes the idle arena instead of pinning a second one beside it. When none
+// holds them, an idle arena that can grow in place (the prepared one first, else the largest) grows,
+// keeping what of it is ready: vLLM 0.33's level 1 backs up the runtime and CUDA-graph pools beside
+// the weights, allocated after the preparation for the weights began, and the preparation restarted
+// for all of them goes on where it was instead of pinning everything again in a second arena.
 // An arena made ready by prepare_host() is exempt from the policy until a sleep takes it: it exists to
 // be ready. A sleep that takes another arena drops it (it would only hold host memory twice over).
 //
@@ -58,8 +62,8 @@ class HostCache {
   // Before a sleep: no background job runs after this, and arenas a failed job left are gone.
   void settle();
   // The arena a sleep backs up `bytes` into (none for 0 bytes): the smallest idle one that holds them,
-  // else a new one. Throws HostOutOfMemory past options.host_memory_limit, changing nothing. A
-  // prepared arena it does not hand out goes.
+  // else an idle one grown to them, else a new one. Throws HostOutOfMemory past
+  // options.host_memory_limit, changing nothing. A prepared arena it does not hand out goes.
   std::shared_ptr<HostArena> acquire(uint64_t bytes, int device, const AllocatorOptions& options);
   // A sleep failed before releasing anything, with `arena` perhaps half prepared: it goes.
   void forget_failed(const std::shared_ptr<HostArena>& arena);
@@ -70,10 +74,10 @@ class HostCache {
   uint64_t held_bytes() const;    // host memory held, cached arenas included
   uint64_t pinned_bytes() const;  // of held_bytes(), what is pinned now
   void release_idle();            // every arena no backup uses goes, the prepared one too
-  // Makes the smallest idle arena that holds `bytes` (else a new one) resident and pinned up to them,
-  // so the next sleep of that size copies at once. In the background (throttled by
-  // options.host_prepare_rate) unless `wait`, when it unlocks `lock` (the owner's) while it waits and
-  // throws if the memory could not be made ready; a background failure is kept for take_error().
+  // Makes the smallest idle arena that holds `bytes` (else one grown to them, else a new one) resident
+  // and pinned up to them, so the next sleep of that size copies at once. In the background (throttled
+  // by options.host_prepare_rate) unless `wait`, when it unlocks `lock` (the owner's) while it waits
+  // and throws if the memory could not be made ready; a background failure is kept for take_error().
   // Reads `options` only before it first unlocks.
   void prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
                std::unique_lock<std::mutex>& lock);
@@ -89,6 +93,9 @@ class HostCache {
 
  private:
   std::shared_ptr<HostArena> smallest_idle(uint64_t bytes) const;
+  // An idle arena that can grow to hold `bytes` (HostArena::extend): the prepared one, else the largest.
+  std::shared_ptr<HostArena> extendable_idle(uint64_t bytes) const;
+  static void extend_to(HostArena& arena, uint64_t bytes);
   void drop_prepared_unless(const HostArena* taken);
   void post_reclaim(const std::shared_ptr<HostArena>& arena, uint64_t keep_pinned);
   void forget_after_fork();
@@ -96,6 +103,7 @@ class HostCache {
   DeviceBackend& backend_;
   std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
   const HostArena* prepared_ = nullptr;             // made ready by prepare(), not yet taken by a sleep
+  uint64_t prepared_target_ = 0;  // what of prepared_ its preparation makes ready (0: none is under way or done)
   HostWorker worker_;  // after arenas_, so its jobs (which hold arenas) end before arenas_ goes
   ForkChildHook fork_hook_;
 };

@@ -217,3 +217,49 @@ def test_graph_capture_is_not_broken_by_a_background_prepare(alloc: CuMemAllocat
         core.host_prepare_rate, core.staging_piece_bytes = saved
         alloc.release_host_cache()
     assert captures > 20, f"only {captures} captures overlapped the prepare"
+
+
+def test_first_level1_sleep_finds_host_memory_ready_for_weights_runtime_and_cudagraph(alloc) -> None:
+    """vLLM 0.33's level 1 backs up the runtime and CUDA-graph pools beside the weights: the host memory
+    prepared in the background (on leaving each pool) covers all three in one arena, so the first sleep
+    makes no host memory ready itself (it covered the weights only: a second arena, pinned in the sleep)."""
+    core = alloc._core
+    alloc.release_host_cache()
+    saved = alloc.prepare_host
+    alloc.prepare_host = True
+    try:
+        weights = make_tensors("weights", alloc, seed=8)
+        with alloc.use_memory_pool(tag="runtime"):
+            runtime = torch.randint(0, 256, (48 * MiB,), dtype=torch.uint8, device="cuda")
+        with alloc.use_memory_pool(tag="weights"):
+            w = torch.randn(1024, 1024, device="cuda")
+        static_in = torch.randn(64, 1024, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.relu(static_in @ w)  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs, outs = [], []
+        for _ in range(3):  # vLLM leaves the graph pool once per captured graph
+            graph = torch.cuda.CUDAGraph()
+            with alloc.cudagraph_pool() as pool_id:
+                with torch.cuda.graph(graph, pool=pool_id):
+                    outs.append(torch.relu(static_in @ w).mul_(2))
+            graphs.append(graph)
+        for graph in graphs:
+            graph.replay()
+        expected = [t.cpu() for t in weights + [runtime] + outs]
+        core.wait_host()
+        assert core.host_error() == ""
+        alloc.sleep(offload_tags=("weights", "runtime", "cudagraph"))
+        stats = alloc.stats()
+        s = stats.last_sleep
+        assert (s.populate_seconds, s.pin_seconds) == (0, 0), "host memory was made ready during the sleep"
+        assert stats.host_bytes <= s.bytes_copied * 1.01, "one arena of about the backup's size"
+        overwrite_free_gpu_memory()
+        alloc.wake_up()
+        assert all(torch.equal(t.cpu(), e) for t, e in zip(weights + [runtime] + outs, expected))
+        del graphs
+    finally:
+        alloc.prepare_host = saved
+        alloc.release_host_cache()

@@ -361,3 +361,59 @@ def test_leaving_the_weights_pool_again_or_preparing_after_a_cycle_keeps_one_are
     assert alloc.stats().host_bytes == held
     assert alloc._core.host_pinned_bytes() <= held
     assert torch.equal(w, torch.arange(4 << 20, dtype=torch.float32))
+
+
+def test_first_level1_sleep_of_weights_runtime_and_cudagraph_finds_one_arena_ready(monkeypatch):
+    """vLLM 0.33's level 1 backs up "runtime" and "cudagraph" beside "weights": the preparation made on
+    leaving the weights pool was too small, and the first sleep populated and pinned a second arena."""
+    import torch
+
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_PREPARE_HOST", "1")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=256 * MiB)  # a slab of its own for each tag
+    alloc._core.staging_piece_bytes = 2 * MiB
+    tensors = []
+    for tag, mib in (("weights", 16), ("runtime", 4), ("cudagraph", 2)):
+        with alloc.use_memory_pool(tag):
+            t = alloc.empty((mib * MiB // 4,), torch.float32)
+            t.copy_(torch.arange(t.numel(), dtype=torch.float32) * len(tensors))
+            tensors.append(t)
+    alloc._core.wait_host()
+    assert alloc._core.host_error() == ""
+    expected = [t.clone() for t in tensors]
+    alloc.sleep(offload_tags=("weights", "runtime", "cudagraph"))
+    stats = alloc.stats()
+    s = stats.last_sleep
+    assert s.bytes_copied == 22 * MiB
+    assert (s.populate_seconds, s.pin_seconds) == (0, 0), "no host memory was made ready during the sleep"
+    assert 22 * MiB <= stats.host_bytes <= 22 * MiB * 1.01, "one arena of the backup's size, not two"
+    alloc.wake_up()
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+
+
+def test_preparation_restarted_for_a_later_pool_grows_the_same_arena_and_keeps_its_ready_part(monkeypatch):
+    import torch
+
+    from vllm_sleep_ext.allocator import CuMemAllocator
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_PREPARE_HOST", "1")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=256 * MiB)  # a slab of its own for each tag
+    alloc._core.staging_piece_bytes = 2 * MiB
+    alloc._core.host_prepare_rate = 8 * MiB  # 2 s for the weights: still under way when the runtime pool comes
+    with alloc.use_memory_pool("weights"):
+        w = alloc.empty((4 * MiB,), torch.float32)  # 16 MiB
+    time.sleep(0.3)
+    with alloc.use_memory_pool("runtime"):
+        r = alloc.empty((MiB,), torch.float32)  # 4 MiB
+    alloc._core.host_prepare_rate = 0  # as fast as it goes from here
+    alloc.prepare_host_backups()
+    assert alloc._core.host_error() == ""
+    held = alloc.stats().host_bytes
+    assert 20 * MiB <= held <= 20 * MiB * 1.01, "one arena, grown"
+    assert alloc._core.host_pinned_bytes() <= held
+    alloc.sleep(offload_tags=("weights", "runtime", "cudagraph"))
+    s = alloc.stats().last_sleep
+    assert (s.populate_seconds, s.pin_seconds) == (0, 0) and alloc.stats().host_bytes == held
+    alloc.wake_up()
+    del w, r

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # Tags vLLM gives its pools. wake_up(tags) also wakes every tag but the two vLLM wakes one by one.
 VLLM_TAGS = ("weights", "kv_cache", "runtime", "cudagraph", "workspace")
 SEPARATELY_WOKEN_TAGS = ("weights", "kv_cache")
+# What vLLM's level 1 backs up (0.33; 0.26 backs up "weights" only, and has no pools of the other two):
+# host memory is prepared ahead for all of them together.
+LEVEL1_OFFLOAD_TAGS = ("weights", "runtime", "cudagraph")
 
 Tags = Union[str, Sequence[str], None]
 GiB = float(1 << 30)
@@ -235,8 +238,8 @@ class CuMemAllocator:
                 yield
         finally:
             _core.set_thread_tag(previous)
-        if tag == "weights" and self.prepare_host:
-            self._prepare_host_backups(wait=False)
+        if tag in LEVEL1_OFFLOAD_TAGS and self.prepare_host:
+            self._prepare_host_backups(wait=False, quiet=tag != "weights")
 
     @contextmanager
     def _cuda_pool(self) -> Iterator[None]:
@@ -300,6 +303,8 @@ class CuMemAllocator:
                 yield pool.id
         finally:
             _core.set_thread_tag(previous)
+        if self.prepare_host:  # vLLM leaves it once per captured graph: cheap while the preparation covers it
+            self._prepare_host_backups(wait=False, quiet=True)
 
     def release_pools(self) -> None:
         """Drops the CUDA graph pool; PyTorch then frees the empty segments of every pool we made.
@@ -514,25 +519,29 @@ class CuMemAllocator:
         self._core.reclaimable_pinned_share = float(share)
 
     def prepare_host_backups(self) -> None:
-        """Makes host memory for a level-1 backup of the "weights" tag resident and pinned now, so the
-        first sleep copies at the speed of a warm one. Leaving use_memory_pool("weights") starts the
-        same work in the background, throttled, unless ``prepare_host`` is False
-        (env VLLM_SLEEP_EXT_PREPARE_HOST=0)."""
+        """Makes host memory for a level-1 backup (the tags of LEVEL1_OFFLOAD_TAGS: "weights", "runtime",
+        "cudagraph") resident and pinned now, so the first sleep copies at the speed of a warm one.
+        Leaving use_memory_pool() of one of those tags, or cudagraph_pool(), starts the same work in the
+        background, throttled, unless ``prepare_host`` is False (env VLLM_SLEEP_EXT_PREPARE_HOST=0); a
+        pool allocated later grows the memory being prepared and keeps what of it is ready."""
         self._prepare_host_backups(wait=True)
 
-    def _prepare_host_backups(self, wait: bool) -> None:
-        weights = [a for a in self._core.allocations() if a.tag == "weights" and a.state == "mapped"]
-        if not weights:
+    def _prepare_host_backups(self, wait: bool, quiet: bool = False) -> None:
+        mapped = [a for a in self._core.allocations() if a.tag in LEVEL1_OFFLOAD_TAGS and a.state == "mapped"]
+        if not mapped:
             return
-        nbytes = sum(a.size for a in weights)
+        nbytes = sum(a.size for a in mapped)
         try:
-            self._core.prepare_host(nbytes, weights[0].device, wait)
+            self._core.prepare_host(nbytes, mapped[0].device, wait)
         except _core.SleepExtError as e:
             if wait:
                 raise
             logger.warning("host memory for backups not prepared ahead (%s); the first sleep prepares it", e)
             return
-        logger.info("prepare host backups: %.2f GiB %s", nbytes / GiB, "ready" if wait else "started in the background")
+        # Restarts for the runtime and CUDA-graph pools (one per captured graph) say so at debug level only.
+        logger.log(logging.DEBUG if quiet else logging.INFO, "prepare host backups: %.2f GiB of %s %s",
+                   nbytes / GiB, "+".join(sorted({a.tag for a in mapped})),
+                   "ready" if wait else "started in the background")
 
     def _log_host_error(self) -> None:
         error = self._core.host_error()

@@ -141,7 +141,8 @@ HOST_POLICY = _one_of("VLLM_SLEEP_EXT_HOST_POLICY", ("pinned", "reclaimable", "r
 RECLAIMABLE_PINNED_SHARE = _float("VLLM_SLEEP_EXT_RECLAIMABLE_PINNED_SHARE", 0.0, 0.0, 1.0,
                                   "under `reclaimable`, the share of kept host memory that stays pinned")
 PREPARE_HOST = _bool("VLLM_SLEEP_EXT_PREPARE_HOST", None,
-                     "prepare host backup memory in the background once the weights are loaded",
+                     "prepare host backup memory for level 1 (weights, runtime, CUDA graphs) in the background "
+                     "as those pools are filled",
                      "on (CUDA), off (host backend)")
 SLAB_BYTES = _bytes("VLLM_SLEEP_EXT_SLAB_BYTES",
                     "size of the slabs small allocations share (0: one physical handle per allocation)",

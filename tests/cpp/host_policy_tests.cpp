@@ -1,6 +1,7 @@
 // Host policies and background host work (Allocator::prepare_host), over the host backend with pins
 // counted. Built as target `host_policy_tests`; tests/cpp/run_sanitizers.sh runs it under ASan, UBSan
 // and TSan after core_tests. Last line: "N passed, M failed".
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,10 +9,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,6 +34,7 @@ struct PinLedger {
   std::mutex mutex;
   std::map<void*, uint64_t> pinned;
   long bad_unpins = 0;
+  uint64_t pinned_ever = 0;  // bytes of every pin so far: what pinning again would show
   uint64_t bytes() {
     std::lock_guard<std::mutex> lock(mutex);
     uint64_t total = 0;
@@ -56,6 +60,7 @@ class CountingBackend final : public vse::DeviceBackend {
   void pin(int, void* p, uint64_t n) override {
     std::lock_guard<std::mutex> lock(ledger_->mutex);
     ledger_->pinned[p] = n;
+    ledger_->pinned_ever += n;
   }
   void unpin(int, void* p) override {
     std::lock_guard<std::mutex> lock(ledger_->mutex);
@@ -405,6 +410,201 @@ void forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parent
   CHECK(ledger->bad_unpins == 0);
 }
 
+// ---- host arenas that grow in place (vLLM 0.33: level 1 backs up "runtime" and "cudagraph" too) -----
+
+constexpr uint64_t kGrowthTags = 22 * MiB;  // 16 MiB of weights, 4 of runtime, 2 of CUDA graphs
+
+// The permissions of the mapping that holds `address` in this process ("" when none does).
+std::string protection_at(const void* address) {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  while (std::getline(maps, line)) {
+    std::istringstream fields(line);
+    std::string range, perms;
+    fields >> range >> perms;
+    const size_t dash = range.find('-');
+    const uintptr_t begin = std::stoull(range.substr(0, dash), nullptr, 16);
+    const uintptr_t end = std::stoull(range.substr(dash + 1), nullptr, 16);
+    if (begin <= a && a < end) return perms.substr(0, 3);
+  }
+  return "";
+}
+
+void host_arena_extends_within_its_reservation_keeping_its_ready_part() {
+  auto ledger = std::make_shared<PinLedger>();
+  {
+    CountingBackend backend(ledger);
+    vse::HostArena arena(backend, 0, 16 * MiB + 4096);
+    CHECK(arena.capacity() == 16 * MiB + 4096);
+    CHECK(arena.max_capacity() >= 16 * MiB + 4096 + (1ull << 30));  // a quarter, at least 1 GiB, to grow
+    CHECK(protection_at(arena.data() + arena.capacity()) == "---");  // reserved only: no memory, no charge
+    const vse::StagingOptions staging{2, 2 * MiB};
+    arena.prepare(arena.capacity(), staging, [](uint64_t, uint64_t) {});
+    fill(reinterpret_cast<uintptr_t>(arena.data()), arena.capacity(), 60);
+    const uint64_t pinned = ledger->pinned_ever;
+    CHECK(pinned == 16 * MiB + 4096);
+
+    CHECK(arena.extend(24 * MiB + 1));
+    CHECK(arena.capacity() == 24 * MiB + 4096);  // whole pages
+    CHECK(arena.ready_bytes() == 16 * MiB + 4096);
+    CHECK(protection_at(arena.data() + 20 * MiB) == "rw-");
+    CHECK(protection_at(arena.data() + arena.capacity()) == "---");
+    uint64_t first = ~uint64_t(0), last = 0;
+    arena.prepare(arena.capacity(), staging, [&](uint64_t begin, uint64_t end) {
+      if (begin >= 16 * MiB + 4096) first = std::min(first, begin);
+      last = std::max(last, end);
+    });
+    CHECK(first == 16 * MiB + 4096 && last == arena.capacity());
+    CHECK(ledger->pinned_ever - pinned == 8 * MiB);  // only the new part was pinned
+    CHECK(holds(reinterpret_cast<uintptr_t>(arena.data()), 16 * MiB + 4096, 60));  // the old part kept its bytes
+    std::memset(arena.data() + 16 * MiB + 4096, 7, 8 * MiB);  // and the new part is writable
+
+    CHECK(arena.extend(MiB));  // holds that much already
+    CHECK(arena.capacity() == 24 * MiB + 4096);
+    const uint64_t max = arena.max_capacity();
+    CHECK(!arena.extend(max + 1));  // beyond the reservation: refused, nothing changed
+    CHECK(arena.capacity() == 24 * MiB + 4096);
+    CHECK(arena.extend(max));  // to its very end
+    CHECK(arena.capacity() == max);
+    arena.data()[max - 1] = 1;
+  }
+  CHECK(ledger->bytes() == 0);  // every registration went with the arena
+  CHECK(ledger->bad_unpins == 0);
+}
+
+// fork(): the child has none of the reservation, what was opened by extend() nor what is still reserved.
+void extended_host_arena_is_not_inherited_by_fork() {
+  vse::HostBackend backend;
+  vse::HostArena arena(backend, 0, 4 * MiB);
+  CHECK(arena.extend(8 * MiB));
+  arena.prepare(8 * MiB, {1, 2 * MiB}, [](uint64_t, uint64_t) {});
+  std::memset(arena.data(), 1, 8 * MiB);
+  uint8_t* const reserved_end = arena.data() + arena.max_capacity() - 4096;
+  CHECK(msync(reserved_end, 4096, MS_ASYNC) == 0);  // the parent holds the whole reservation
+  pid_t child = fork();
+  if (child == 0) {
+    int failures = 0;
+    for (uint8_t* p : {arena.data(), arena.data() + 6 * MiB, reserved_end})
+      if (!(msync(p, 4096, MS_ASYNC) != 0 && errno == ENOMEM)) failures |= 1;  // ENOMEM: not mapped here
+    _exit(failures);
+  }
+  int status = -1;
+  CHECK(child > 0 && waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  CHECK(arena.data()[6 * MiB] == 1);
+}
+
+struct GrowthTensors {
+  uintptr_t weights, runtime, cudagraph;
+};
+
+GrowthTensors allocate_growth_tags(vse::Allocator& a) {
+  GrowthTensors t{a.allocate(16 * MiB, 0, "weights"), a.allocate(4 * MiB, 0, "runtime"),
+                  a.allocate(2 * MiB, 0, "cudagraph")};
+  fill(t.weights, 16 * MiB, 71);
+  fill(t.runtime, 4 * MiB, 72);
+  fill(t.cudagraph, 2 * MiB, 73);
+  return t;
+}
+
+bool growth_tags_hold(const GrowthTensors& t) {
+  return holds(t.weights, 16 * MiB, 71) && holds(t.runtime, 4 * MiB, 72) && holds(t.cudagraph, 2 * MiB, 73);
+}
+
+// The weights' preparation was made for 16 MiB; the level-1 sleep backs up 22. It used to make and pin
+// a second arena during the sleep and drop the prepared one.
+void level1_sleep_grows_the_arena_prepared_for_the_weights() {
+  auto ledger = std::make_shared<PinLedger>();
+  {
+    auto a = make(ledger, vse::HostPolicy::Pinned);
+    const GrowthTensors t = allocate_growth_tags(*a);
+    a->prepare_host(16 * MiB, 0, /*wait=*/true);
+    const uint64_t pinned = ledger->pinned_ever;
+    CHECK(pinned >= 16 * MiB && a->host_bytes() < 17 * MiB);
+    a->sleep({"weights", "runtime", "cudagraph"}, {}, {});
+    CHECK(a->host_bytes() == kGrowthTags);                   // one arena, of the backup's size
+    CHECK(ledger->pinned_ever - pinned <= 6 * MiB + 2 * MiB);  // what it lacked, not all of it again
+    a->wake(std::nullopt);
+    CHECK(growth_tags_hold(t));
+  }
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
+// Leaving the runtime pool and the graph pool starts the preparation again, for more bytes: it goes on
+// in the same arena from what is ready, and the sleep then finds everything ready.
+void preparation_restarted_for_more_bytes_grows_the_same_arena() {
+  for (bool wait_first : {true, false}) {
+    auto ledger = std::make_shared<PinLedger>();
+    {
+      auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/wait_first ? 0 : 16 * MiB);
+      const GrowthTensors t = allocate_growth_tags(*a);
+      a->prepare_host(16 * MiB, 0, wait_first);
+      if (!wait_first) std::this_thread::sleep_for(std::chrono::milliseconds(300));  // under way
+      a->prepare_host(20 * MiB, 0, /*wait=*/false);
+      a->prepare_host(kGrowthTags, 0, /*wait=*/true);
+      CHECK(a->host_error().empty());
+      const uint64_t held = a->host_bytes();
+      CHECK(held >= kGrowthTags && held <= kGrowthTags + kGrowthTags / 100);  // one arena
+      CHECK(ledger->pinned_ever <= held);                                      // each byte pinned once
+      a->sleep({"weights", "runtime", "cudagraph"}, {}, {});
+      CHECK(a->last_sleep()->staging.populate_seconds == 0);
+      CHECK(a->last_sleep()->staging.pin_seconds == 0);
+      CHECK(a->host_bytes() == held);
+      a->wake(std::nullopt);
+      CHECK(growth_tags_hold(t));
+    }
+    CHECK(ledger->bytes() == 0);
+    CHECK(ledger->bad_unpins == 0);
+  }
+}
+
+// The host memory limit counts what an arena holds, not what it may grow to; a growth that would pass
+// it is refused like a new arena, and a sleep drops other idle arenas before it grows the prepared one.
+void arena_growth_keeps_to_the_host_memory_limit() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned);
+  const GrowthTensors t = allocate_growth_tags(*a);
+  uintptr_t other = a->allocate(8 * MiB, 0, "other");
+  vse::AllocatorOptions o = a->options();
+  o.host_memory_limit = 20 * MiB;
+  a->set_options(o);
+  a->prepare_host(16 * MiB, 0, /*wait=*/true);  // 16.08 MiB: within the limit, with room to grow
+  const uint64_t prepared = a->host_bytes();
+  CHECK_THROWS(a->prepare_host(kGrowthTags, 0, /*wait=*/true), vse::HostOutOfMemory);
+  CHECK(a->host_bytes() == prepared);  // not grown
+  CHECK_THROWS(a->sleep({"weights", "runtime", "cudagraph"}, {}, {}), vse::HostOutOfMemory);
+  CHECK(a->host_bytes() == prepared);
+  CHECK(growth_tags_hold(t));  // nothing was released
+
+  // An idle arena beside the prepared one: a sleep of "other" while the preparation is made.
+  o.host_memory_limit = 0;
+  a->set_options(o);
+  fill(other, 8 * MiB, 74);
+  a->release_host_cache();
+  a->sleep({"other"}, {}, {});  // its arena is in use: the preparation below makes a second one
+  a->prepare_host(16 * MiB, 0, /*wait=*/true);
+  a->wake(std::nullopt);
+  CHECK(holds(other, 8 * MiB, 74));
+  const uint64_t two = a->host_bytes();
+  CHECK(two >= 24 * MiB && two <= 25 * MiB);
+  o.host_memory_limit = 26 * MiB;  // 8 + 22 would pass it: the 8 MiB arena goes, the prepared one grows
+  a->set_options(o);
+  fill(t.weights, 16 * MiB, 71);
+  fill(t.runtime, 4 * MiB, 72);
+  fill(t.cudagraph, 2 * MiB, 73);
+  const uint64_t pinned = ledger->pinned_ever;
+  a->sleep({"weights", "runtime", "cudagraph"}, {}, {});
+  CHECK(a->host_bytes() == kGrowthTags);
+  CHECK(ledger->pinned_ever - pinned <= 6 * MiB + 2 * MiB);
+  a->wake(std::nullopt);
+  CHECK(growth_tags_hold(t));
+  a.reset();
+  CHECK(ledger->bytes() == 0);
+  CHECK(ledger->bad_unpins == 0);
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
@@ -425,6 +625,12 @@ const Test kTests[] = {
     {"prepare_host_after_a_cycle_reuses_the_idle_arena", prepare_host_after_a_cycle_reuses_the_idle_arena},
     {"forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread",
      forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread},
+    {"host_arena_extends_within_its_reservation_keeping_its_ready_part",
+     host_arena_extends_within_its_reservation_keeping_its_ready_part},
+    {"extended_host_arena_is_not_inherited_by_fork", extended_host_arena_is_not_inherited_by_fork},
+    {"level1_sleep_grows_the_arena_prepared_for_the_weights", level1_sleep_grows_the_arena_prepared_for_the_weights},
+    {"preparation_restarted_for_more_bytes_grows_the_same_arena", preparation_restarted_for_more_bytes_grows_the_same_arena},
+    {"arena_growth_keeps_to_the_host_memory_limit", arena_growth_keeps_to_the_host_memory_limit},
 };
 
 }  // namespace
