@@ -364,16 +364,26 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     for (const auto& [device, bytes] : needed)
       if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
   // A run is mapped once it fits; a wake that may wait tries again every millisecond until the
-  // deadline (Note [Allocation states], "A wake that waits for memory").
+  // deadline (Note [Allocation states], "A wake that waits for memory"). The free memory last seen
+  // is counted down, so the device is asked again only when a run seems not to fit.
+  std::map<int, uint64_t> room;  // device -> bytes free when last asked, less what was mapped since
+  auto fits = [&](int device, uint64_t bytes) {
+    auto it = room.find(device);
+    if (it == room.end() || it->second < bytes)
+      it = room.insert_or_assign(device, backend_->memory_info(device).free).first;
+    return it->second >= bytes;
+  };
   auto map_run = [&](Segment& s, const ByteRange& run) {
     for (;;) {
       std::string why;
-      if (wait_seconds == 0 || backend_->memory_info(s.device()).free >= run.size()) {
+      if (wait_seconds == 0 || fits(s.device(), run.size())) {
         try {
           timed(stats.map_seconds, [&] { s.map(run); });
+          if (wait_seconds != 0) room[s.device()] -= run.size();
           return;
         } catch (const DeviceOutOfMemory& e) {
           why = e.what();
+          room.erase(s.device());  // the device had less than it said: ask again
         }
       }
       if (wait_seconds == 0) throw no_room(s.device(), why);
