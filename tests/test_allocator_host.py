@@ -297,7 +297,7 @@ def test_wake_wait_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     w, _ = weights_asleep(alloc)
     with alloc.use_memory_pool(tag="other"):
         hog = alloc.empty((12 * MiB,), torch.uint8)
-    with pytest.raises(DeviceOutOfMemoryError, match=r"waited 0\.\d+ s for memory"):
+    with pytest.raises(DeviceOutOfMemoryError, match=r"waited \d+\.\d+ s for memory"):
         alloc.wake_up(["weights"])  # as vLLM calls it
     with pytest.raises(DeviceOutOfMemoryError) as at_once:
         alloc.wake_up(["weights"], wait_for_memory=0)
