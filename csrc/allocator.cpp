@@ -5,6 +5,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <set>
+#include <thread>
 
 #include "copy_pipeline.h"
 #include "errors.h"
@@ -317,8 +318,13 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   return stats;
 }
 
-OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
+OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, double wait_seconds) {
+  if (!(wait_seconds >= 0 && wait_seconds <= kMaxWakeWaitSeconds))
+    throw InvalidArgument("wake's wait for memory must be between 0 and " + std::to_string(kMaxWakeWaitSeconds) +
+                          " seconds, got " + std::to_string(wait_seconds));
   const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                    std::chrono::duration<double>(wait_seconds));
   std::lock_guard<std::mutex> lock(mutex_);
   settle_locked();
 
@@ -354,8 +360,41 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
                              " free. Nothing was changed: every backup and sleeping allocation is intact; "
                              "retry once memory is free" + (why.empty() ? "" : " (" + why + ")"));
   };
-  for (const auto& [device, bytes] : needed)
-    if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
+  if (wait_seconds == 0)
+    for (const auto& [device, bytes] : needed)
+      if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
+  // A run is mapped once it fits; a wake that may wait tries again every millisecond until the
+  // deadline (Note [Allocation states], "A wake that waits for memory"). The free memory last seen
+  // is counted down, so the device is asked again only when a run seems not to fit.
+  std::map<int, uint64_t> room;  // device -> bytes free when last asked, less what was mapped since
+  auto fits = [&](int device, uint64_t bytes) {
+    auto it = room.find(device);
+    if (it == room.end() || it->second < bytes)
+      it = room.insert_or_assign(device, backend_->memory_info(device).free).first;
+    return it->second >= bytes;
+  };
+  auto map_run = [&](Segment& s, const ByteRange& run) {
+    for (;;) {
+      std::string why;
+      if (wait_seconds == 0 || fits(s.device(), run.size())) {
+        try {
+          timed(stats.map_seconds, [&] { s.map(run); });
+          if (wait_seconds != 0) room[s.device()] -= run.size();
+          return;
+        } catch (const DeviceOutOfMemory& e) {
+          why = e.what();
+          room.erase(s.device());  // the device had less than it said: ask again
+        }
+      }
+      if (wait_seconds == 0) throw no_room(s.device(), why);
+      if (std::chrono::steady_clock::now() >= deadline) {
+        char waited[64];
+        std::snprintf(waited, sizeof waited, "waited %.3f s for memory", stats.wait_seconds);
+        throw no_room(s.device(), waited + (why.empty() ? "" : ": " + why));
+      }
+      timed(stats.wait_seconds, [] { std::this_thread::sleep_for(std::chrono::milliseconds(1)); });
+    }
+  };
 
   // Map each segment's runs and start the copies of its rows at once, so mapping the next overlaps
   // them; undo all of it if any step fails. (Driver calls on several threads were measured slower.)
@@ -381,11 +420,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags) {
     for (size_t k : order) {
       Segment& s = *segments[k].segment;
       for (const ByteRange& run : cover[k].ranges()) {
-        try {
-          timed(stats.map_seconds, [&] { s.map(run); });
-        } catch (const DeviceOutOfMemory& e) {
-          throw no_room(s.device(), e.what());
-        }
+        map_run(s, run);
         mapped.emplace_back(&s, run.begin);
         stats.bytes_device += run.size();
       }

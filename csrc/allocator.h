@@ -70,6 +70,20 @@
 // awake: the free part of the mapped runs is physical memory too (one partly filled slab per (device,
 // tag) as rows come, plus the holes freed rows leave until their run empties).
 //
+// A wake that waits for memory (wake's wait_seconds > 0; 0, the default, fails at once when the device
+// has less free than the wake needs). Two processes on one GPU can swap models faster than one after
+// the other: A's sleep (device to host) releases its KV cache at once and each backed-up segment as
+// soon as its copies are done, so B's wake (host to device) can map, and start copying into, what
+// fits as the memory comes free. Such a wake maps run after run in the usual order (backups first),
+// starting each one's copies at once; when the next run does not fit (the backend's free memory is
+// smaller, or create() reports the device full) it sleeps 1 ms and tries again, until the deadline.
+// Then it undoes what it mapped, as any failed wake does, and raises DeviceOutOfMemory saying how
+// long it waited: nothing lost, retryable. It holds mutex_ all the while, so only memory that another
+// process frees can end the wait: a free, allocate or settle of this allocator on another thread
+// waits for the wake to end (no deadlock: the wake ends by the deadline at the latest), and memory
+// this process's PyTorch caches outside our pools is not given back by it. vLLM calls sleep and wake
+// from one thread, and what it waits for is the other engine's sleep.
+//
 // Discarded bytes are never trusted: released physical memory often comes back holding its old
 // contents, which hides a lost buffer until someone else uses the card. A woken allocation holds only
 // what its backup put back; the rest is undefined. (The tests overwrite freed memory for that reason;
@@ -152,6 +166,7 @@ struct OpStats {
   double unmap_seconds = 0;    // sleep: cuMemUnmap
   double release_seconds = 0;  // sleep: cuMemRelease
   double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
+  double wait_seconds = 0;     // wake: waiting for device memory that another process frees
 };
 
 struct AllocatorOptions {
@@ -171,6 +186,7 @@ struct AllocatorOptions {
 };
 
 constexpr uint64_t kMaxSlabBytes = 4ull << 30;
+constexpr double kMaxWakeWaitSeconds = 3600;  // an hour: past that, a wait is a hang
 
 class Allocator {
  public:
@@ -199,7 +215,9 @@ class Allocator {
   OpStats sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                 const std::vector<ByteRange>& exclude);
   // Maps sleeping allocations of `tags` (all when empty optional) again and restores their backups.
-  OpStats wake(const std::optional<std::vector<std::string>>& tags);
+  // With `wait_seconds` > 0, waits up to that long for device memory to come free instead of failing
+  // at once (Note [Allocation states], "A wake that waits for memory").
+  OpStats wake(const std::optional<std::vector<std::string>>& tags, double wait_seconds = 0);
   void discard(const std::vector<std::string>& tags);
 
   std::vector<AllocationInfo> allocations() const;

@@ -9,7 +9,10 @@
 namespace vse {
 
 AsyncHostBackend::AsyncHostBackend(uint64_t capacity, unsigned max_delay_us, uint64_t seed)
-    : inner_(capacity), max_delay_us_(max_delay_us), rng_(seed) {
+    : AsyncHostBackend(std::make_shared<HostCard>(capacity), max_delay_us, seed) {}
+
+AsyncHostBackend::AsyncHostBackend(std::shared_ptr<HostCard> card, unsigned max_delay_us, uint64_t seed)
+    : inner_(std::move(card)), max_delay_us_(max_delay_us), rng_(seed) {
   worker_ = std::thread([this] { run(); });
 }
 

@@ -22,6 +22,8 @@ class AsyncHostBackend final : public DeviceBackend {
  public:
   // Each queued copy or fill waits a random 0..max_delay_us microseconds before it runs.
   explicit AsyncHostBackend(uint64_t capacity = 0, unsigned max_delay_us = 200, uint64_t seed = 1);
+  // On a card shared with other host backends (host_backend.h).
+  explicit AsyncHostBackend(std::shared_ptr<HostCard> card, unsigned max_delay_us = 200, uint64_t seed = 1);
   ~AsyncHostBackend() override;
 
   const char* name() const override { return "host-async"; }

@@ -90,7 +90,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("copy_wait_seconds", &vse::OpStats::copy_wait_seconds)
       .def_readonly("unmap_seconds", &vse::OpStats::unmap_seconds)
       .def_readonly("release_seconds", &vse::OpStats::release_seconds)
-      .def_readonly("map_seconds", &vse::OpStats::map_seconds);
+      .def_readonly("map_seconds", &vse::OpStats::map_seconds)
+      .def_readonly("wait_seconds", &vse::OpStats::wait_seconds);
 
   // Options and read-only views release the GIL while they wait for the core's lock, which a long
   // sleep holds; each setter changes its option in one locked step (update_options).
@@ -121,7 +122,7 @@ PYBIND11_MODULE(_core, m) {
   auto reclaimable_pinned_share = option([](auto& o) -> auto& { return o.reclaimable_pinned_share; });
 
   py::class_<vse::Allocator>(m, "Allocator")
-      .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0)
+      .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0, "card"_a = "")
       .def_property_readonly("backend", &vse::Allocator::backend_name)
       .def("malloc",
            [](vse::Allocator& a, int64_t size, int device, const std::string& tag, bool may_synchronize) {
@@ -144,7 +145,7 @@ PYBIND11_MODULE(_core, m) {
            },
            "offload_tags"_a, "preserve"_a = std::vector<std::pair<uintptr_t, uint64_t>>{},
            "exclude"_a = std::vector<std::pair<uintptr_t, uint64_t>>{})
-      .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), Release())
+      .def("wake", &vse::Allocator::wake, "tags"_a = py::none(), "wait_seconds"_a = 0.0, Release())
       .def("discard", &vse::Allocator::discard, "tags"_a, Release())
       .def("allocations", &vse::Allocator::allocations, Release())
       .def("tag_stats", &vse::Allocator::tag_stats, Release())

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 
 #include "errors.h"
@@ -49,23 +50,41 @@ void HostBackend::unreserve(int, uintptr_t address, uint64_t size) {
   if (munmap(reinterpret_cast<void*>(address), size) != 0) throw Error(errno_text("munmap"));
 }
 
+std::shared_ptr<HostCard> HostCard::named(const std::string& name, uint64_t capacity) {
+  if (capacity == 0) throw InvalidArgument("a shared host card needs a capacity (card '" + name + "')");
+  static std::mutex mutex;
+  static std::map<std::string, std::weak_ptr<HostCard>> cards;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<HostCard> card = cards[name].lock();
+  if (!card) {
+    card = std::make_shared<HostCard>(capacity);
+    cards[name] = card;
+  } else if (card->capacity != capacity) {
+    throw InvalidArgument("host card '" + name + "' has " + format_bytes(card->capacity) + ", not " +
+                          format_bytes(capacity));
+  }
+  return card;
+}
+
 PhysicalHandle HostBackend::create(int device, uint64_t size) {
   check_device(device);
-  if (capacity_ != 0) {
-    uint64_t used = used_.load();
+  const uint64_t capacity = card_->capacity;
+  std::atomic<uint64_t>& taken = card_->used;
+  if (capacity != 0) {
+    uint64_t used = taken.load();
     do {
-      if (used + size > capacity_)
+      if (used + size > capacity)
         throw DeviceOutOfMemory("host backend: " + format_bytes(size) + " asked, " +
-                                format_bytes(capacity_ - used) + " free of " + format_bytes(capacity_));
-    } while (!used_.compare_exchange_weak(used, used + size));
+                                format_bytes(capacity - used) + " free of " + format_bytes(capacity));
+    } while (!taken.compare_exchange_weak(used, used + size));
   } else {
-    used_ += size;
+    taken += size;
   }
   int fd = make_memfd();
   if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) {
     std::string why = errno_text(fd < 0 ? "memfd_create" : "ftruncate");
     if (fd >= 0) close(fd);
-    used_ -= size;
+    taken -= size;
     throw DeviceOutOfMemory("host backend: " + why);
   }
   std::lock_guard<std::mutex> lock(mutex_);
@@ -79,7 +98,7 @@ void HostBackend::release(int, PhysicalHandle handle) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = sizes_.find(fd);
     if (it == sizes_.end()) throw InvalidArgument("host backend: release of unknown handle " + std::to_string(fd));
-    used_ -= it->second;
+    card_->used -= it->second;
     sizes_.erase(it);
   }
   if (close(fd) != 0) throw Error(errno_text("close(memfd)"));
@@ -100,7 +119,7 @@ void HostBackend::unmap(int, uintptr_t address, uint64_t size) {
 
 MemoryInfo HostBackend::memory_info(int device) {
   check_device(device);
-  if (capacity_ != 0) return {capacity_ - used_.load(), capacity_};
+  if (card_->capacity != 0) return {card_->capacity - card_->used.load(), card_->capacity};
   // Page cache can be reclaimed, so "free" is MemAvailable, as the kernel estimates it.
   uint64_t available = 0, total = 0;
   if (FILE* f = std::fopen("/proc/meminfo", "r")) {

@@ -6,16 +6,32 @@
 #pragma once
 
 #include <atomic>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "backend.h"
 
 namespace vse {
 
+// The device memory of a simulated card. Host backends of one card share its capacity, as processes
+// share a GPU: two allocators on one card stand for two processes (a wake waiting for memory that
+// another process's sleep frees).
+struct HostCard {
+  explicit HostCard(uint64_t capacity) : capacity(capacity) {}
+  const uint64_t capacity;  // 0: only the host's memory limits it
+  std::atomic<uint64_t> used{0};
+
+  // The card of that name while any backend uses it, else a new one of `capacity` (which must be
+  // positive, and the same as the existing card's).
+  static std::shared_ptr<HostCard> named(const std::string& name, uint64_t capacity);
+};
+
 class HostBackend final : public DeviceBackend {
  public:
-  explicit HostBackend(uint64_t capacity = 0) : capacity_(capacity) {}
+  explicit HostBackend(uint64_t capacity = 0) : card_(std::make_shared<HostCard>(capacity)) {}
+  explicit HostBackend(std::shared_ptr<HostCard> card) : card_(std::move(card)) {}
 
   const char* name() const override { return "host"; }
   int device_count() override { return 1; }
@@ -43,8 +59,7 @@ class HostBackend final : public DeviceBackend {
  private:
   void check_device(int device) const;
 
-  const uint64_t capacity_;
-  std::atomic<uint64_t> used_{0};
+  const std::shared_ptr<HostCard> card_;
   std::mutex mutex_;
   std::unordered_map<int, uint64_t> sizes_;  // memfd -> bytes, to give capacity back on release
 };

@@ -76,12 +76,16 @@ void process_free_or_warn(uintptr_t address) noexcept {
 }  // namespace vse
 
 namespace vse {
-std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity) {
+std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity, const std::string& card) {
+  if (!card.empty() && backend == "cuda") throw InvalidArgument("a shared card is for the host backends only");
+  auto host_card = [&] {
+    return card.empty() ? std::make_shared<HostCard>(capacity) : HostCard::named(card, capacity);
+  };
   std::unique_ptr<Allocator> allocator;
   if (backend == "host")
-    allocator = std::make_unique<Allocator>(std::make_unique<HostBackend>(capacity));
+    allocator = std::make_unique<Allocator>(std::make_unique<HostBackend>(host_card()));
   else if (backend == "host-async")
-    allocator = std::make_unique<Allocator>(std::make_unique<AsyncHostBackend>(capacity));
+    allocator = std::make_unique<Allocator>(std::make_unique<AsyncHostBackend>(host_card()));
   else if (backend == "cuda")
     allocator = std::make_unique<Allocator>(std::make_unique<CudaBackend>());
   else

@@ -34,6 +34,7 @@ void process_free_or_warn(uintptr_t address) noexcept;
 
 namespace vse {
 // A new allocator over the named backend: "host", "host-async" (copies complete later, on a thread, as on
-// a GPU) or "cuda"; `capacity` applies to the host ones only.
-std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity);
+// a GPU) or "cuda"; `capacity` applies to the host ones only. Host backends given the same `card` name
+// share one simulated card of `capacity`, as processes share a GPU ("": a card of their own).
+std::unique_ptr<Allocator> make_allocator(const std::string& backend, uint64_t capacity, const std::string& card = "");
 }  // namespace vse

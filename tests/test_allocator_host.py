@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import pytest
 import torch
@@ -245,13 +246,19 @@ def test_bad_tags_are_rejected_with_the_reason(alloc: CuMemAllocator, bad, error
         alloc.wake_up(bad)
 
 
-def test_wake_without_room_names_tag_and_bytes_and_can_be_retried() -> None:
-    alloc = CuMemAllocator(backend="host", capacity_bytes=16 * MiB)
+def weights_asleep(alloc: CuMemAllocator) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 MiB of random "weights" put to sleep with a backup; the tensor and a copy of its bytes."""
     with alloc.use_memory_pool(tag="weights"):
         w = alloc.empty((8 * MiB,), torch.uint8)
     w.copy_(torch.randint(0, 256, (8 * MiB,), dtype=torch.uint8))
     expected = w.clone()
     alloc.sleep(offload_tags=("weights",))
+    return w, expected
+
+
+def test_wake_without_room_names_tag_and_bytes_and_can_be_retried() -> None:
+    alloc = CuMemAllocator(backend="host", capacity_bytes=16 * MiB)
+    w, expected = weights_asleep(alloc)
     with alloc.use_memory_pool(tag="other"):
         hog = alloc.empty((12 * MiB,), torch.uint8)
     with pytest.raises(DeviceOutOfMemoryError, match=r"cannot wake tag 'weights'.*needs 8\.00 MiB.*free"):
@@ -261,6 +268,43 @@ def test_wake_without_room_names_tag_and_bytes_and_can_be_retried() -> None:
     gc.collect()
     alloc.wake_up(["weights"])
     assert torch.equal(w, expected)
+
+
+def test_wake_up_waits_for_memory_another_engine_frees(caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18: engine B wakes while engine A, on the same card, is going to sleep.
+    engine_a = CuMemAllocator(backend="host", capacity_bytes=32 * MiB, card="two-engines")
+    engine_b = CuMemAllocator(backend="host", capacity_bytes=32 * MiB, card="two-engines")
+    w, expected = weights_asleep(engine_b)
+    with engine_a.use_memory_pool(tag="kv_cache"):
+        kv = engine_a.empty((28 * MiB,), torch.uint8)
+    with pytest.raises(DeviceOutOfMemoryError, match="cannot wake tag 'weights'"):
+        engine_b.wake_up(["weights"])  # the default stays today's: at once
+    engine_a_sleeps = threading.Timer(0.05, lambda: engine_a.sleep(offload_tags=()))
+    engine_a_sleeps.start()
+    with caplog.at_level("INFO", logger="vllm_sleep_ext"):
+        engine_b.wake_up(["weights"], wait_for_memory=30)
+    engine_a_sleeps.join()
+    assert torch.equal(w, expected)
+    assert engine_b.stats().last_wake.wait_seconds > 0
+    assert "s for memory" in caplog.records[-1].getMessage()
+    del kv
+
+
+def test_wake_wait_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_SLEEP_EXT_WAKE_WAIT_S", "0.05")
+    alloc = CuMemAllocator(backend="host", capacity_bytes=16 * MiB)
+    assert alloc.wake_wait_seconds == 0.05
+    w, _ = weights_asleep(alloc)
+    with alloc.use_memory_pool(tag="other"):
+        hog = alloc.empty((12 * MiB,), torch.uint8)
+    with pytest.raises(DeviceOutOfMemoryError, match=r"waited \d+\.\d+ s for memory"):
+        alloc.wake_up(["weights"])  # as vLLM calls it
+    with pytest.raises(DeviceOutOfMemoryError) as at_once:
+        alloc.wake_up(["weights"], wait_for_memory=0)
+    assert "waited" not in str(at_once.value)
+    with pytest.raises(ValueError, match="wake_wait_seconds"):
+        alloc.wake_wait_seconds = -1
+    del hog, w
 
 
 def test_sleep_beyond_host_limit_fails_before_releasing_anything(alloc: CuMemAllocator) -> None:
@@ -300,8 +344,6 @@ def test_host_backend_helpers_refuse_cuda_only_calls(alloc: CuMemAllocator) -> N
 
 
 # -- Python-side machinery that the GPU suite relies on, checked here with PyTorch's calls stubbed ------
-
-import threading  # noqa: E402
 
 from vllm_sleep_ext import alloc_conf, envs, pools  # noqa: E402
 from vllm_sleep_ext import allocator as allocator_module  # noqa: E402

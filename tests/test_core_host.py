@@ -161,6 +161,82 @@ def test_wake_without_room_raises_names_tag_and_bytes_and_keeps_everything():
     assert read(kv, 1000) == kv_data[:1000]
 
 
+# ---- a wake that waits for memory another process frees (issue 18) ---------------------------------
+# Two allocators on one simulated card stand for two processes on one GPU. The order of maps and
+# copies, the undo at the deadline and the async backend are tested in C++ (tests/cpp/slab_tests.cpp).
+
+def test_allocators_on_one_card_share_its_capacity():
+    a = core.Allocator("host", capacity_bytes=8 * MiB, card="shared-capacity")
+    b = core.Allocator("host", capacity_bytes=8 * MiB, card="shared-capacity")
+    p = a.malloc(6 * MiB, tag="kv_cache")
+    assert b._device_free_bytes() == 2 * MiB
+    with pytest.raises(core.DeviceOutOfMemoryError):
+        b.malloc(4 * MiB, tag="weights")
+    a.free(p)
+    a.settle()
+    b.malloc(4 * MiB, tag="weights")
+
+
+@pytest.mark.parametrize("backend, capacity, card, why", [
+    ("host", 16 * MiB, "shared-capacity-mismatch", "has 8.00 MiB"),  # the card exists with 8 MiB
+    ("host", 0, "no-capacity", "needs a capacity"),
+    ("cuda", 0, "any", "host backends only"),
+])
+def test_a_card_is_refused_where_it_cannot_be_shared(backend, capacity, card, why):
+    first = core.Allocator("host", capacity_bytes=8 * MiB, card="shared-capacity-mismatch")
+    with pytest.raises(ValueError, match=why):
+        core.Allocator(backend, capacity_bytes=capacity, card=card)
+    del first
+
+
+def test_wake_waits_until_another_allocator_on_the_card_sleeps():
+    a = core.Allocator("host", capacity_bytes=16 * MiB, card="swap")
+    b = core.Allocator("host", capacity_bytes=16 * MiB, card="swap")
+    w, w_data = filled(b, 8 * MiB, "weights", 3)
+    b.sleep(["weights"])
+    a_w, a_data = filled(a, 4 * MiB, "weights", 4)
+    a.malloc(8 * MiB, tag="kv_cache")  # 12 MiB held: b's 8 MiB do not fit
+    with pytest.raises(core.DeviceOutOfMemoryError) as excinfo:
+        b.wake(None)  # the default: no wait
+    assert "waited" not in str(excinfo.value)
+
+    other_process = threading.Timer(0.05, lambda: a.sleep(["weights"]))
+    other_process.start()
+    stats = b.wake(None, wait_seconds=30)
+    other_process.join()
+    assert stats.wait_seconds > 0 and b.last_wake.wait_seconds == stats.wait_seconds
+    assert read(w, 8 * MiB) == w_data
+    b.sleep(["weights"])
+    a.wake(None)
+    assert read(a_w, 4 * MiB) == a_data
+
+
+def test_wake_past_its_wait_raises_says_so_and_keeps_everything():
+    a = make(capacity=8 * MiB)
+    filled(a, 4 * MiB, "weights", 1)
+    a.sleep(["weights"])
+    hog = a.malloc(6 * MiB, tag="trainer")
+    before = snapshot(a)
+    start = time.monotonic()
+    with pytest.raises(core.DeviceOutOfMemoryError, match=r"'weights'.*Nothing was changed.*waited \d+\.\d+ s"):
+        a.wake(None, wait_seconds=0.05)
+    assert time.monotonic() - start >= 0.05
+    assert snapshot(a) == before and a.last_wake is None
+    a.free(hog)
+    assert a.wake(None).wait_seconds == 0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 1e9])
+def test_wake_wait_out_of_range_is_a_value_error(bad):
+    a = make()
+    filled(a, MiB, "weights", 1)
+    a.sleep(["weights"])
+    before = snapshot(a)
+    with pytest.raises(ValueError, match="wait for memory"):
+        a.wake(None, wait_seconds=bad)
+    assert snapshot(a) == before
+
+
 def test_malloc_without_room_raises_and_names_the_tag():
     a = make(capacity=4 * MiB)
     a.malloc(3 * MiB, tag="weights")

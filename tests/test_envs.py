@@ -56,7 +56,8 @@ def test_byte_sizes_take_binary_suffixes(text, nbytes):
     (envs.SLAB_BYTES, "-1"), (envs.SLAB_BYTES, "64MB"), (envs.SLAB_BYTES, "1.5G"), (envs.SLAB_BYTES, "lots"),
     (envs.RECLAIMABLE_PINNED_SHARE, "half"), (envs.RECLAIMABLE_PINNED_SHARE, "1.5"),
     (envs.RECLAIMABLE_PINNED_SHARE, "nan"), (envs.HOST_POLICY, "never"), (envs.PRESERVE, "everything"),
-    (envs.KEEP_HOST, "maybe"), (envs.FILL_UNRESTORED, "2"),
+    (envs.KEEP_HOST, "maybe"), (envs.FILL_UNRESTORED, "2"), (envs.WAKE_WAIT_S, "-1"), (envs.WAKE_WAIT_S, "soon"),
+    (envs.WAKE_WAIT_S, "inf"),
 ])
 def test_a_bad_value_names_the_variable_the_value_and_what_is_accepted(monkeypatch, setting, text):
     monkeypatch.setenv(setting.name, text)
@@ -121,6 +122,7 @@ def test_unset_settings_give_the_documented_defaults():
     assert alloc.reclaimable_pinned_share == envs.RECLAIMABLE_PINNED_SHARE.default
     assert alloc._core.slab_bytes == envs.parse_bytes(envs.SLAB_BYTES.default_text)
     assert alloc.prepare_host is False, "off on the host backend"
+    assert alloc.wake_wait_seconds == envs.WAKE_WAIT_S.default == 0
 
 
 # -- one table ---------------------------------------------------------------------------------------

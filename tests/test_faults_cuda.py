@@ -2,7 +2,8 @@
 
 - A wake with no room on the card (memory held in this process, or by another process) raises
   DeviceOutOfMemoryError naming the tag and the bytes needed/free; every sleeping allocation and every
-  backup stays as it was; once memory is free the same wake succeeds and restores every byte.
+  backup stays as it was; once memory is free the same wake succeeds and restores every byte. A wake
+  told to wait for memory finishes once another process lets go, or raises the same error at its deadline.
 - A sleep beyond `host_memory_limit` raises HostOutOfMemoryError before any device memory is released.
 - Bad input: wake of an awake tag and sleep while asleep are no-ops; a tensor freed while asleep leaves
   the table; unknown tags raise ValueError, non-str tags TypeError; no error poisons the next call.
@@ -24,6 +25,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -209,22 +211,15 @@ def _hold_memory_in_child(device_index: int, leave_free_bytes: int, reports, rel
         raise
 
 
-def test_wake_oom_when_another_process_holds_the_memory(alloc, held):
-    size = weights_size_for_this_card()
-    held["w"], held["ref"] = make_random_weights(alloc, size, pieces=8, seed=12)
-    weight_rows = allocations_of(alloc, held["w"])
-    alloc.sleep(offload_tags=(WEIGHTS,))
-    backed_up = alloc.stats().tags[WEIGHTS].backed_up_bytes
-    table_before = table(alloc)
-    needed = needed_on_wake(alloc)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-
+@contextmanager
+def memory_held_by_child(leave_free_bytes: int):
+    """A spawned process that takes all but `leave_free_bytes` of this card and holds it until the
+    yielded event is set (at the latest on leaving the block); then it must exit cleanly."""
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
     release = ctx.Event()
     child = ctx.Process(target=_hold_memory_in_child, daemon=True,
-                        args=(torch.cuda.current_device(), needed // 2, reports, release))
+                        args=(torch.cuda.current_device(), leave_free_bytes, reports, release))
     child.start()
     try:
         try:
@@ -233,14 +228,7 @@ def test_wake_oom_when_another_process_holds_the_memory(alloc, held):
             pytest.fail(f"the memory-holding child did not report within {CHILD_TIMEOUT_S} s "
                         f"(alive={child.is_alive()}, exitcode={child.exitcode})")
         assert status == "ready", f"the memory-holding child failed:\n{detail}"
-        free = torch.cuda.mem_get_info()[0]
-        assert free < needed, (f"test setup: the child holds {held_bytes} bytes but {free} bytes are still "
-                               f"free; the wake needs {needed}")
-
-        for attempt in ([], [WEIGHTS]):
-            with pytest.raises(DeviceOutOfMemoryError) as err:
-                alloc.wake_up(attempt or None)
-            assert_wake_oom_changed_nothing(alloc, err, table_before, backed_up)
+        yield release, held_bytes
     finally:
         release.set()
         child.join(60)
@@ -261,6 +249,34 @@ def test_wake_oom_when_another_process_holds_the_memory(alloc, held):
     assert not late_errors, "the memory-holding child failed:\n" + "\n".join(late_errors)
     assert child.exitcode == 0, f"the memory-holding child exited with {child.exitcode}"
 
+
+def weights_asleep_for_another_process(alloc: CuMemAllocator, held, seed: int) -> tuple[dict, int, dict, int]:
+    """Random weights put to sleep, with nothing of this process's cached on the card; their rows, the
+    bytes backed up, the table and the device bytes their wake needs."""
+    size = weights_size_for_this_card()
+    held["w"], held["ref"] = make_random_weights(alloc, size, pieces=8, seed=seed)
+    weight_rows = allocations_of(alloc, held["w"])
+    alloc.sleep(offload_tags=(WEIGHTS,))
+    backed_up = alloc.stats().tags[WEIGHTS].backed_up_bytes
+    table_before = table(alloc)
+    needed = needed_on_wake(alloc)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return weight_rows, backed_up, table_before, needed
+
+
+def test_wake_oom_when_another_process_holds_the_memory(alloc, held):
+    weight_rows, backed_up, table_before, needed = weights_asleep_for_another_process(alloc, held, seed=12)
+
+    with memory_held_by_child(needed // 2) as (_, held_bytes):
+        free = torch.cuda.mem_get_info()[0]
+        assert free < needed, (f"test setup: the child holds {held_bytes} bytes but {free} bytes are still "
+                               f"free; the wake needs {needed}")
+        for attempt in ([], [WEIGHTS]):
+            with pytest.raises(DeviceOutOfMemoryError) as err:
+                alloc.wake_up(attempt or None)
+            assert_wake_oom_changed_nothing(alloc, err, table_before, backed_up)
+
     # The driver frees a dead process's memory shortly after it exits.
     deadline = time.monotonic() + 30
     while torch.cuda.mem_get_info()[0] < needed + 64 * MiB and time.monotonic() < deadline:
@@ -268,6 +284,28 @@ def test_wake_oom_when_another_process_holds_the_memory(alloc, held):
     alloc.wake_up()
     assert all(not alloc.pointer_to_data[p].is_asleep for p in weight_rows)
     assert_bytes_restored(held["w"], held["ref"], "after the retried wake")
+
+
+# --------------------------------------------------------------------------------------------------
+# b2. A wake that waits for memory another process frees (issue 18: two engines swapping on one GPU)
+# --------------------------------------------------------------------------------------------------
+
+def test_wake_that_waits_maps_what_fits_and_finishes_when_another_process_frees(alloc, held):
+    weight_rows, backed_up, table_before, needed = weights_asleep_for_another_process(alloc, held, seed=14)
+
+    with memory_held_by_child(needed // 2) as (release, _):
+        assert torch.cuda.mem_get_info()[0] < needed, "test setup: the child left room for the whole wake"
+        start = time.monotonic()
+        with pytest.raises(DeviceOutOfMemoryError, match=r"waited \d+\.\d+ s for memory") as err:
+            alloc.wake_up(wait_for_memory=0.5)  # the child holds on: the deadline passes
+        assert time.monotonic() - start >= 0.5
+        assert_wake_oom_changed_nothing(alloc, err, table_before, backed_up)
+        threading.Timer(1.0, release.set).start()  # the other process lets go while the wake waits
+        alloc.wake_up(wait_for_memory=CHILD_TIMEOUT_S)
+    stats = alloc.stats().last_wake
+    assert stats.wait_seconds >= 0.5, f"the wake waited only {stats.wait_seconds:.3f} s"
+    assert all(not alloc.pointer_to_data[p].is_asleep for p in weight_rows)
+    assert_bytes_restored(held["w"], held["ref"], "after a wake that waited for memory")
 
 
 # --------------------------------------------------------------------------------------------------

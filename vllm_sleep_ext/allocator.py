@@ -91,6 +91,7 @@ class OpStats:
     unmap_seconds: float  # sleep: cuMemUnmap
     release_seconds: float  # sleep: cuMemRelease
     map_seconds: float  # wake: cuMemCreate + cuMemMap + cuMemSetAccess
+    wait_seconds: float  # wake: waiting for device memory another process frees (wake_wait_seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +187,14 @@ class CuMemAllocator:
                 instance = CuMemAllocator.instance
         return instance
 
-    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0) -> None:
+    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "") -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
-        # host backend (tests, demo), where capacity_bytes simulates a card of that size.
-        self._core = _core.cuda_allocator() if backend == "cuda" else _core.Allocator(backend, capacity_bytes)
+        # host backend (tests, demo), where capacity_bytes simulates a card of that size, shared by the
+        # host allocators given the same `card` name (two engines on one GPU).
+        if backend == "cuda" and card:
+            raise ValueError(f"card={card!r}: a shared card is for the host backends only")
+        self._core = (_core.cuda_allocator() if backend == "cuda"
+                      else _core.Allocator(backend, capacity_bytes, card))
         self.backend = backend
         self._cudagraph_pool: Optional[pools.Route] = None
         self._pool_lock = threading.Lock()  # guards _cudagraph_pool
@@ -197,6 +202,7 @@ class CuMemAllocator:
         self._used_tags: set[str] = {self.default_tag}
         self.last_preserved: PreservedRanges = PreservedRanges(0, 0)
         self._warned_large = False
+        self._wake_wait_seconds = 0.0
         self._apply_environment()
 
     def _apply_environment(self) -> None:
@@ -212,6 +218,7 @@ class CuMemAllocator:
         envs.set_from(envs.HOST_POLICY, self, "host_policy")  # after KEEP_HOST: the policy wins
         envs.set_from(envs.RECLAIMABLE_PINNED_SHARE, self, "reclaimable_pinned_share")
         envs.set_from(envs.SLAB_BYTES, self._core, "slab_bytes")
+        envs.set_from(envs.WAKE_WAIT_S, self, "wake_wait_seconds")
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         prepare = envs.get(envs.PREPARE_HOST)
         self.prepare_host = self.backend == "cuda" if prepare is None else prepare
@@ -347,26 +354,45 @@ class CuMemAllocator:
             stats.unmap_seconds * 1e3, stats.release_seconds * 1e3,
         )
 
-    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+    def wake_up(self, tags: Optional[Sequence[str]] = None, *, wait_for_memory: Optional[float] = None) -> None:
         """Maps sleeping allocations again at the same addresses and copies their backups back.
 
         ``tags=None`` wakes everything; otherwise those tags plus every tag other than "weights" and
-        "kv_cache", which vLLM wakes one at a time. On DeviceOutOfMemoryError nothing changes.
+        "kv_cache", which vLLM wakes one at a time. ``wait_for_memory`` (None: ``wake_wait_seconds``):
+        seconds to wait for device memory that another process is freeing (its sleep), mapping and
+        copying what fits meanwhile; 0 fails at once when the device lacks room. On
+        DeviceOutOfMemoryError nothing changes, and the same call can be retried.
         """
+        wait = self.wake_wait_seconds if wait_for_memory is None else wait_for_memory
         self._trim_quietly()  # emptied pool segments are not mapped again; torch's other cached memory is room
         if tags is None:
-            stats = self._core.wake(None)
+            stats = self._core.wake(None, wait)
         else:
             known = self._known_tags()
             wanted = set(self._tags(tags, "tags", known=known))
             wanted |= {t for t in known if t not in SEPARATELY_WOKEN_TAGS}
-            stats = self._core.wake(sorted(wanted))
+            stats = self._core.wake(sorted(wanted), wait)
+        waited = f"; waited {stats.wait_seconds:.3f} s for memory" if stats.wait_seconds > 0 else ""
         logger.info(
             "wake_up: mapped %.2f GiB in %d allocations (%d mappings); %.2f GiB from host in %.3f s (%.1f GB/s; "
-            "driver map %.1f ms)",
+            "driver map %.1f ms%s)",
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
-            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3,
+            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited,
         )
+
+    @property
+    def wake_wait_seconds(self) -> float:
+        """How long ``wake_up()`` waits for device memory another process frees (default 0: it fails at
+        once, retryable; env VLLM_SLEEP_EXT_WAKE_WAIT_S). For two engines swapping on one GPU: B's wake
+        maps and copies into what A's sleep has released so far instead of waiting for all of it."""
+        return self._wake_wait_seconds
+
+    @wake_wait_seconds.setter
+    def wake_wait_seconds(self, seconds: float) -> None:
+        seconds = float(seconds)
+        if not (0.0 <= seconds <= envs.WAKE_WAIT_MAX_S):
+            raise ValueError(f"wake_wait_seconds must be from 0 to {envs.WAKE_WAIT_MAX_S:g}, got {seconds!r}")
+        self._wake_wait_seconds = seconds
 
     def discard(self, tags: Tags) -> None:
         """Releases the physical memory of ``tags`` with no backup at all, preserved bytes included."""

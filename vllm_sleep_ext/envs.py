@@ -147,9 +147,13 @@ PREPARE_HOST = _bool("VLLM_SLEEP_EXT_PREPARE_HOST", None,
 SLAB_BYTES = _bytes("VLLM_SLEEP_EXT_SLAB_BYTES",
                     "size of the slabs small allocations share (0: one physical handle per allocation)",
                     "64M")
+WAKE_WAIT_MAX_S = 3600.0  # as the core's kMaxWakeWaitSeconds: past an hour, a wait is a hang
+WAKE_WAIT_S = _float("VLLM_SLEEP_EXT_WAKE_WAIT_S", 0.0, 0.0, WAKE_WAIT_MAX_S,
+                     "seconds a wake waits for device memory another process frees, mapping and copying what "
+                     "fits meanwhile (0: fail at once; `wake_wait_seconds`)")
 
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S)
 
 
 # -- reading ---------------------------------------------------------------------------------------

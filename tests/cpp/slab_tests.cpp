@@ -7,6 +7,7 @@
 // Usage: slab_tests [substring]   -- runs only the tests whose name contains the substring.
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
@@ -59,13 +60,14 @@ using vse_test::Fault;
 // ranges (to tell which slab a row is in), and fails chosen calls.
 class CountingBackend final : public vse::DeviceBackend {
  public:
-  CountingBackend(bool async, uint64_t capacity) {
+  // On `card`, which other backends may share, as processes share a GPU.
+  CountingBackend(bool async, std::shared_ptr<vse::HostCard> card) {
     if (async) {
-      auto inner = std::make_unique<vse::AsyncHostBackend>(capacity, 100, 7);
+      auto inner = std::make_unique<vse::AsyncHostBackend>(std::move(card), 100, 7);
       async_ = inner.get();
       inner_ = std::move(inner);
     } else {
-      inner_ = std::make_unique<vse::HostBackend>(capacity);
+      inner_ = std::make_unique<vse::HostBackend>(std::move(card));
     }
   }
 
@@ -178,8 +180,8 @@ struct Fixture {
   std::unique_ptr<Allocator> allocator;
 };
 
-Fixture make(bool async, uint64_t slab_bytes, uint64_t capacity = 1024 * MiB) {
-  auto b = std::make_unique<CountingBackend>(async, capacity);
+Fixture make_on(bool async, uint64_t slab_bytes, std::shared_ptr<vse::HostCard> card) {
+  auto b = std::make_unique<CountingBackend>(async, std::move(card));
   Fixture f;
   f.backend = b.get();
   f.allocator = std::make_unique<Allocator>(std::move(b));
@@ -189,6 +191,10 @@ Fixture make(bool async, uint64_t slab_bytes, uint64_t capacity = 1024 * MiB) {
   o.slab_bytes = slab_bytes;
   f.allocator->set_options(o);
   return f;
+}
+
+Fixture make(bool async, uint64_t slab_bytes, uint64_t capacity = 1024 * MiB) {
+  return make_on(async, slab_bytes, std::make_shared<vse::HostCard>(capacity));
 }
 
 State state_of(const Allocator& a, uintptr_t address) {
@@ -833,6 +839,132 @@ void test_allocate_that_may_not_synchronize_never_does() {
   }
 }
 
+// Issue 18, a wake that waits for memory. Two allocators on one card stand for two processes on one
+// GPU: B sleeps with its weights backed up, A is awake and holds most of the card, so that only B's
+// first run fits.
+struct Swap {
+  std::shared_ptr<vse::HostCard> card = std::make_shared<vse::HostCard>(256 * MiB);
+  Fixture a, b;
+  std::vector<Row> a_weights, b_weights;
+
+  explicit Swap(bool async) : a(make_on(async, kSlab, card)), b(make_on(async, kSlab, card)) {
+    for (uint64_t i = 0; i < 4; ++i) {  // 40 MiB: each its own memory, one run
+      b_weights.push_back({b.allocator->allocate(40 * MiB, 0, "weights"), 40 * MiB, "weights", 300 + i});
+      fill(b_weights.back().p, b_weights.back().n, b_weights.back().seed);
+    }
+    b.allocator->sleep({"weights"}, {}, {});
+    for (uint64_t i = 0; i < 2; ++i) {
+      a_weights.push_back({a.allocator->allocate(40 * MiB, 0, "weights"), 40 * MiB, "weights", 400 + i});
+      fill(a_weights.back().p, a_weights.back().n, a_weights.back().seed);
+    }
+    for (int i = 0; i < 3; ++i) a.allocator->allocate(40 * MiB, 0, "kv_cache");  // 200 MiB held: 56 MiB free
+    b.backend->reset_counts();
+  }
+  size_t b_copies() {  // enqueued by B since it went to sleep
+    size_t n = 0;
+    for (const auto& e : b.backend->events()) n += e.first == 'c';
+    return n;
+  }
+};
+
+// Today's behaviour stays the default: no wait, no driver call, the same message, nothing changed.
+void test_wake_without_room_fails_at_once_by_default() {
+  Swap swap(false);
+  Allocator& b = *swap.b.allocator;
+  const std::string asleep = snapshot(b);
+  const uint64_t free_before = swap.b.backend->free_bytes();
+  std::string message;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    b.wake(std::nullopt);
+  } catch (const vse::DeviceOutOfMemory& e) {
+    message = e.what();
+  }
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(1));
+  CHECK(message.find("cannot wake tag 'weights' on device 0: needs 160.00 MiB (167772160 bytes), 56.00 MiB "
+                     "(58720256 bytes) free. Nothing was changed") == 0);
+  CHECK(message.find("waited") == std::string::npos);
+  CHECK(swap.b.backend->creates == 0 && swap.b.backend->maps == 0);
+  CHECK(snapshot(b) == asleep && swap.b.backend->free_bytes() == free_before);
+  CHECK(!b.last_wake());
+}
+
+// A's sleep in "another process" frees the memory while B's wake waits: B maps its first run and
+// starts its copies before the wait, then the rest as A releases; every byte comes back.
+void wake_waits_for_memory_another_process_frees(bool async) {
+  Swap swap(async);
+  std::atomic<bool> woke{false};
+  std::atomic<size_t> copies_before_room{0};
+  std::thread other_process([&] {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (swap.b_copies() == 0 && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));  // B waits meanwhile
+    copies_before_room = woke ? 0 : swap.b_copies();
+    swap.a.allocator->sleep({"weights"}, {}, {});  // releases the KV cache, then each weight once copied
+  });
+  vse::OpStats stats;
+  try {
+    stats = swap.b.allocator->wake(std::nullopt, 30);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "wake failed: %s\n", e.what());
+  }
+  woke = true;
+  other_process.join();
+  CHECK(copies_before_room >= 1);               // the first run's copies overlapped the wait
+  CHECK(copies_before_room < swap.b_copies());  // and the rest came after it
+  CHECK(stats.wait_seconds >= 0.02);
+  CHECK(stats.bytes_device == 160 * MiB && stats.bytes_copied == 160 * MiB);
+  for (const Row& r : swap.b_weights) CHECK(state_of(*swap.b.allocator, r.p) == State::Mapped);
+  for (const Row& r : swap.b_weights) CHECK(matches(r.p, r.n, r.seed));
+  swap.b.allocator->sleep({"weights"}, {}, {});  // and back: A's weights came through its sleep whole
+  swap.a.allocator->wake(std::nullopt);
+  for (const Row& r : swap.a_weights) CHECK(matches(r.p, r.n, r.seed));
+  CHECK(swap.a.backend->early_releases() == 0 && swap.b.backend->early_releases() == 0);
+}
+
+void test_wake_waits_for_memory_another_process_frees_on_host() { wake_waits_for_memory_another_process_frees(false); }
+void test_wake_waits_for_memory_another_process_frees_on_host_async() {
+  wake_waits_for_memory_another_process_frees(true);
+}
+
+// Nobody frees anything: at the deadline the wake undoes what it mapped (its copies drained first) and
+// raises, saying it waited; everything is asleep with its backup, and the wake works once there is room.
+void wake_past_its_deadline_changes_nothing(bool async) {
+  Swap swap(async);
+  Allocator& b = *swap.b.allocator;
+  const std::string asleep = snapshot(b);
+  const uint64_t free_before = swap.b.backend->free_bytes();
+  std::string message;
+  try {
+    b.wake(std::nullopt, 0.05);
+  } catch (const vse::DeviceOutOfMemory& e) {
+    message = e.what();
+  }
+  CHECK(message.find("cannot wake tag 'weights'") == 0 && message.find("Nothing was changed") != std::string::npos);
+  CHECK(message.find("waited 0.0") != std::string::npos);
+  CHECK(swap.b.backend->creates == 1 && swap.b.backend->releases == 1);  // the first run, mapped and given back
+  CHECK(swap.b_copies() >= 1);
+  CHECK(snapshot(b) == asleep && swap.b.backend->free_bytes() == free_before);
+  CHECK(!b.last_wake());
+  CHECK(swap.b.backend->early_releases() == 0);
+  swap.a.allocator->sleep({"weights"}, {}, {});
+  const vse::OpStats stats = b.wake(std::nullopt);
+  CHECK(stats.wait_seconds == 0);
+  for (const Row& r : swap.b_weights) CHECK(matches(r.p, r.n, r.seed));
+}
+
+void test_wake_past_its_deadline_changes_nothing_on_host() { wake_past_its_deadline_changes_nothing(false); }
+void test_wake_past_its_deadline_changes_nothing_on_host_async() { wake_past_its_deadline_changes_nothing(true); }
+
+void test_wake_wait_must_be_a_sane_number_of_seconds() {
+  Swap swap(false);
+  Allocator& b = *swap.b.allocator;
+  const std::string asleep = snapshot(b);
+  for (double bad : {-1.0, std::nan(""), 1e9}) CHECK_THROWS(b.wake(std::nullopt, bad), vse::InvalidArgument);
+  CHECK(snapshot(b) == asleep);
+}
+
 using vse_test::Test;
 
 const Test kTests[] = {
@@ -863,6 +995,13 @@ const Test kTests[] = {
     {"allocate_that_may_not_synchronize_never_does", test_allocate_that_may_not_synchronize_never_does},
     {"wake_starts_every_copy_before_mapping_memory_without_a_backup",
      test_wake_starts_every_copy_before_mapping_memory_without_a_backup},
+    {"wake_without_room_fails_at_once_by_default", test_wake_without_room_fails_at_once_by_default},
+    {"wake_waits_for_memory_another_process_frees_on_host", test_wake_waits_for_memory_another_process_frees_on_host},
+    {"wake_waits_for_memory_another_process_frees_on_host_async",
+     test_wake_waits_for_memory_another_process_frees_on_host_async},
+    {"wake_past_its_deadline_changes_nothing_on_host", test_wake_past_its_deadline_changes_nothing_on_host},
+    {"wake_past_its_deadline_changes_nothing_on_host_async", test_wake_past_its_deadline_changes_nothing_on_host_async},
+    {"wake_wait_must_be_a_sane_number_of_seconds", test_wake_wait_must_be_a_sane_number_of_seconds},
 };
 
 }  // namespace
