@@ -1,7 +1,8 @@
 """The GPU suite's state comparison (tests/vllm_gpu/state.py) on the CPU: a fake worker whose tensors
 live on the CPU, pools faked by address. What it reports decides the feature table, so: a changed byte
 is found and put in the right category, the KV cache is never compared, a tensor reached by two paths
-counts once, and a tensor gone from its address is reported missing."""
+counts once, and a tensor gone from its address is reported missing. And features.py's discard flow against a
+model of vLLM 0.33's in-process engine: the pause completed before the discard, scheduling resumed after."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "vllm_gpu"))
+import features  # noqa: E402
 import state  # noqa: E402
 
 
@@ -98,3 +100,65 @@ def test_a_tensor_gone_from_its_address_is_missing(worker) -> None:
 def test_compare_before_capture_is_an_error(worker) -> None:
     with pytest.raises(RuntimeError, match="before capture_state"):
         state.compare_state(worker)
+
+
+# -- features.py's discard flow against vLLM 0.33's in-process engine, as far as that flow goes ----------------
+
+
+class InprocEngine033:
+    """Modelled on vLLM 0.33.0's in-process engine (InprocClient, no busy loop): EngineCore.pause_scheduler
+    returns at once without draining; the requests the last step finished stay in scheduler.finished_req_ids
+    (has_requests() true) until the next schedule(), and with async scheduling a batch may stay in
+    batch_queue; release_kv_cache_memory() requires `paused and not has_requests() and not batch_queue`;
+    Executor.discard puts "kv_cache" to sleep; wake_up resumes scheduling once nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.finished_req_ids = {"0", "1"}  # left by the last generate
+        self.batch_queue = ["in flight"]
+        self.paused = False
+        self.sleeping_tags: set[str] = set()
+        self.steps = 0
+        self.scheduler = types.SimpleNamespace(has_requests=lambda: bool(self.finished_req_ids))
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(engine_core=self),
+                                                step=self.step)
+
+    def step(self) -> list:  # one step_with_batch_queue: schedule() hands the finished ids on, or a batch ends
+        self.steps += 1
+        if self.finished_req_ids:
+            self.finished_req_ids = set()
+        elif self.batch_queue:
+            self.batch_queue.pop()
+        return []
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        assert level == 0 and mode in ("abort", "keep")
+        self.paused = True
+
+    def release_kv_cache_memory(self) -> None:
+        if not (self.paused and not self.scheduler.has_requests() and not self.batch_queue):
+            raise RuntimeError("release_kv_cache_memory() requires a completed pause first")
+        self.sleeping_tags.add("kv_cache")
+
+    def wake_up(self, tags=None) -> bool:
+        tags = [t for t in tags if t != "scheduling"] if tags is not None else sorted(self.sleeping_tags)
+        self.sleeping_tags -= set(tags)
+        if not self.sleeping_tags:
+            self.paused = False
+        return not self.sleeping_tags
+
+
+def test_discard_flow_completes_the_pause_of_an_inprocess_engine_and_resumes_scheduling(monkeypatch) -> None:
+    monkeypatch.setattr(features.e2e, "scribble", lambda tp: 0)
+    llm = InprocEngine033()
+    features.run_flow(llm, "discard")
+    assert llm.steps == 2 and not llm.paused and not llm.sleeping_tags
+
+
+def test_discard_flow_leaves_a_multiprocess_engine_to_its_busy_loop(monkeypatch) -> None:
+    monkeypatch.setattr(features.e2e, "scribble", lambda tp: 0)
+    llm = InprocEngine033()
+    llm.finished_req_ids.clear()
+    llm.batch_queue.clear()  # the engine process drained before sleep(level=0) returned
+    llm.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(), step=None)  # an MP client
+    features.run_flow(llm, "discard")
+    assert not llm.paused and not llm.sleeping_tags

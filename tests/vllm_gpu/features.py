@@ -11,8 +11,8 @@ trainer's parameters copied back, kv_cache) -> compare the state -> generate and
 - level1: llm.sleep(1), llm.wake_up().
 - level2: what verl does: sleep(2), wake_up(["weights"]), the parameters only (named_parameters of the
   target model, less those vLLM keeps by sleep_preserve_parameter_names), wake_up(["kv_cache"]).
-- discard (0.33): sleep(level=0), release_kv_cache_memory() (the allocator's discard of "kv_cache"),
-  wake_up(["kv_cache"]).
+- discard (0.33): sleep(level=0), in-process the engine stepped until idle (complete_inproc_pause),
+  release_kv_cache_memory() (the allocator's discard of "kv_cache"), wake_up(["kv_cache", "scheduling"]).
 Result: ``RESULT {json}`` with the vLLM version, per flow the categories whose bytes differ. Exit 1 when
 this allocator lost state it keeps (every category in a sleep-mode pool but the draft's parameters at
 level 2, which the trainer here does not send); stock vLLM's losses are findings, not failures. Exit 0 with
@@ -161,11 +161,29 @@ def run_flow(llm, flow: str) -> None:
         llm.wake_up(tags=["kv_cache"])
     elif flow == "discard":
         llm.sleep(level=0)
+        complete_inproc_pause(llm)
         llm.release_kv_cache_memory()
         e2e.scribble(1)
-        llm.wake_up(tags=["kv_cache"])
+        # EngineCore.wake_up resumes scheduling (resume_scheduler) only once nothing sleeps; a paused
+        # in-process engine would leave the next generate stepping forever.
+        if not llm.wake_up(tags=["kv_cache", "scheduling"]):
+            raise RuntimeError("wake_up(['kv_cache', 'scheduling']) after the discard left the engine asleep")
     else:
         raise ValueError(f"unknown flow {flow!r}")
+
+
+def complete_inproc_pause(llm, max_steps: int = 8) -> None:
+    """vLLM 0.33 in-process (InprocClient, no busy loop), vllm/v1/engine/core.py: EngineCore.pause_scheduler
+    returns at once without draining, so after sleep(level=0) the requests the last generate finished stay in
+    scheduler.finished_req_ids (has_requests() true until the next schedule()), and with async scheduling a
+    batch may stay in batch_queue; release_kv_cache_memory() wants neither ("requires a completed pause
+    first"). The engine process's busy loop steps until idle (EngineCoreProc.has_work) before its pause
+    completes; in-process we step it ourselves. With --mp there is no EngineCore here and nothing to do."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    for _ in range(max_steps):  # if still busy after these, release_kv_cache_memory() says so
+        if core is None or not (core.scheduler.has_requests() or core.batch_queue):
+            return
+        llm.llm_engine.step()
 
 
 def allowed_losses(flow: str, f: Feature) -> tuple[str, ...]:
