@@ -4,7 +4,8 @@
 # (VLLM_PLUGINS=""), side by side.
 #
 # Usage: [VLLM_KIT=0.26|0.33] tests/vllm_gpu/run.sh SCENARIO...
-#   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 features (default: flows)
+#   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 features duplex swap
+#              (default: flows)
 #   VLLM_KIT=0.26 (default): vLLM 0.26.0 at /tmp/vsite (../shared/vllm-gpu), the machine's torch 2.11.
 #   VLLM_KIT=0.33: vLLM 0.33.0 at /tmp/vsite033 with its carried torch 2.14 (../shared/vllm-gpu-033).
 #   FEATURES="lora ngram ...": the features scenario's list (default: all of tests/vllm_gpu/features.py);
@@ -152,6 +153,10 @@ for s in "${scenarios[@]}"; do
       engine ours flows --model qwen3moe-tiny --tp 2 ;;
     features)  # engine features that keep state in the weights pool: state compared byte for byte, stock vs ours
       features ;;
+    duplex)  # issue 18: pinned copies D2H, H2D and both at once, 8 GiB: the duplex floor the swap scenario uses
+      (cd /tmp && timeout 120 python3 "$REPO/benchmarks/probe_duplex.py" --out "$OUT" 2>&1) | tee -a "$LOG" | grep -v "^wrote" || status=1 ;;
+    swap)  # issue 18: two 8B-shaped engines on one GPU, A.sleep + B.wake overlapped (ours) vs sequential, then stock
+      for who in ours stock; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
     *) echo "unknown scenario $s"; status=1 ;;
   esac
 done
