@@ -445,3 +445,41 @@ def test_waiting_at_wake_is_refused_by_an_allocator_without_it(monkeypatch):
     with pytest.raises(TypeError, match="StockAllocator cannot wait for memory at wake"):
         swap.set_wake_wait(None, 30.0)
     assert swap.last_op_stats(None, "sleep") is None
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_engine_processes_end_with_the_driver_however_it_is_stopped(signal_name):
+    # run.sh's `timeout` sends SIGTERM; a killed device call may take the driver down with SIGKILL.
+    import os
+    import signal
+    import subprocess
+    import time
+
+    driver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "vllm_gpu" / "swap.py"), "--dry-run",
+                               "--dry-hang-at-wake-b", "2", "--op-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in driver.stdout:
+            if line.startswith("INFO with A awake"):  # both engines started, B's check about to hang
+                break
+        time.sleep(1.0)  # B's second wake is done by now, and its check hangs (the driver waits for it)
+        children = Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()
+        assert len(children) >= 2  # the two engines (and multiprocessing's resource tracker)
+        driver.send_signal(getattr(signal, signal_name))
+        assert driver.wait(30) != 0
+        deadline = time.monotonic() + 15
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+                     and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+            time.sleep(0.1)
+        assert alive == [], f"engine processes left after {signal_name}: {alive}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.stdout.close()
+        for pid in children if "children" in locals() else []:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
