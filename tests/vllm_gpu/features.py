@@ -257,13 +257,17 @@ def main() -> int:
         failed |= flow_failed
         result["flows"][flow] = {"state_identical": report["identical"], "differs": differs,
                                  "categories": report["categories"], "missing": report["missing"],
-                                 "missing_count": report["missing_count"], "captured": captured["categories"],
+                                 "missing_count": report["missing_count"], "replaced": report["replaced"],
+                                 "replaced_count": report["replaced_count"], "captured": captured["categories"],
                                  "not_compared": captured["skipped"], "tokens_same": tokens_same,
                                  "max_logprob_diff": max(lp, default=None)}
         verdict = "FAIL" if flow_failed else "PASS" if who == "ours" else "INFO"
         print(f"{verdict} {args.feature} {flow} [{who}, vLLM {version}]: state "
               f"{'identical' if report['identical'] else 'DIFFERS in ' + ', '.join(differs or ['(missing tensors)'])}"
               f"; tokens {'identical' if tokens_same else 'DIFFER'}", flush=True)
+        if report["replaced_count"]:
+            print(f"    replaced by the engine (not compared): {report['replaced_count']} tensors, e.g. "
+                  f"{report['replaced'][:2]}", flush=True)
         for cat in differs:
             r = report["categories"][cat]
             print(f"    {cat}: {r['differing_tensors']} of {r['tensors']} tensors, {r['differing_bytes']} of "

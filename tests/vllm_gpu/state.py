@@ -201,22 +201,26 @@ def capture_state(worker) -> dict:
 def compare_state(worker) -> dict:
     """Per category: tensors and bytes compared, and those that differ from capture_state's copy.
     ``identical`` is true when every captured tensor is still reachable (same address, shape, dtype)
-    and equal byte for byte."""
+    and equal byte for byte, or was replaced: its path now reaches another tensor the engine made
+    (``replaced``, not judged); ``missing`` are those whose path reaches nothing any more."""
     import torch
 
     before = getattr(worker, "_vse_state", None)
     if before is None:
         raise RuntimeError("compare_state before capture_state")
     now, _ = _walk(worker)
+    paths_now = {path for path, _, _ in now.values()}
     report: dict[str, dict] = {}
-    missing = []
+    missing, replaced = [], []
     for key, (path, cat, old) in before.items():
         r = report.setdefault(cat, {"tensors": 0, "bytes": 0, "differing_tensors": 0, "differing_bytes": 0,
                                     "examples": []})
         r["tensors"] += 1
         r["bytes"] += int(old.numel())
         if key not in now:
-            missing.append(path)
+            # The engine put a new tensor at the same path (vLLM 0.26's V2 runner rebuilds its block-table
+            # layout tensors after a kv_cache wake): its bytes are the engine's new ones, not a restore.
+            (replaced if path in paths_now else missing).append(path)
             continue
         new = _host_bytes(now[key][2])
         if new.shape == old.shape and torch.equal(new, old):
@@ -227,7 +231,8 @@ def compare_state(worker) -> dict:
         if len(r["examples"]) < 4:
             r["examples"].append(f"{path} ({n} of {int(old.numel())} B)")
     identical = not missing and all(r["differing_tensors"] == 0 for r in report.values())
-    return {"identical": identical, "categories": report, "missing": missing[:8], "missing_count": len(missing)}
+    return {"identical": identical, "categories": report, "missing": missing[:8], "missing_count": len(missing),
+            "replaced": replaced[:8], "replaced_count": len(replaced)}
 
 
 def state_differs(report: dict, categories: tuple[str, ...] = ()) -> list[str]:
