@@ -146,6 +146,7 @@ def _walk(worker) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
     """The state tensors, keyed by view (address, shape, strides, dtype: a sleep keeps addresses), as
     (path, category, tensor); and what was left out."""
     import torch
+    from torch._subclasses.fake_tensor import is_fake
 
     if DEVICE_TYPE == "cuda":
         torch.cuda.synchronize()
@@ -154,9 +155,18 @@ def _walk(worker) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
     spans = _pool_spans()
     ids = _owner_ids(worker)
     state: dict[tuple, tuple[str, str, Any]] = {}
-    skipped = {"not_state_tensors": 0, "not_state_bytes": 0, "too_large": []}
+    skipped = {"not_state_tensors": 0, "not_state_bytes": 0, "too_large": [], "no_storage": 0}
     for path, t in tensors.items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        # A FakeTensor or FunctionalTensor that torch.compile left reachable has no memory of its own
+        # (torch 2.14's data_ptr() raises on it, earlier ones warn).
+        try:
+            fake = is_fake(t)
+            key = None if fake else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        except RuntimeError:
+            key = None
+        if key is None:
+            skipped["no_storage"] += 1
+            continue
         if key in state:  # the same view reached by two paths: compared once
             continue
         tag = _tag_of(t.untyped_storage().data_ptr(), spans)
