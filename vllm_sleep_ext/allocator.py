@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, envs, host_tensors, pools
+from vllm_sleep_ext import __version__, _core, alloc_conf, envs, host_tensors, pools, serving
 from vllm_sleep_ext.preserve import (
     PreserveMode,
     PreserveSet,
@@ -184,6 +184,7 @@ class CuMemAllocator:
                     atexit.register(allocator.release_pools)
                     CuMemAllocator.instance = allocator
                     logger.info("vllm_sleep_ext: sleep-mode allocator active (%s)", describe(allocator))
+                    serving.attach(allocator)  # in vLLM: prepare host memory at full speed until it serves
                 instance = CuMemAllocator.instance
         return instance
 
