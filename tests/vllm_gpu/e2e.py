@@ -6,6 +6,7 @@ One engine per run. Which allocator serves it is vLLM's choice through its plugi
     python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # outputs identical?
     python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
     python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
+    python tests/vllm_gpu/e2e.py first  --model qwen25-32b --first-sleep-after 10  # issue 17: the first sleep
 
 Every flow overwrites the GPU memory a sleep released before waking (freed pages often come back with
 their old contents, which would hide a lost byte), and compares greedy tokens *and* their logprobs
@@ -147,6 +148,42 @@ def restart_host_prepare(worker, rate: float) -> float:
     return alloc._core.host_pinned_bytes() / GiB
 
 
+def restart_host_prepare_as_configured(worker) -> float:
+    """Drops the host memory kept for backups and prepares it again in the background at the pace the
+    allocator sets itself (ours in vLLM: full speed while idle, throttled while serving)."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    alloc._core.wait_host()
+    alloc.release_host_cache()
+    alloc._prepare_host_backups(wait=False)
+    return alloc._core.host_pinned_bytes() / GiB
+
+
+def host_state(worker) -> dict:
+    """Ours: host memory pinned for backups and the background preparation's rate now; stock: {}."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    core = getattr(alloc, "_core", None)
+    if core is None:
+        return {}
+    return {"pinned_gib": round(core.host_pinned_bytes() / GiB, 2), "rate": int(core.host_prepare_rate)}
+
+
+def last_sleep_stats(worker) -> dict:
+    """Ours: where the last sleep's time went (pinning and faulting host memory in included); stock: {}."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    core = getattr(CuMemAllocator.get_instance(), "_core", None)
+    stats = core.last_sleep if core is not None else None
+    if stats is None:
+        return {}
+    keys = ("seconds", "bytes_copied", "populate_seconds", "pin_seconds", "sync_seconds", "copy_wait_seconds",
+            "unmap_seconds", "release_seconds")
+    return {k: getattr(stats, k) for k in keys}
+
+
 def host_pinned_gib(worker) -> float:
     from vllm.device_allocator.cumem import CuMemAllocator
 
@@ -251,12 +288,15 @@ class Run:
 
         self.args = args
         self.llm, self.startup_s = make_llm(args)
+        self.ready_at = time.perf_counter()
         self.workers = self.llm.collective_rpc(worker_info)
         self.result: dict = {"command": args.command, "vllm": vllm.__version__, "model": args.model,
                              "tp": args.tp, "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
                              "workers": self.workers, "startup_s": round(self.startup_s, 2), "checks": {}}
         print(f"workers' allocator: {self.workers}", flush=True)
+        t0 = time.perf_counter()
         self.reference = generate(self.llm)
+        self.reference_s = time.perf_counter() - t0
         self.failed = False
 
     def rpc(self, fn):
@@ -386,6 +426,57 @@ def decode_during_prepare(run: Run) -> None:
     r["decode_during_prepare"] = rows
 
 
+def cmd_first(run: Run) -> None:
+    """Issue 17 item 2: the first level-1 sleep of a large model, `--first-sleep-after` seconds after the
+    engine is ready (one short request before it, as a smoke test), then a warm one, and decode
+    throughput after the first request (ours against stock in the same call: >= 0.97 x), then, ours only,
+    decode while the preparation runs again throttled by serving. No parameters are copied to host here
+    (the 32B shape's 65 GB would not fit beside the backup): outputs are checked after each wake."""
+    r, llm = run.result, run.llm
+    pools = run.rpc(pool_bytes)
+    r["pools_awake"] = pools
+    r["level1_offload_bytes"] = sum(b for per_tag in pools for tag, b in per_tag.items()
+                                    if tag in ("weights", "runtime", "cudagraph"))
+    wait = run.ready_at + run.args.first_sleep_after - time.perf_counter()
+    r["first_request_s"] = round(run.reference_s, 3)
+    if wait > 0:
+        time.sleep(wait)
+    r["first_sleep_after_ready_s"] = round(time.perf_counter() - run.ready_at, 2)
+    r["host_before_first_sleep"] = run.rpc(host_state)
+    first = run.level1(overwrite=True)
+    r["first_sleep_stats"] = run.rpc(last_sleep_stats)
+    run.check("level1_first")
+    warm = run.level1(overwrite=True)
+    run.check("level1_warm")
+    gb = r["level1_offload_bytes"] / 1e9
+    r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
+    r["level1_warm_sleep_s"], r["level1_warm_wake_s"] = warm
+    r["level1_first_sleep_gbps"] = round(gb / first[0], 2)
+    r["level1_warm_sleep_gbps"] = round(gb / warm[0], 2)
+    print(f"first sleep {first[0]:.3f} s ({gb / first[0]:.1f} GB/s) {r['first_sleep_after_ready_s']} s after "
+          f"ready, host before it {r['host_before_first_sleep']}; first wake {first[1]:.3f} s; warm sleep "
+          f"{warm[0]:.3f} s ({gb / warm[0]:.1f} GB/s), wake {warm[1]:.3f} s; level 1 offloads {gb:.2f} GB",
+          flush=True)
+    decode_tokens_per_s(llm, 2.0)  # warm
+    r["decode_after_first_request"] = round(decode_tokens_per_s(llm), 1)
+    print(f"decode tokens/s after the first request: {r['decode_after_first_request']:.0f}", flush=True)
+    if "vllm_sleep_ext" in str(run.workers):
+        run.rpc(restart_host_prepare_as_configured)
+        during = decode_tokens_per_s(llm)
+        pinned_during = max(run.rpc(host_pinned_gib))
+        state = run.rpc(host_state)
+        ready = max(run.rpc(wait_host))
+        after = decode_tokens_per_s(llm)
+        r["decode_during_serving_prepare"] = {"during": round(during, 1), "after": round(after, 1),
+                                              "ratio": round(during / after, 4), "rate_while_serving": state,
+                                              "pinned_gib_at_end": round(pinned_during, 2),
+                                              "ready_gib": round(ready, 2)}
+        print(f"decode tokens/s while the preparation runs throttled by serving: {during:.0f}, after it "
+              f"{after:.0f}: {during / after:.3f} x (pinned {pinned_during:.2f} of {ready:.2f} GiB when it "
+              f"ended; rate then {state})", flush=True)
+        run.check("after_prepare_again")
+
+
 def cmd_cycles(run: Run) -> None:
     """Many cycles, alternating level 1 and the level-2 RLHF flow; memory while asleep must stay flat."""
     run.rpc(save_params)
@@ -416,19 +507,21 @@ def cmd_cycles(run: Run) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["flows", "timing", "cycles"])
+    p.add_argument("command", choices=["flows", "timing", "cycles", "first"])
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--inproc", action="store_true", help="engine core and worker in this process")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (default: vLLM's, graphs on)")
     p.add_argument("--cycles", type=int, default=50)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--first-sleep-after", type=float, default=10.0,
+                   help="first: seconds after the engine is ready that the first sleep comes")
     p.add_argument("--json")
     args = p.parse_args()
     if args.inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     run = Run(args)
-    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles}[args.command](run)
+    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles, "first": cmd_first}[args.command](run)
     return run.finish()
 
 

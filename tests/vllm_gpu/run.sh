@@ -5,6 +5,7 @@
 #
 # Usage: [VLLM_KIT=0.26|0.33] tests/vllm_gpu/run.sh SCENARIO...
 #   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 features duplex swap
+#              first32b scope level2
 #              (default: flows)
 #   VLLM_KIT=0.26 (default): vLLM 0.26.0 at /tmp/vsite (../shared/vllm-gpu), the machine's torch 2.11.
 #   VLLM_KIT=0.33: vLLM 0.33.0 at /tmp/vsite033 with its carried torch 2.14 (../shared/vllm-gpu-033).
@@ -58,7 +59,7 @@ report() {  # report ours|stock TMP TITLE TIME: the run's output into $LOG, its 
   rc=$(cat "$tmp.rc")
   { echo "=== [$who] $title"; cat "$tmp"; } >> "$LOG"
   echo "=== [$who] $title"
-  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
+  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|first sleep|kept range|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
     | grep -v -e "^\s*File " -e "^RESULT " | head -40
   grep "^RESULT " "$tmp" | sed "s/^RESULT /{\"kit\": \"$KIT\", \"vllm\": \"$VLLM_VERSION\", \"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
   rm -f "$tmp" "$tmp.rc"
@@ -106,10 +107,13 @@ features() {  # features.py for each of FEATURES (default: all), stock then ours
   report_finished_features
 }
 engine() { local who=$1; shift; run_script "$who" "$E2E" "$@"; }  # engine ours|stock E2E-ARGS...
-limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios
+limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios (also
+          # into $OUT/limit.json for tests/vllm_gpu/first_sleep_report.py)
   echo "=== pinned-copy limit, 16 GiB (this machine, this run)" | tee -a "$LOG"
-  (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
+  (cd "$REPO/benchmarks" && LIMIT_JSON="$OUT/limit.json" python3 -c "import json, os
+from sleepbench.impls.limit import worker_limit
 r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
+json.dump({'bytes': r['bytes'], 'd2h_gbps': r['d2h_gbps'], 'h2d_gbps': r['h2d_gbps']}, open(os.environ['LIMIT_JSON'], 'w'))
 print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT
 }
 
@@ -155,6 +159,13 @@ for s in "${scenarios[@]}"; do
       features ;;
     duplex)  # issue 18: pinned copies D2H, H2D and both at once, 8 GiB: the duplex floor the swap scenario uses
       (cd /tmp && timeout 120 python3 "$REPO/benchmarks/probe_duplex.py" --out "$OUT" 2>&1) | tee -a "$LOG" | grep -v "^wrote" || status=1 ;;
+    first32b)  # issue 17 item 2: Qwen2.5-32B shape (65 GB bf16), first level-1 sleep 10 s after the engine is
+               # ready, stock then ours (one at a time: stock's first sleep pins ~65 GB and more of host memory,
+               # ours holds a 65 GB arena; each alone fits the 128 GiB host), then the limit and the table
+      engine stock first --model qwen25-32b --gpu-memory-utilization 0.9 --first-sleep-after 10
+      engine ours first --model qwen25-32b --gpu-memory-utilization 0.9 --first-sleep-after 10
+      limit
+      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" 2>&1 | tee -a "$LOG" ;;
     swap)  # issue 18: two 8B-shaped engines on one GPU, A.sleep + B.wake overlapped (ours) vs sequential, then stock
       for who in ours stock; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
     *) echo "unknown scenario $s"; status=1 ;;
