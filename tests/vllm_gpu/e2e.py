@@ -7,6 +7,7 @@ One engine per run. Which allocator serves it is vLLM's choice through its plugi
     python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
     python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
     python tests/vllm_gpu/e2e.py first  --model qwen25-32b --first-sleep-after 10  # issue 17: the first sleep
+    VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 python tests/vllm_gpu/e2e.py scope --model llama3-8b  # who holds the kept
 
 Every flow overwrites the GPU memory a sleep released before waking (freed pages often come back with
 their old contents, which would hide a lost byte), and compares greedy tokens *and* their logprobs
@@ -134,6 +135,74 @@ def live_scope_breakdown(worker) -> dict:
     return {"allocations": len(scope), "parameters": len(params), "whole_blocks": len(whole),
             "kept_by_state": by_state, "unseen_allocations": len(unseen), "unseen_bytes": sum(unseen.values()),
             "largest": largest}
+
+
+def kept_owners(worker, count: int = 6) -> list[dict]:
+    """Who holds the largest ranges the live scope keeps (issue 17 item 3): for each, the frames that
+    allocated its block (VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1, vllm_sleep_ext/alloc_history.py) and the
+    attribute paths from the worker that reach a tensor stored in it."""
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    from vllm_sleep_ext import alloc_history
+    from vllm_sleep_ext.allocator import blocks_in_scope
+    from vllm_sleep_ext.preserve import merge, parameter_spans, registry, subtract
+
+    alloc = CuMemAllocator.get_instance()
+    scope = {a.ptr: a.size for a in alloc._core.allocations() if a.state == "mapped" and a.tag == "weights"}
+    own, whole = parameter_spans(list(registry.parameters()))
+    own_spans = merge(own)
+    snapshot = torch.cuda.memory_snapshot()
+    blocks, _ = blocks_in_scope(snapshot, scope)
+    kept = []
+    for start, size, used, state in blocks:
+        if state != "inactive" and start not in whole:
+            n = sum(e - b for b, e in subtract([(start, start + used)], own_spans))
+            if n:
+                kept.append((n, start, size))
+    kept.sort(reverse=True)
+    kept = kept[:count]
+    paths = tensor_paths(worker, [(start, size) for _, start, size in kept])
+    history = alloc_history.owners([(start, size) for _, start, size in kept], snapshot) if alloc_history.recording() else []
+    out = []
+    for i, (n, start, size) in enumerate(kept):
+        frames = [b["frames"] for b in history[i]["blocks"]] if history else []
+        out.append({"kept": n, "block": size, "paths": paths.get(start, [])[:4],
+                    "allocated_at": frames[0] if frames else ["(not recorded: VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1)"]})
+    return out
+
+
+def tensor_paths(root, ranges: list[tuple[int, int]], max_depth: int = 6, max_objects: int = 200000) -> dict[int, list]:
+    """Attribute paths from `root` (the worker) to CUDA tensors whose storage starts in one of `ranges`,
+    by range start with each tensor's shape and dtype: names what a block holds when gc finds no owner."""
+    import torch
+
+    found: dict[int, list] = {}
+    seen: set[int] = set()
+    queue = [(root, "worker", 0)]
+    while queue and len(seen) < max_objects:
+        obj, path, depth = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.is_cuda:
+                ptr = obj.untyped_storage().data_ptr()
+                for start, size in ranges:
+                    if start <= ptr < start + size:
+                        found.setdefault(start, []).append(f"{path} {list(obj.shape)} {obj.dtype}")
+            continue
+        if depth >= max_depth or isinstance(obj, (str, bytes, int, float, bool, type)) or obj is None:
+            continue
+        if isinstance(obj, dict):
+            items = [(f"{path}[{k!r}]", v) for k, v in list(obj.items())[:1000]]
+        elif isinstance(obj, (list, tuple, set)):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(list(obj)[:1000])]
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            items = [(f"{path}.{k}", v) for k, v in attrs.items()] if isinstance(attrs, dict) else []
+        queue.extend((v, p, depth + 1) for p, v in items)
+    return found
 
 
 def restart_host_prepare(worker, rate: float) -> float:
@@ -477,6 +546,30 @@ def cmd_first(run: Run) -> None:
         run.check("after_prepare_again")
 
 
+def cmd_scope(run: Run) -> None:
+    """Issue 17 item 3: what the live scope keeps of the weights pool, who holds its largest ranges
+    (allocation stacks and attribute paths), then a level-2 cycle, checked."""
+    r = run.result
+    r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
+    if "vllm_sleep_ext" not in str(run.workers):
+        print("scope: needs our allocator", flush=True)
+        return
+    r["live_scope"] = run.rpc(live_scope_breakdown)
+    print(f"live scope of the weights pool: {r['live_scope']}", flush=True)
+    t0 = time.perf_counter()
+    r["kept_owners"] = run.rpc(kept_owners)
+    r["kept_owners_s"] = round(time.perf_counter() - t0, 2)
+    for rank, owners in enumerate(r["kept_owners"]):
+        for o in owners:
+            print(f"kept range rank {rank}: {o['kept'] / (1 << 20):.1f} MiB of a {o['block'] / (1 << 20):.1f} MiB "
+                  f"block; tensors {o['paths'] or 'none reached from the worker'}; allocated at "
+                  f"{' <- '.join(o['allocated_at'])}", flush=True)
+    run.rpc(save_params)
+    s, ww, wk = run.level2(overwrite=True)
+    r["level2"] = {"sleep_s": s, "wake_weights_s": ww, "wake_kv_s": wk}
+    run.check("level2_rlhf")
+
+
 def cmd_cycles(run: Run) -> None:
     """Many cycles, alternating level 1 and the level-2 RLHF flow; memory while asleep must stay flat."""
     run.rpc(save_params)
@@ -507,7 +600,7 @@ def cmd_cycles(run: Run) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["flows", "timing", "cycles", "first"])
+    p.add_argument("command", choices=["flows", "timing", "cycles", "first", "scope"])
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--inproc", action="store_true", help="engine core and worker in this process")
@@ -521,7 +614,8 @@ def main() -> int:
     if args.inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     run = Run(args)
-    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles, "first": cmd_first}[args.command](run)
+    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles, "first": cmd_first,
+     "scope": cmd_scope}[args.command](run)
     return run.finish()
 
 

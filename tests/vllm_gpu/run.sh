@@ -166,6 +166,9 @@ for s in "${scenarios[@]}"; do
       engine ours first --model qwen25-32b --gpu-memory-utilization 0.9 --first-sleep-after 10
       limit
       python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" 2>&1 | tee -a "$LOG" ;;
+    scope)  # issue 17 item 3: who holds the ranges of the weights pool the live scope keeps that no Python object
+            # holds (allocation stacks recorded from the allocator's creation; attribute paths from the worker), ours
+      VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 engine ours scope --model llama3-8b --gpu-memory-utilization 0.85 ;;
     swap)  # issue 18: two 8B-shaped engines on one GPU, A.sleep + B.wake overlapped (ours) vs sequential, then stock
       for who in ours stock; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
     *) echo "unknown scenario $s"; status=1 ;;
