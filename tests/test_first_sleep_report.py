@@ -84,3 +84,30 @@ def test_e2e_first_flow_records_what_the_report_reads(monkeypatch) -> None:
     assert r["level1_first_sleep_gbps"] == 50.0 and r["decode_during_serving_prepare"]["ratio"] == 1.0
     lines, verdicts = report.build({"ours": r}, {"d2h_gbps": 55.0})
     assert verdicts["first_sleep_vs_limit"]["value"] == 0.909
+
+
+def test_level2_table_against_the_floor_and_stock(tmp_path, capsys) -> None:
+    def timing(who: str, s: float, ww: float, wk: float, floor: float) -> dict:
+        r = {"command": "timing", "level2_sleep_s": s, "level2_wake_weights_s": ww, "level2_wake_kv_s": wk,
+             "level2_driver_floor": [{"total_s": floor, "release_s": floor / 3, "create_map_s": 2 * floor / 3,
+                                      "handles": 120, "bytes": 100 << 30}]}
+        return {"kit": "0.26", "who": who, "rc": 0, "r": r}
+
+    results = tmp_path / "vllm-results.jsonl"
+    results.write_text("\n".join(json.dumps(x) for x in (timing("stock", 0.066, 0.3, 0.261, 0.2),
+                                                          timing("ours", 0.064, 0.1, 0.12, 0.26))) + "\n")
+    assert report.main([str(results), str(tmp_path / "none.json"), "--level2"]) == 0
+    out = capsys.readouterr().out
+    assert "| ours | 0.064 s | 0.100 s | 0.120 s | 0.284 s | 0.260 s (0.087 + 0.173; 120 handles) | 1.09 |" in out
+    assert "LEVEL2 level2_vs_floor: 1.092 (target <= 1.1) MET" in out
+    assert "LEVEL2 level2_vs_stock: 0.453 (target <= 0.5) MET" in out
+
+
+def test_handle_model_packs_small_allocations_into_slabs() -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import vmm_floor
+
+    MiB = 1 << 20
+    assert vmm_floor.handle_sizes([MiB, 3 * MiB, 40 * MiB, 1000 * MiB], 64 * MiB) == [40 * MiB, 1000 * MiB, 64 * MiB]
+    assert vmm_floor.handle_sizes([MiB, 3 * MiB], 0) == [2 * MiB, 4 * MiB]
+    assert vmm_floor.handle_sizes([30 * MiB] * 5, 64 * MiB) == [64 * MiB] * 3

@@ -205,6 +205,24 @@ def tensor_paths(root, ranges: list[tuple[int, int]], max_depth: int = 6, max_ob
     return found
 
 
+def level2_driver_floor(worker, pause_s: float = 1.0) -> dict:
+    """While the engine sleeps at level 2: the driver's own release and create + map time for the handles
+    this worker's allocator holds (benchmarks/vmm_floor.py), the floor issue 17 item 3 measures against.
+    Ours: its allocations with its slabs; stock: one handle per allocation."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), os.pardir, "benchmarks"))
+    import vmm_floor
+
+    alloc = CuMemAllocator.get_instance()
+    core = getattr(alloc, "_core", None)
+    if core is not None:
+        sizes = vmm_floor.handle_sizes([a.size for a in core.allocations()], int(core.slab_bytes))
+    else:  # stock: handle = (device, size, ptr, handle)
+        sizes = vmm_floor.handle_sizes([int(d.handle[1]) for d in alloc.pointer_to_data.values()], 0)
+    return vmm_floor.floor(sizes, pause_s=pause_s)
+
+
 def restart_host_prepare(worker, rate: float) -> float:
     """Drops the host memory kept for backups and prepares it again in the background at `rate` bytes/s."""
     from vllm.device_allocator.cumem import CuMemAllocator
@@ -455,6 +473,13 @@ def cmd_timing(run: Run) -> None:
     run.rpc(load_params)
     run.llm.wake_up(tags=["kv_cache"])
     run.check("memory_probe_cycle")
+    # The driver's floor for the same handles, measured in the worker while the engine sleeps at level 2.
+    run.llm.sleep(level=2)
+    r["level2_driver_floor"] = run.rpc(level2_driver_floor)
+    run.llm.wake_up(tags=["weights"])
+    run.rpc(load_params)
+    run.llm.wake_up(tags=["kv_cache"])
+    run.check("after_driver_floor")
     gb = r["weights_bytes"] / 1e9
     r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
     r["level1_warm_sleep_s"] = sorted(s for s, _ in warm)[1]
@@ -469,6 +494,12 @@ def cmd_timing(run: Run) -> None:
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
           f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB; level 1 "
           f"offloads {r['level1_offload_bytes'] / 1e9:.2f} GB of pools {r['pools_awake']}", flush=True)
+    level2 = r["level2_sleep_s"] + r["level2_wake_weights_s"] + r["level2_wake_kv_s"]
+    floor = max(f["total_s"] for f in r["level2_driver_floor"])
+    r["level2_total_s"], r["level2_over_floor"] = level2, level2 / floor
+    print(f"level 2 sleep + wake {level2:.3f} s; driver floor {floor:.3f} s (release + create/map of "
+          f"{r['level2_driver_floor'][0]['handles']} handles, {r['level2_driver_floor'][0]['bytes'] / GiB:.1f} GiB): "
+          f"{level2 / floor:.2f} x", flush=True)
 
 
 def decode_during_prepare(run: Run) -> None:

@@ -59,7 +59,7 @@ report() {  # report ours|stock TMP TITLE TIME: the run's output into $LOG, its 
   rc=$(cat "$tmp.rc")
   { echo "=== [$who] $title"; cat "$tmp"; } >> "$LOG"
   echo "=== [$who] $title"
-  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|first sleep|kept range|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
+  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|first sleep|kept range|level 2 sleep|FIRST32B|LEVEL2|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
     | grep -v -e "^\s*File " -e "^RESULT " | head -40
   grep "^RESULT " "$tmp" | sed "s/^RESULT /{\"kit\": \"$KIT\", \"vllm\": \"$VLLM_VERSION\", \"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
   rm -f "$tmp" "$tmp.rc"
@@ -137,10 +137,12 @@ for s in "${scenarios[@]}"; do
       engine ours flows --model qwen2-tiny
       engine ours flows --model gptneox-tiny
       engine ours flows --model qwen3moe-tiny ;;
-    timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine
+    timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine; each run measures
+             # the driver's level-2 floor for its own handles in its worker (issue 17 item 3)
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
-      limit ;;
+      limit
+      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" --level2 2>&1 | tee -a "$LOG" ;;
     timing-ours)  # ours and the limit only (stock measured in another call on the same machine)
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
       limit ;;
