@@ -30,8 +30,9 @@
 // throttled only so that serving does not notice it. Nothing is served before vLLM's first request, so
 // the plugin (vllm_sleep_ext/serving.py) sets the rate to 0 (full speed) while the engine is idle and to
 // host_prepare_rate while requests run. The job reads the rate before each piece, so a change takes
-// effect within one piece (64 MiB: a few ms at full speed, ~0.13 s at 0.5 GB/s), and a change to 0
-// also cuts short the wait after the piece that is done. The pace is kept per piece (no credit for time
+// effect within one step (throttled: one piece on one thread, ~0.13 s at 0.5 GB/s; at full speed a piece
+// per staging thread, faulted in side by side), and a change to 0 also cuts short the wait after the
+// piece that is done. The pace is kept per piece (no credit for time
 // spent at another rate), so a switch never brings a burst.
 //
 // After a fork() the child has neither the parent's arenas (MADV_DONTFORK) nor its host thread: its
@@ -98,7 +99,8 @@ class HostCache {
   void simulate_reclaim();   // test hook: the kernel takes every reclaimable arena's pages
 
   // The background preparation of `arena` up to `bytes`, in pieces of the staging options, at most
-  // `*rate` bytes per second as it reads before each piece (0: no wait); all at once when `rate` is null.
+  // `*rate` bytes per second as it reads before each piece, on one thread; at rate 0 a piece per staging
+  // thread at a time, with no wait; all at once when `rate` is null.
   // Returns when done or `cancelled`. Each piece makes progress or it throws, so it never spins.
   static void prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging,
                                 const std::atomic<uint64_t>* rate, const std::atomic<bool>& cancelled);
