@@ -111,3 +111,25 @@ def test_handle_model_packs_small_allocations_into_slabs() -> None:
     assert vmm_floor.handle_sizes([MiB, 3 * MiB, 40 * MiB, 1000 * MiB], 64 * MiB) == [40 * MiB, 1000 * MiB, 64 * MiB]
     assert vmm_floor.handle_sizes([MiB, 3 * MiB], 0) == [2 * MiB, 4 * MiB]
     assert vmm_floor.handle_sizes([30 * MiB] * 5, 64 * MiB) == [64 * MiB] * 3
+
+
+def test_tensor_paths_name_a_tensor_by_its_attribute_path() -> None:
+    import types
+
+    import e2e
+    import torch
+
+    class Sampler:
+        def __init__(self) -> None:
+            self.penalties_state = types.SimpleNamespace(output_bin_counts=torch.zeros(4, 8, dtype=torch.int32))
+
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(sampler=Sampler(), bufs=[torch.ones(2)]))
+    t = worker.model_runner.sampler.penalties_state.output_bin_counts
+    ptr = t.untyped_storage().data_ptr()
+    original = torch.Tensor.is_cuda
+    try:
+        torch.Tensor.is_cuda = property(lambda self: True)  # the walk takes CUDA tensors only; CPU ones here
+        found = e2e.tensor_paths(worker, [(ptr, t.nbytes)])
+    finally:
+        torch.Tensor.is_cuda = original
+    assert found == {ptr: ["worker.model_runner.sampler.penalties_state.output_bin_counts [4, 8] torch.int32"]}

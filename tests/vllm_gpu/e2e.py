@@ -175,13 +175,15 @@ def kept_owners(worker, count: int = 6) -> list[dict]:
 def tensor_paths(root, ranges: list[tuple[int, int]], max_depth: int = 6, max_objects: int = 200000) -> dict[int, list]:
     """Attribute paths from `root` (the worker) to CUDA tensors whose storage starts in one of `ranges`,
     by range start with each tensor's shape and dtype: names what a block holds when gc finds no owner."""
+    from collections import deque
+
     import torch
 
     found: dict[int, list] = {}
     seen: set[int] = set()
-    queue = [(root, "worker", 0)]
+    queue = deque([(root, "worker", 0)])
     while queue and len(seen) < max_objects:
-        obj, path, depth = queue.pop(0)
+        obj, path, depth = queue.popleft()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
