@@ -2,7 +2,9 @@
 
 One process: model-like weights (large matrices and thousands of small tensors, held as parameters,
 with registered buffers) and a KV cache, then level-2 cycles with and without a pause between sleep
-and wake; the core's driver time by call; the Python layer's parts one by one.
+and wake; the core's driver time by call; the Python layer's parts one by one; and, in the same run for
+the same handles, the driver's floor (benchmarks/vmm_floor.py: cuMemUnmap + cuMemRelease, then
+cuMemCreate + cuMemMap + cuMemSetAccess, nothing else), measured while the pools sleep at level 2.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def main() -> int:
     for name, fn in python_parts.items():
         times = [timed(fn) * 1e3 for _ in range(5)]
         print(f"  {name:24} {statistics.median(times):7.2f} ms", flush=True)
+    import vmm_floor
+
+    sizes = vmm_floor.handle_sizes([a.size for a in alloc._core.allocations()], int(alloc._core.slab_bytes))
+    alloc.sleep(offload_tags=())
+    floor = vmm_floor.floor(sizes, pause_s=1.0)
+    alloc.wake_up(["weights"])
+    alloc.wake_up(["kv_cache"])
+    print(f"driver floor, same handles ({floor['handles']}, {floor['bytes'] / GiB:.1f} GiB), 1 s pause: release "
+          f"{floor['release_s'] * 1e3:.1f} ms, create + map + access {floor['create_map_s'] * 1e3:.1f} ms, total "
+          f"{floor['total_s'] * 1e3:.1f} ms (compare with the 1 s pause row's total above)", flush=True)
     intact = all(torch.equal(b.cpu(), r) for b, r in zip(bench.module_buffers(mods), reference))
     print("buffers intact after all cycles" if intact else "BUFFERS CHANGED")
     del weights, kv

@@ -77,7 +77,9 @@ void Allocator::synchronize_devices(const std::vector<SegmentRows>& segments) {
   for (int device : devices) backend_->synchronize(device);
 }
 
-Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)), host_(*backend_) {}
+Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)), host_(*backend_) {
+  host_.set_prepare_rate(options_.host_prepare_rate);
+}
 
 // Each Segment gives its memory back (instances on the host backend come and go in tests). The
 // process-wide CUDA instance is never destroyed: the driver may be gone by then. Background host work
@@ -571,6 +573,7 @@ void Allocator::set_options_locked(const AllocatorOptions& options) {
                           format_bytes(kMaxStagingPieceBytes) + " (it is rounded up to whole 2 MiB pages), got " +
                           std::to_string(options.staging.piece_bytes));
   options_ = options;
+  host_.set_prepare_rate(options_.host_prepare_rate);  // the preparation under way too (Note [Prepare rate])
   host_.recycle(options_);
 }
 

@@ -174,7 +174,8 @@ struct AllocatorOptions {
   HostPolicy host_policy = HostPolicy::Pinned;
   // prepare_host() in the background: bytes per second at most (0: as fast as it goes), in pieces of
   // staging.piece_bytes on one thread, so that serving does not notice (vLLM decode throughput, 8B on
-  // an H100: 0.92x at 2 GB/s, 0.97x at 1 GB/s, 1.00x at 0.5 GB/s; benchmarks/RESULTS.md).
+  // an H100: 0.92x at 2 GB/s, 0.97x at 1 GB/s, 1.00x at 0.5 GB/s; benchmarks/RESULTS.md). A change
+  // takes effect in the preparation under way (Note [Prepare rate], host_cache.h).
   uint64_t host_prepare_rate = 500000000ull;
   double reclaimable_pinned_share = 0;  // HostPolicy::Reclaimable: share of an idle arena kept pinned
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has

@@ -193,24 +193,33 @@ void HostCache::release_idle() {
   arenas_.erase(std::remove_if(arenas_.begin(), arenas_.end(), idle), arenas_.end());
 }
 
-void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging, uint64_t rate,
-                                  const std::atomic<bool>& cancelled) {
+void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging,
+                                  const std::atomic<uint64_t>* rate, const std::atomic<bool>& cancelled) {
   using clock = std::chrono::steady_clock;
-  const auto start = clock::now();
   const uint64_t target = std::min(bytes, arena.capacity());
-  const uint64_t step = rate ? HostArena::piece_bytes(staging) : target;
-  const uint64_t first = arena.ready_bytes();
+  StagingOptions paced = staging;
+  paced.threads = 1;  // throttled: one thread, so that serving does not notice
+  const uint64_t piece = HostArena::piece_bytes(staging);
+  auto current_rate = [rate] { return rate ? rate->load(std::memory_order_relaxed) : 0; };
   while (!cancelled && arena.ready_bytes() < target) {
+    const auto piece_start = clock::now();
     const uint64_t before = arena.ready_bytes();
-    arena.prepare(std::min(target, before + step), staging, [](uint64_t, uint64_t) {});
+    const uint64_t paced_rate = current_rate();
+    // At full speed a step is a piece per staging thread (they fault pieces in side by side); all at
+    // once when nothing can change the rate. Throttled, one piece on one thread.
+    const uint64_t step = !rate ? target : paced_rate ? piece : piece * std::max(1u, staging.threads);
+    arena.prepare(std::min(target, before + step), paced_rate ? paced : staging, [](uint64_t, uint64_t) {});
     if (arena.ready_bytes() <= before)  // never spin: a step that makes nothing ready ends the work
       throw Error("preparing host memory for backups made no progress at " + format_bytes(before) + " of " +
                   format_bytes(target));
-    if (rate == 0) continue;
-    // Wait until what this call made ready would have taken at `rate`, in short naps so a cancel is quick.
-    const auto due = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
-                                 static_cast<double>(arena.ready_bytes() - first) / static_cast<double>(rate)));
-    while (!cancelled && clock::now() < due) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    // Wait until this piece would have taken at the rate read now, in short naps so a cancel, or a
+    // switch to full speed, is quick (Note [Prepare rate]).
+    const uint64_t now_rate = current_rate();
+    if (now_rate == 0) continue;
+    const auto due = piece_start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(
+                                       static_cast<double>(arena.ready_bytes() - before) / static_cast<double>(now_rate)));
+    while (!cancelled && current_rate() != 0 && clock::now() < due)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
 }
 
@@ -252,9 +261,9 @@ void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOp
   prepared_target_ = target;
   if (arena->ready_bytes() >= target) return;  // an idle arena already ready
 
-  StagingOptions staging = options.staging;
-  const uint64_t rate = wait ? 0 : options.host_prepare_rate;
-  if (!wait) staging.threads = 1;
+  const StagingOptions staging = options.staging;
+  // A preparation waited for runs at once; one in the background paces itself by prepare_rate_.
+  const std::atomic<uint64_t>* rate = wait ? nullptr : &prepare_rate_;
   std::function<void(const std::atomic<bool>&)> job = [arena, target, staging, rate](const std::atomic<bool>& cancelled) {
     try {
       prepare_in_pieces(*arena, target, staging, rate, cancelled);

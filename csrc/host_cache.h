@@ -25,6 +25,16 @@
 // An arena made ready by prepare_host() is exempt from the policy until a sleep takes it: it exists to
 // be ready. A sleep that takes another arena drops it (it would only hold host memory twice over).
 //
+// Note [Prepare rate]
+// The background preparation exists so that the first sleep copies at the speed of a warm one; it is
+// throttled only so that serving does not notice it. Nothing is served before vLLM's first request, so
+// the plugin (vllm_sleep_ext/serving.py) sets the rate to 0 (full speed) while the engine is idle and to
+// host_prepare_rate while requests run. The job reads the rate before each piece, so a change takes
+// effect within one step (throttled: one piece on one thread, ~0.13 s at 0.5 GB/s; at full speed a piece
+// per staging thread, faulted in side by side), and a change to 0 also cuts short the wait after the
+// piece that is done. The pace is kept per piece (no credit for time
+// spent at another rate), so a switch never brings a burst.
+//
 // After a fork() the child has neither the parent's arenas (MADV_DONTFORK) nor its host thread: its
 // cache starts empty, and the parent's arenas are forgotten, never unpinned or unmapped from there.
 //
@@ -83,13 +93,17 @@ class HostCache {
                std::unique_lock<std::mutex>& lock);
   void wait();               // until background work is done; without the owner's lock
   std::string take_error();  // what background work last failed with ("" none); without the owner's lock
+  // The background preparation's rate, bytes per second (0: as fast as it goes). It takes effect in the
+  // preparation under way at its next piece (Note [Prepare rate]); safe from any thread.
+  void set_prepare_rate(uint64_t rate) { prepare_rate_.store(rate, std::memory_order_relaxed); }
   void simulate_reclaim();   // test hook: the kernel takes every reclaimable arena's pages
 
   // The background preparation of `arena` up to `bytes`, in pieces of the staging options, at most
-  // `rate` bytes per second (0: at once); returns when done or `cancelled`. Each piece makes progress
-  // or it throws, so it never spins.
-  static void prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging, uint64_t rate,
-                                const std::atomic<bool>& cancelled);
+  // `*rate` bytes per second as it reads before each piece, on one thread; at rate 0 a piece per staging
+  // thread at a time, with no wait; all at once when `rate` is null.
+  // Returns when done or `cancelled`. Each piece makes progress or it throws, so it never spins.
+  static void prepare_in_pieces(HostArena& arena, uint64_t bytes, const StagingOptions& staging,
+                                const std::atomic<uint64_t>* rate, const std::atomic<bool>& cancelled);
 
  private:
   std::shared_ptr<HostArena> smallest_idle(uint64_t bytes) const;
@@ -104,6 +118,7 @@ class HostCache {
   std::vector<std::shared_ptr<HostArena>> arenas_;  // in use by backups, or idle (held only here)
   const HostArena* prepared_ = nullptr;             // made ready by prepare(), not yet taken by a sleep
   uint64_t prepared_target_ = 0;  // what of prepared_ its preparation makes ready (0: none is under way or done)
+  std::atomic<uint64_t> prepare_rate_{0};  // read by the background job; before worker_, which ends first
   HostWorker worker_;  // after arenas_, so its jobs (which hold arenas) end before arenas_ goes
   ForkChildHook fork_hook_;
 };

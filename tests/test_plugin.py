@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from vllm_sleep_ext import CuMemAllocator, log, plugin
+from vllm_sleep_ext import CuMemAllocator, log, plugin, serving
 
 MiB = 1 << 20
 
@@ -61,6 +61,7 @@ def vllm_log() -> Iterator[ListHandler]:
     vllm_logger.removeHandler(handler)
     vllm_logger.level, vllm_logger.propagate, package.level, package.propagate = saved[:4]
     package.handlers[:] = saved[4]
+    serving._reset_for_tests()  # register() asked for serving detection in this process
 
 
 def install_fake_vllm(monkeypatch: pytest.MonkeyPatch, platform: FakePlatform) -> types.SimpleNamespace:
@@ -119,6 +120,31 @@ def test_register_on_cuda_swaps_class_and_says_so_in_vllms_log(
     assert "preserve mode 'live'" in vllm_log.text() and "host memory" in vllm_log.text()
     plugin.register()  # idempotent
     assert fake.cumem.CuMemAllocator is CuMemAllocator
+
+
+class FakeWorker:  # vLLM's Worker, as serving detection sees it
+    def execute_model(self, scheduler_output: object) -> str:
+        return "model output"
+
+
+def test_register_wraps_the_workers_execute_model_once_for_serving_detection(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler
+) -> None:
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    serving._reset_for_tests()
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    fake.worker.Worker = type("Worker", (FakeWorker,), {})
+    original = fake.worker.Worker.execute_model
+    try:
+        plugin.register()
+        wrapped = fake.worker.Worker.execute_model
+        assert serving.installed() and wrapped is not original and wrapped.__wrapped__ is original
+        fake.cumem.CuMemAllocator = VllmCuMemAllocator  # as if vLLM put its class back: register swaps again
+        plugin.register()
+        assert fake.worker.Worker.execute_model is wrapped  # not wrapped twice
+        assert fake.worker.Worker().execute_model(None) == "model output"
+    finally:
+        serving._reset_for_tests()
 
 
 @pytest.mark.parametrize("platform", [FakePlatform(False, device) for device in ("rocm", "cpu", "xpu")])

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, envs, host_tensors, pools
+from vllm_sleep_ext import __version__, _core, alloc_conf, alloc_history, envs, host_tensors, pools, serving
 from vllm_sleep_ext.preserve import (
     PreserveMode,
     PreserveSet,
@@ -184,6 +184,7 @@ class CuMemAllocator:
                     atexit.register(allocator.release_pools)
                     CuMemAllocator.instance = allocator
                     logger.info("vllm_sleep_ext: sleep-mode allocator active (%s)", describe(allocator))
+                    serving.attach(allocator)  # in vLLM: prepare host memory at full speed until it serves
                 instance = CuMemAllocator.instance
         return instance
 
@@ -222,6 +223,8 @@ class CuMemAllocator:
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         prepare = envs.get(envs.PREPARE_HOST)
         self.prepare_host = self.backend == "cuda" if prepare is None else prepare
+        if envs.get(envs.RECORD_ALLOCATIONS) and self.backend == "cuda":
+            alloc_history.start()  # before vLLM fills the pools: a report can name each block's owner
 
     # -- pools -------------------------------------------------------------------------------------
 

@@ -152,8 +152,13 @@ WAKE_WAIT_S = _float("VLLM_SLEEP_EXT_WAKE_WAIT_S", 0.0, 0.0, WAKE_WAIT_MAX_S,
                      "seconds a wake waits for device memory another process frees, mapping and copying what "
                      "fits meanwhile (0: fail at once; `wake_wait_seconds`)")
 
+RECORD_ALLOCATIONS = _bool("VLLM_SLEEP_EXT_RECORD_ALLOCATIONS", False,
+                           "record the Python stack of every CUDA allocation from the allocator's creation on, so "
+                           "a report names who holds a kept range (`alloc_history`; costs a stack walk per "
+                           "allocation)")
+
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS)
 
 
 # -- reading ---------------------------------------------------------------------------------------

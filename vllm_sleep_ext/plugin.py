@@ -11,7 +11,8 @@ never raises. Where it cannot serve it leaves vLLM's allocator in place and says
 Otherwise it swaps our class into ``vllm.device_allocator.cumem``, where vLLM looks the class up at
 each use (``get_mem_allocator_instance()``, and the ``cumem`` backend of 0.33's
 ``SleepModeBackendFactory``, which goes through it), and into vLLM modules that imported the name
-before plugins were loaded. Other settings (vllm_sleep_ext/envs.py) that are not valid are named in a
+before plugins were loaded, and asks for serving detection (vllm_sleep_ext/serving.py: the background
+host preparation runs at full speed until vLLM serves). Other settings (vllm_sleep_ext/envs.py) that are not valid are named in a
 warning here and make the allocator's constructor raise in the worker, where sleep mode is used.
 """
 
@@ -22,7 +23,7 @@ import sys
 from types import ModuleType
 from typing import Optional
 
-from vllm_sleep_ext import envs, log, sleep_backend
+from vllm_sleep_ext import envs, log, serving, sleep_backend
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def _install() -> None:
         return
     if cumem.CuMemAllocator is not CuMemAllocator:
         _swap_class(cumem, CuMemAllocator)
+        serving.install()  # the first sleep's host memory at full speed until vLLM serves
         errors = envs.invalid()
         if errors:  # the worker's allocator raises the same errors; said here too, once, at start-up
             logger.warning("vllm_sleep_ext: vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator, but its "

@@ -314,8 +314,9 @@ void background_preparation_steps_by_whole_pieces_whatever_it_is_given() {
     vse::HostArena arena(backend, 0, 9 * MiB + 4096);
     std::atomic<bool> cancelled{false};
     std::atomic<bool> done{false};
+    const std::atomic<uint64_t> rate{1ull << 30};
     std::thread worker([&] {
-      vse::HostCache::prepare_in_pieces(arena, 9 * MiB + 100, {1, piece}, /*rate=*/1ull << 30, cancelled);
+      vse::HostCache::prepare_in_pieces(arena, 9 * MiB + 100, {1, piece}, &rate, cancelled);
       done = true;
     });
     const auto due = std::chrono::steady_clock::now() + std::chrono::seconds(5);
@@ -325,6 +326,90 @@ void background_preparation_steps_by_whole_pieces_whatever_it_is_given() {
     worker.join();
     CHECK(arena.ready_bytes() >= 9 * MiB + 100);
   }
+}
+
+// Note [Prepare rate]: a preparation started at a crawl finishes at once when the rate is lifted to 0
+// (full speed) part way; at the old rate it would take a minute.
+void lifting_the_prepare_rate_speeds_up_the_preparation_under_way() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/1 * MiB);
+  const uint64_t n = 64 * MiB;
+  uintptr_t p = a->allocate(n, 0, "weights");
+  fill(p, n, 41);
+  a->prepare_host(n, 0, /*wait=*/false);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(ledger->bytes() < n / 2);  // throttled: a piece or two of 2 MiB
+  a->update_options([](vse::AllocatorOptions& o) { o.host_prepare_rate = 0; });
+  CHECK(host_work_finishes_within(*a, std::chrono::seconds(10)));
+  CHECK(a->host_error().empty());
+  CHECK(ledger->bytes() >= n);
+  a->sleep({"weights"}, {}, {});
+  CHECK(a->last_sleep()->staging.pin_seconds == 0);  // the sleep found it all ready
+  a->wake(std::nullopt);
+  CHECK(holds(p, n, 41));
+}
+
+// The other way: a preparation at full speed slows to the rate as soon as one is set, and speeds up
+// again when it is lifted. The rate is set as soon as the first piece is ready (a thread watches).
+void setting_the_prepare_rate_slows_the_preparation_under_way() {
+  vse::HostBackend backend;
+  const uint64_t n = 256 * MiB;
+  vse::HostArena arena(backend, 0, n);
+  std::atomic<bool> cancelled{false};
+  std::atomic<uint64_t> rate{0};
+  std::atomic<bool> done{false};
+  std::thread worker([&] {
+    vse::HostCache::prepare_in_pieces(arena, n, {1, 2 * MiB}, &rate, cancelled);
+    done = true;
+  });
+  while (arena.pinned_bytes() == 0 && !done) std::this_thread::yield();
+  rate = 1 * MiB;  // 2 s a piece from here
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const uint64_t throttled = arena.pinned_bytes();
+  CHECK(!done);
+  CHECK(throttled < n);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(arena.pinned_bytes() <= throttled + 2 * MiB);  // at most the piece under way when it was read
+  rate = 0;
+  const auto due = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!done && std::chrono::steady_clock::now() < due) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  CHECK(done);
+  cancelled = true;
+  worker.join();
+  CHECK(arena.pinned_bytes() >= n);
+}
+
+// Under TSan: the rate flipped from several threads while a preparation runs, sleeps and wakes come and
+// options are read; everything finishes and the data comes back.
+void prepare_rate_changes_race_nothing() {
+  auto ledger = std::make_shared<PinLedger>();
+  auto a = make(ledger, vse::HostPolicy::Pinned, /*rate=*/8 * MiB);
+  const uint64_t n = 32 * MiB;
+  uintptr_t p = a->allocate(n, 0, "weights");
+  fill(p, n, 43);
+  a->prepare_host(n, 0, /*wait=*/false);
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> flippers;
+  for (int t = 0; t < 3; ++t)
+    flippers.emplace_back([&, t] {
+      for (int i = 0; !stop; ++i) {
+        a->update_options([&](vse::AllocatorOptions& o) { o.host_prepare_rate = (i + t) % 2 ? 0 : 4 * MiB; });
+        (void)a->options().host_prepare_rate;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    });
+  for (int cycle = 0; cycle < 3; ++cycle) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    a->sleep({"weights"}, {}, {});
+    a->wake(std::nullopt);
+    CHECK(holds(p, n, 43));
+    a->prepare_host(n, 0, /*wait=*/false);
+  }
+  stop = true;
+  for (auto& t : flippers) t.join();
+  a->update_options([](vse::AllocatorOptions& o) { o.host_prepare_rate = 0; });
+  CHECK(host_work_finishes_within(*a, std::chrono::seconds(10)));
+  CHECK(a->host_error().empty());
 }
 
 // A second preparation used to make and pin a second arena beside the idle one that fits: 64 MiB of
@@ -623,6 +708,11 @@ const Test kTests[] = {
     {"background_preparation_steps_by_whole_pieces_whatever_it_is_given",
      background_preparation_steps_by_whole_pieces_whatever_it_is_given},
     {"prepare_host_after_a_cycle_reuses_the_idle_arena", prepare_host_after_a_cycle_reuses_the_idle_arena},
+    {"lifting_the_prepare_rate_speeds_up_the_preparation_under_way",
+     lifting_the_prepare_rate_speeds_up_the_preparation_under_way},
+    {"setting_the_prepare_rate_slows_the_preparation_under_way",
+     setting_the_prepare_rate_slows_the_preparation_under_way},
+    {"prepare_rate_changes_race_nothing", prepare_rate_changes_race_nothing},
     {"forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread",
      forked_child_starts_with_an_empty_host_cache_and_never_waits_for_the_parents_thread},
     {"host_arena_extends_within_its_reservation_keeping_its_ready_part",

@@ -6,6 +6,8 @@ One engine per run. Which allocator serves it is vLLM's choice through its plugi
     python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # outputs identical?
     python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
     python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
+    python tests/vllm_gpu/e2e.py first  --model qwen25-32b --first-sleep-after 10  # issue 17: the first sleep
+    VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 python tests/vllm_gpu/e2e.py scope --model llama3-8b  # who holds the kept
 
 Every flow overwrites the GPU memory a sleep released before waking (freed pages often come back with
 their old contents, which would hide a lost byte), and compares greedy tokens *and* their logprobs
@@ -135,6 +137,94 @@ def live_scope_breakdown(worker) -> dict:
             "largest": largest}
 
 
+def kept_owners(worker, count: int = 6) -> list[dict]:
+    """Who holds the largest ranges the live scope keeps (issue 17 item 3): for each, the frames that
+    allocated its block (VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1, vllm_sleep_ext/alloc_history.py) and the
+    attribute paths from the worker that reach a tensor stored in it."""
+    import torch
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    from vllm_sleep_ext import alloc_history
+    from vllm_sleep_ext.allocator import blocks_in_scope
+    from vllm_sleep_ext.preserve import merge, parameter_spans, registry, subtract
+
+    alloc = CuMemAllocator.get_instance()
+    scope = {a.ptr: a.size for a in alloc._core.allocations() if a.state == "mapped" and a.tag == "weights"}
+    own, whole = parameter_spans(list(registry.parameters()))
+    own_spans = merge(own)
+    snapshot = torch.cuda.memory_snapshot()
+    blocks, _ = blocks_in_scope(snapshot, scope)
+    kept = []
+    for start, size, used, state in blocks:
+        if state != "inactive" and start not in whole:
+            n = sum(e - b for b, e in subtract([(start, start + used)], own_spans))
+            if n:
+                kept.append((n, start, size))
+    kept.sort(reverse=True)
+    kept = kept[:count]
+    paths = tensor_paths(worker, [(start, size) for _, start, size in kept])
+    history = alloc_history.owners([(start, size) for _, start, size in kept], snapshot) if alloc_history.recording() else []
+    out = []
+    for i, (n, start, size) in enumerate(kept):
+        frames = [b["frames"] for b in history[i]["blocks"]] if history else []
+        out.append({"kept": n, "block": size, "paths": paths.get(start, [])[:4],
+                    "allocated_at": frames[0] if frames else ["(not recorded: VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1)"]})
+    return out
+
+
+def tensor_paths(root, ranges: list[tuple[int, int]], max_depth: int = 6, max_objects: int = 200000) -> dict[int, list]:
+    """Attribute paths from `root` (the worker) to CUDA tensors whose storage starts in one of `ranges`,
+    by range start with each tensor's shape and dtype: names what a block holds when gc finds no owner."""
+    from collections import deque
+
+    import torch
+
+    found: dict[int, list] = {}
+    seen: set[int] = set()
+    queue = deque([(root, "worker", 0)])
+    while queue and len(seen) < max_objects:
+        obj, path, depth = queue.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.is_cuda:
+                ptr = obj.untyped_storage().data_ptr()
+                for start, size in ranges:
+                    if start <= ptr < start + size:
+                        found.setdefault(start, []).append(f"{path} {list(obj.shape)} {obj.dtype}")
+            continue
+        if depth >= max_depth or isinstance(obj, (str, bytes, int, float, bool, type)) or obj is None:
+            continue
+        if isinstance(obj, dict):
+            items = [(f"{path}[{k!r}]", v) for k, v in list(obj.items())[:1000]]
+        elif isinstance(obj, (list, tuple, set)):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(list(obj)[:1000])]
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            items = [(f"{path}.{k}", v) for k, v in attrs.items()] if isinstance(attrs, dict) else []
+        queue.extend((v, p, depth + 1) for p, v in items)
+    return found
+
+
+def level2_driver_floor(worker, pause_s: float = 1.0) -> dict:
+    """While the engine sleeps at level 2: the driver's own release and create + map time for the handles
+    this worker's allocator holds (benchmarks/vmm_floor.py), the floor issue 17 item 3 measures against.
+    Ours: its allocations with its slabs; stock: one handle per allocation."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), os.pardir, "benchmarks"))
+    import vmm_floor
+
+    alloc = CuMemAllocator.get_instance()
+    core = getattr(alloc, "_core", None)
+    if core is not None:
+        sizes = vmm_floor.handle_sizes([a.size for a in core.allocations()], int(core.slab_bytes))
+    else:  # stock: handle = (device, size, ptr, handle)
+        sizes = vmm_floor.handle_sizes([int(d.handle[1]) for d in alloc.pointer_to_data.values()], 0)
+    return vmm_floor.floor(sizes, pause_s=pause_s)
+
+
 def restart_host_prepare(worker, rate: float) -> float:
     """Drops the host memory kept for backups and prepares it again in the background at `rate` bytes/s."""
     from vllm.device_allocator.cumem import CuMemAllocator
@@ -145,6 +235,42 @@ def restart_host_prepare(worker, rate: float) -> float:
     alloc._core.host_prepare_rate = int(rate)
     alloc._prepare_host_backups(wait=False)
     return alloc._core.host_pinned_bytes() / GiB
+
+
+def restart_host_prepare_as_configured(worker) -> float:
+    """Drops the host memory kept for backups and prepares it again in the background at the pace the
+    allocator sets itself (ours in vLLM: full speed while idle, throttled while serving)."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    alloc._core.wait_host()
+    alloc.release_host_cache()
+    alloc._prepare_host_backups(wait=False)
+    return alloc._core.host_pinned_bytes() / GiB
+
+
+def host_state(worker) -> dict:
+    """Ours: host memory pinned for backups and the background preparation's rate now; stock: {}."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    alloc = CuMemAllocator.get_instance()
+    core = getattr(alloc, "_core", None)
+    if core is None:
+        return {}
+    return {"pinned_gib": round(core.host_pinned_bytes() / GiB, 2), "rate": int(core.host_prepare_rate)}
+
+
+def last_sleep_stats(worker) -> dict:
+    """Ours: where the last sleep's time went (pinning and faulting host memory in included); stock: {}."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    core = getattr(CuMemAllocator.get_instance(), "_core", None)
+    stats = core.last_sleep if core is not None else None
+    if stats is None:
+        return {}
+    keys = ("seconds", "bytes_copied", "populate_seconds", "pin_seconds", "sync_seconds", "copy_wait_seconds",
+            "unmap_seconds", "release_seconds")
+    return {k: getattr(stats, k) for k in keys}
 
 
 def host_pinned_gib(worker) -> float:
@@ -251,12 +377,15 @@ class Run:
 
         self.args = args
         self.llm, self.startup_s = make_llm(args)
+        self.ready_at = time.perf_counter()
         self.workers = self.llm.collective_rpc(worker_info)
         self.result: dict = {"command": args.command, "vllm": vllm.__version__, "model": args.model,
                              "tp": args.tp, "inproc": args.inproc, "plugins": os.environ.get("VLLM_PLUGINS"),
                              "workers": self.workers, "startup_s": round(self.startup_s, 2), "checks": {}}
         print(f"workers' allocator: {self.workers}", flush=True)
+        t0 = time.perf_counter()
         self.reference = generate(self.llm)
+        self.reference_s = time.perf_counter() - t0
         self.failed = False
 
     def rpc(self, fn):
@@ -346,6 +475,13 @@ def cmd_timing(run: Run) -> None:
     run.rpc(load_params)
     run.llm.wake_up(tags=["kv_cache"])
     run.check("memory_probe_cycle")
+    # The driver's floor for the same handles, measured in the worker while the engine sleeps at level 2.
+    run.llm.sleep(level=2)
+    r["level2_driver_floor"] = run.rpc(level2_driver_floor)
+    run.llm.wake_up(tags=["weights"])
+    run.rpc(load_params)
+    run.llm.wake_up(tags=["kv_cache"])
+    run.check("after_driver_floor")
     gb = r["weights_bytes"] / 1e9
     r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
     r["level1_warm_sleep_s"] = sorted(s for s, _ in warm)[1]
@@ -360,6 +496,12 @@ def cmd_timing(run: Run) -> None:
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
           f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB; level 1 "
           f"offloads {r['level1_offload_bytes'] / 1e9:.2f} GB of pools {r['pools_awake']}", flush=True)
+    level2 = r["level2_sleep_s"] + r["level2_wake_weights_s"] + r["level2_wake_kv_s"]
+    floor = max(f["total_s"] for f in r["level2_driver_floor"])
+    r["level2_total_s"], r["level2_over_floor"] = level2, level2 / floor
+    print(f"level 2 sleep + wake {level2:.3f} s; driver floor {floor:.3f} s (release + create/map of "
+          f"{r['level2_driver_floor'][0]['handles']} handles, {r['level2_driver_floor'][0]['bytes'] / GiB:.1f} GiB): "
+          f"{level2 / floor:.2f} x", flush=True)
 
 
 def decode_during_prepare(run: Run) -> None:
@@ -384,6 +526,81 @@ def decode_during_prepare(run: Run) -> None:
               f"during {during:.0f}, after {after:.0f}: {ratio:.3f} x (pinned {pinned_at_end:.2f} of "
               f"{ready:.2f} GiB when the measurement ended)", flush=True)
     r["decode_during_prepare"] = rows
+
+
+def cmd_first(run: Run) -> None:
+    """Issue 17 item 2: the first level-1 sleep of a large model, `--first-sleep-after` seconds after the
+    engine is ready (one short request before it, as a smoke test), then a warm one, and decode
+    throughput after the first request (ours against stock in the same call: >= 0.97 x), then, ours only,
+    decode while the preparation runs again throttled by serving. No parameters are copied to host here
+    (the 32B shape's 65 GB would not fit beside the backup): outputs are checked after each wake."""
+    r, llm = run.result, run.llm
+    pools = run.rpc(pool_bytes)
+    r["pools_awake"] = pools
+    r["level1_offload_bytes"] = sum(b for per_tag in pools for tag, b in per_tag.items()
+                                    if tag in ("weights", "runtime", "cudagraph"))
+    wait = run.ready_at + run.args.first_sleep_after - time.perf_counter()
+    r["first_request_s"] = round(run.reference_s, 3)
+    if wait > 0:
+        time.sleep(wait)
+    r["first_sleep_after_ready_s"] = round(time.perf_counter() - run.ready_at, 2)
+    r["host_before_first_sleep"] = run.rpc(host_state)
+    first = run.level1(overwrite=True)
+    r["first_sleep_stats"] = run.rpc(last_sleep_stats)
+    run.check("level1_first")
+    warm = run.level1(overwrite=True)
+    run.check("level1_warm")
+    gb = r["level1_offload_bytes"] / 1e9
+    r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
+    r["level1_warm_sleep_s"], r["level1_warm_wake_s"] = warm
+    r["level1_first_sleep_gbps"] = round(gb / first[0], 2)
+    r["level1_warm_sleep_gbps"] = round(gb / warm[0], 2)
+    print(f"first sleep {first[0]:.3f} s ({gb / first[0]:.1f} GB/s) {r['first_sleep_after_ready_s']} s after "
+          f"ready, host before it {r['host_before_first_sleep']}; first wake {first[1]:.3f} s; warm sleep "
+          f"{warm[0]:.3f} s ({gb / warm[0]:.1f} GB/s), wake {warm[1]:.3f} s; level 1 offloads {gb:.2f} GB",
+          flush=True)
+    decode_tokens_per_s(llm, 2.0)  # warm
+    r["decode_after_first_request"] = round(decode_tokens_per_s(llm), 1)
+    print(f"decode tokens/s after the first request: {r['decode_after_first_request']:.0f}", flush=True)
+    if "vllm_sleep_ext" in str(run.workers):
+        run.rpc(restart_host_prepare_as_configured)
+        during = decode_tokens_per_s(llm)
+        pinned_during = max(run.rpc(host_pinned_gib))
+        state = run.rpc(host_state)
+        ready = max(run.rpc(wait_host))
+        after = decode_tokens_per_s(llm)
+        r["decode_during_serving_prepare"] = {"during": round(during, 1), "after": round(after, 1),
+                                              "ratio": round(during / after, 4), "rate_while_serving": state,
+                                              "pinned_gib_at_end": round(pinned_during, 2),
+                                              "ready_gib": round(ready, 2)}
+        print(f"decode tokens/s while the preparation runs throttled by serving: {during:.0f}, after it "
+              f"{after:.0f}: {during / after:.3f} x (pinned {pinned_during:.2f} of {ready:.2f} GiB when it "
+              f"ended; rate then {state})", flush=True)
+        run.check("after_prepare_again")
+
+
+def cmd_scope(run: Run) -> None:
+    """Issue 17 item 3: what the live scope keeps of the weights pool, who holds its largest ranges
+    (allocation stacks and attribute paths), then a level-2 cycle, checked."""
+    r = run.result
+    r["weights_pool_nonparams"] = run.rpc(weights_pool_nonparams)
+    if "vllm_sleep_ext" not in str(run.workers):
+        print("scope: needs our allocator", flush=True)
+        return
+    r["live_scope"] = run.rpc(live_scope_breakdown)
+    print(f"live scope of the weights pool: {r['live_scope']}", flush=True)
+    t0 = time.perf_counter()
+    r["kept_owners"] = run.rpc(kept_owners)
+    r["kept_owners_s"] = round(time.perf_counter() - t0, 2)
+    for rank, owners in enumerate(r["kept_owners"]):
+        for o in owners:
+            print(f"kept range rank {rank}: {o['kept'] / (1 << 20):.1f} MiB of a {o['block'] / (1 << 20):.1f} MiB "
+                  f"block; tensors {o['paths'] or 'none reached from the worker'}; allocated at "
+                  f"{' <- '.join(o['allocated_at'])}", flush=True)
+    run.rpc(save_params)
+    s, ww, wk = run.level2(overwrite=True)
+    r["level2"] = {"sleep_s": s, "wake_weights_s": ww, "wake_kv_s": wk}
+    run.check("level2_rlhf")
 
 
 def cmd_cycles(run: Run) -> None:
@@ -416,19 +633,22 @@ def cmd_cycles(run: Run) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["flows", "timing", "cycles"])
+    p.add_argument("command", choices=["flows", "timing", "cycles", "first", "scope"])
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--inproc", action="store_true", help="engine core and worker in this process")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (default: vLLM's, graphs on)")
     p.add_argument("--cycles", type=int, default=50)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--first-sleep-after", type=float, default=10.0,
+                   help="first: seconds after the engine is ready that the first sleep comes")
     p.add_argument("--json")
     args = p.parse_args()
     if args.inproc:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     run = Run(args)
-    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles}[args.command](run)
+    {"flows": cmd_flows, "timing": cmd_timing, "cycles": cmd_cycles, "first": cmd_first,
+     "scope": cmd_scope}[args.command](run)
     return run.finish()
 
 

@@ -23,8 +23,20 @@ _LLAMA3_8B = {
     "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001, "rope_scaling": _LLAMA_ROPE3,
 }
 
+# Qwen2.5-32B's shape (bf16, 32.8 B parameters, 65.5 GB): the largest dense model an H200 holds with room
+# left for a KV cache; issue 17's first-sleep row.
+_QWEN25_32B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120,
+    "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+    "num_key_value_heads": 8, "vocab_size": 152064, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645, "sliding_window": None,
+    "use_sliding_window": False,
+}
+
 CONFIGS: dict[str, dict] = {
     "llama3-8b": _LLAMA3_8B,
+    "qwen25-32b": _QWEN25_32B,
     # The same Llama, small, llama3 rope scaling kept (vLLM's cos_sin_cache is a buffer of the weights pool).
     "llama-tiny": {**_LLAMA3_8B, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
                    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,

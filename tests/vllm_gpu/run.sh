@@ -5,6 +5,7 @@
 #
 # Usage: [VLLM_KIT=0.26|0.33] tests/vllm_gpu/run.sh SCENARIO...
 #   scenarios: quick flows flows-small timing timing-ours timing-stock cycles plain tp2 features duplex swap
+#              first32b scope level2
 #              (default: flows)
 #   VLLM_KIT=0.26 (default): vLLM 0.26.0 at /tmp/vsite (../shared/vllm-gpu), the machine's torch 2.11.
 #   VLLM_KIT=0.33: vLLM 0.33.0 at /tmp/vsite033 with its carried torch 2.14 (../shared/vllm-gpu-033).
@@ -58,7 +59,7 @@ report() {  # report ours|stock TMP TITLE TIME: the run's output into $LOG, its 
   rc=$(cat "$tmp.rc")
   { echo "=== [$who] $title"; cat "$tmp"; } >> "$LOG"
   echo "=== [$who] $title"
-  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
+  grep -E "^(PASS|FAIL|INFO|SKIP|MISMATCH|workers' allocator|engine:|LoRA adapter|weights |decode tokens|live scope|first sleep|kept range|level 2 sleep|FIRST32B|LEVEL2|    )|vllm_sleep_ext|Traceback|Error" "$tmp" \
     | grep -v -e "^\s*File " -e "^RESULT " | head -40
   grep "^RESULT " "$tmp" | sed "s/^RESULT /{\"kit\": \"$KIT\", \"vllm\": \"$VLLM_VERSION\", \"who\": \"$who\", \"rc\": $rc, \"r\": /; s/\$/}/" >> "$RESULTS"
   rm -f "$tmp" "$tmp.rc"
@@ -106,10 +107,13 @@ features() {  # features.py for each of FEATURES (default: all), stock then ours
   report_finished_features
 }
 engine() { local who=$1; shift; run_script "$who" "$E2E" "$@"; }  # engine ours|stock E2E-ARGS...
-limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios
+limit() {  # the pinned-copy limit at 16 GiB on this machine, for the ratios of the timing scenarios (also
+          # into $OUT/limit.json for tests/vllm_gpu/first_sleep_report.py)
   echo "=== pinned-copy limit, 16 GiB (this machine, this run)" | tee -a "$LOG"
-  (cd "$REPO/benchmarks" && python3 -c "from sleepbench.impls.limit import worker_limit
+  (cd "$REPO/benchmarks" && LIMIT_JSON="$OUT/limit.json" python3 -c "import json, os
+from sleepbench.impls.limit import worker_limit
 r = worker_limit({'headroom_gib': 4, 'sizes_gib': [16], 'reps': 5})['sizes']['16.0']
+json.dump({'bytes': r['bytes'], 'd2h_gbps': r['d2h_gbps'], 'h2d_gbps': r['h2d_gbps']}, open(os.environ['LIMIT_JSON'], 'w'))
 print(f\"LIMIT 16 GiB: D2H {r['d2h_gbps']:.1f} GB/s, H2D {r['h2d_gbps']:.1f} GB/s\")" 2>&1) | tee -a "$LOG" | grep LIMIT
 }
 
@@ -133,10 +137,12 @@ for s in "${scenarios[@]}"; do
       engine ours flows --model qwen2-tiny
       engine ours flows --model gptneox-tiny
       engine ours flows --model qwen3moe-tiny ;;
-    timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine
+    timing)  # the 8B-shaped model, stock then ours, and the pinned-copy limit, same machine; each run measures
+             # the driver's level-2 floor for its own handles in its worker (issue 17 item 3)
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
-      limit ;;
+      limit
+      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" --level2 2>&1 | tee -a "$LOG" ;;
     timing-ours)  # ours and the limit only (stock measured in another call on the same machine)
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
       limit ;;
@@ -155,6 +161,18 @@ for s in "${scenarios[@]}"; do
       features ;;
     duplex)  # issue 18: pinned copies D2H, H2D and both at once, 8 GiB: the duplex floor the swap scenario uses
       (cd /tmp && timeout 120 python3 "$REPO/benchmarks/probe_duplex.py" --out "$OUT" 2>&1) | tee -a "$LOG" | grep -v "^wrote" || status=1 ;;
+    first32b)  # issue 17 item 2: Qwen2.5-32B shape (65.5 GB bf16), first level-1 sleep 10 s after the engine is
+               # ready, ours then stock, one at a time: ours holds one 65.8 GB arena; stock pins a backup per
+               # allocation through PyTorch's pinned caching allocator, 65.5 GB and up to ~120 GB if it rounds
+               # each to a power of two, near the 137 GB (128 GiB) host: ours first, so a stock run the host
+               # cannot hold leaves ours measured. Then the limit and the table.
+      engine ours first --model qwen25-32b --gpu-memory-utilization 0.9 --first-sleep-after 10
+      engine stock first --model qwen25-32b --gpu-memory-utilization 0.9 --first-sleep-after 10
+      limit
+      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" 2>&1 | tee -a "$LOG" ;;
+    scope)  # issue 17 item 3: who holds the ranges of the weights pool the live scope keeps that no Python object
+            # holds (allocation stacks recorded from the allocator's creation; attribute paths from the worker), ours
+      VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 engine ours scope --model llama3-8b --gpu-memory-utilization 0.85 ;;
     swap)  # issue 18: two 8B-shaped engines on one GPU, A.sleep + B.wake overlapped (ours) vs sequential, then stock
       for who in ours stock; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
     *) echo "unknown scenario $s"; status=1 ;;
