@@ -175,6 +175,15 @@ void HostCache::recycle(const AllocatorOptions& options) {
     }
 }
 
+uint64_t HostCache::room(const AllocatorOptions& options) const {
+  const uint64_t limit = options.host_memory_limit;
+  if (limit == 0) return UINT64_MAX;
+  uint64_t in_use = 0;
+  for (const auto& a : arenas_)
+    if (!idle(a)) in_use += a->capacity();
+  return limit > in_use ? limit - in_use : 0;
+}
+
 uint64_t HostCache::held_bytes() const {
   uint64_t total = 0;
   for (const auto& arena : arenas_) total += arena->capacity();
