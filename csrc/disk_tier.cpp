@@ -84,10 +84,12 @@ DiskFile::DiskFile(const std::string& dir, uint64_t bytes) : dir_(dir), bytes_(b
   if (fd_ < 0)
     throw Error("cannot make a file for backups in '" + dir + "': " + errno_text(errno) + kSleepUndone);
   const uint64_t reserved = align_up(bytes);
+  // fallocate itself, not posix_fallocate: glibc's emulation writes single bytes, which O_DIRECT refuses.
   int rc;
   do {
-    rc = ::posix_fallocate(fd_, 0, static_cast<off_t>(reserved));
+    rc = ::fallocate(fd_, 0, 0, static_cast<off_t>(reserved)) == 0 ? 0 : errno;
   } while (rc == EINTR);
+  if (rc == EOPNOTSUPP) rc = ::ftruncate(fd_, static_cast<off_t>(reserved)) == 0 ? 0 : errno;
   if (rc != 0) {
     ::close(fd_);
     throw Error("no room for " + format_bytes(reserved) + " of backups on disk in '" + dir + "': " + errno_text(rc) +
@@ -182,7 +184,11 @@ class DiskTier::IoThreads {
   WorkerThreads workers_;  // last: joined before the rest goes
 };
 
-DiskTier::DiskTier(DeviceBackend& backend) : backend_(backend) {}
+DiskTier::DiskTier(DeviceBackend& backend)
+    : backend_(backend), fork_hook_([this] {
+        (void)threads_.release();  // the parent's: deliberately leaked in the child
+        (void)staging_.release();
+      }) {}
 DiskTier::~DiskTier() = default;
 
 DiskTier::Staging& DiskTier::staging(const DiskOptions& options, int device) {

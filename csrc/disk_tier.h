@@ -16,7 +16,9 @@
 //     slots (2 per disk thread), pipelined with the device copies: at sleep the copy of chunk k+1 into
 //     a slot runs while chunk k is written from another; at wake the disk threads read ahead while the
 //     main thread copies the chunks already read to the device. Where the filesystem refuses O_DIRECT
-//     (tmpfs on older kernels), buffered I/O, with a warning naming the directory.
+//     (tmpfs on older kernels), buffered I/O, with a warning naming the directory. Where it cannot
+//     fallocate (EOPNOTSUPP), the file is only sized: a full disk then fails a write, still before
+//     anything is released.
 // Faults: every write of a sleep is done before the sleep releases anything, so a failed write fails
 // the sleep with every allocation mapped (retryable); at wake a failed or short read fails the wake,
 // which undoes its mappings as any failed wake does: the allocations stay asleep with their backups.
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "fork_guard.h"
 
 namespace vse {
 
@@ -116,6 +119,9 @@ class DiskTier {
   std::atomic<int64_t> fail_write_at_{-1};
   std::atomic<int64_t> short_read_at_{-1};
   std::string warned_dir_;  // buffered I/O is said once per directory
+  // In a forked child the I/O threads are gone (and their lock perhaps held) and the staging is not
+  // mapped (MADV_DONTFORK): both are forgotten there, never joined or unpinned, and made anew on use.
+  ForkChildHook fork_hook_;
 };
 
 }  // namespace vse

@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -222,6 +223,39 @@ void test_disk_file_is_unnamed_0600_and_reserved() {
   CHECK_THROWS(vse::DiskFile("/nonexistent/vse-disk", MiB), vse::Error);
 }
 
+// A forked child (a trainer's DataLoader worker) finds the disk tier's threads and staging gone: a
+// sleep and wake of its own make new ones instead of waiting for threads that are not there.
+void test_forked_child_makes_its_own_disk_threads_and_staging() {
+  TempDir dir;
+  Allocator a(std::make_unique<vse::HostBackend>(128 * MiB));
+  a.set_options(disk_options(dir.path(), 4 * MiB));
+  const uintptr_t p = a.allocate(40 * MiB + 3, 0, "weights");
+  fill(p, 40 * MiB + 3, 77);
+  a.sleep({"weights"}, {}, {});  // the parent's threads and staging exist now
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    int code = 1;
+    try {
+      const uintptr_t q = a.allocate(30 * MiB + 1, 0, "runtime");
+      fill(q, 30 * MiB + 1, 78);
+      a.sleep({"runtime"}, {}, {});
+      code = a.last_sleep()->disk.bytes > 20 * MiB ? 4 : 5;
+      a.wake(std::vector<std::string>{"runtime"});
+      if (code == 4) code = matches(q, 30 * MiB + 1, 78) ? 0 : 2;
+    } catch (...) {
+      code = 3;
+    }
+    ::_exit(code);
+  }
+  int status = -1;
+  CHECK(pid > 0 && ::waitpid(pid, &status, 0) == pid);
+  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) std::printf("child status %d\n", status);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  a.wake(std::nullopt);
+  CHECK(matches(p, 40 * MiB + 3, 77));
+  a.free(p);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -233,6 +267,8 @@ int main(int argc, char** argv) {
       {"bad_directories_are_refused_and_no_directory_keeps_the_old_limit",
        test_bad_directories_are_refused_and_no_directory_keeps_the_old_limit},
       {"disk_file_is_unnamed_0600_and_reserved", test_disk_file_is_unnamed_0600_and_reserved},
+      {"forked_child_makes_its_own_disk_threads_and_staging",
+       test_forked_child_makes_its_own_disk_threads_and_staging},
   };
   return vse_test::run_tests(tests, argc, argv);
 }
