@@ -482,11 +482,11 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
         if (!spans.empty()) backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
       }
     }
-    // Disk parts: read and copied while the host parts' copies run (Note [Disk tier]).
-    for (const auto& [file, parts] : from_disk) disk_.read(options_.disk, *file, parts, stats.disk);
     timed(stats.copy_wait_seconds, [&] {
       for (int device : copying) backend_->wait_copies(device);
     });
+    // Disk parts after the host parts' copies, which are ahead of them on the copy queue anyway.
+    for (const auto& [file, parts] : from_disk) disk_.read(options_.disk, *file, parts, stats.disk);
   } catch (...) {
     undo();
     throw;

@@ -19,6 +19,11 @@
 //     (tmpfs on older kernels), buffered I/O, with a warning naming the directory. Where it cannot
 //     fallocate (EOPNOTSUPP), the file is only sized: a full disk then fails a write, still before
 //     anything is released.
+// Order: a sleep writes the disk part whole first (so a failed write releases nothing), then copies the
+// host part; a wake copies the host part back while it maps, then reads the disk part. The two parts
+// do not overlap: on one copy queue per device a disk chunk's copy would wait behind the host part's
+// copies anyway, so overlapping them needs a second queue (the most it can gain is the host part's
+// time at the copy limit, about 0.15 s per 8 GB).
 // Faults: every write of a sleep is done before the sleep releases anything, so a failed write fails
 // the sleep with every allocation mapped (retryable); at wake a failed or short read fails the wake,
 // which undoes its mappings as any failed wake does: the allocations stay asleep with their backups.
