@@ -350,3 +350,15 @@ def test_python_allocator_reports_bytes_on_disk(tmp_path):
     a.wake_up()
     assert torch.equal(t, expected) and bool((u == 7).all())
     assert a.stats().last_wake.disk_bytes == on_disk
+
+
+def test_the_active_line_names_the_limit_and_the_directory(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from vllm_sleep_ext.allocator import describe
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_HOST_LIMIT", "8G")
+    monkeypatch.setenv("VLLM_SLEEP_EXT_DISK_DIR", str(tmp_path))
+    line = describe()
+    assert "host limit 8.00 GiB" in line and str(tmp_path) in line
+    monkeypatch.delenv("VLLM_SLEEP_EXT_DISK_DIR")
+    assert "no disk tier" in describe()

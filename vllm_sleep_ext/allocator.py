@@ -119,16 +119,22 @@ def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
     """Version, preserve mode and host memory policy, for the line that says the allocator is active."""
     if allocator is not None:
         mode, keep, policy = allocator.preserve_mode, allocator.keep_host_backups, allocator.host_policy
+        limit, disk_dir = allocator.host_memory_limit, allocator.disk_dir
     else:  # what an allocator made now would take from the environment (EnvError where it would fail)
         mode, keep = envs.get(envs.PRESERVE), envs.get(envs.KEEP_HOST)
         policy = envs.get(envs.HOST_POLICY) or ("pinned" if keep else "release")
+        limit, disk_dir = envs.get(envs.HOST_LIMIT) or 0, envs.get(envs.DISK_DIR) or ""
     host = {
         "pinned": "kept pinned after wake for the next sleep",
         "reclaimable": "kept after wake, unpinned, for the kernel to take back if it must",
         "release": "returned after each wake",
     }.get(policy, policy)
+    tier = ""
+    if limit:
+        tier = f", host limit {limit / GiB:.2f} GiB, " + (f"beyond it on disk in {disk_dir}" if disk_dir
+                                                           else "no disk tier (a sleep beyond it fails)")
     return (f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} "
-            f"({envs.KEEP_HOST.name}={int(keep)}, {envs.HOST_POLICY.name}={policy})")
+            f"({envs.KEEP_HOST.name}={int(keep)}, {envs.HOST_POLICY.name}={policy}){tier}")
 
 
 def _memory_snapshot() -> list[dict]:
