@@ -362,3 +362,19 @@ def test_the_active_line_names_the_limit_and_the_directory(tmp_path, monkeypatch
     assert "host limit 8.00 GiB" in line and str(tmp_path) in line
     monkeypatch.delenv("VLLM_SLEEP_EXT_DISK_DIR")
     assert "no disk tier" in describe()
+
+
+def test_host_memory_prepared_ahead_stops_at_the_limit_and_the_sleep_uses_it(tmp_path):
+    a = make(tmp_path, 6 * MiB)
+    ptr, data = filled(a, 20 * MiB + 9, "weights", 8)
+    a.prepare_host(20 * MiB + 9, 0, True)  # the part past the limit will go to disk: not prepared
+    assert a.host_bytes() == 6 * MiB and a.host_error() == ""
+    a.sleep(["weights"], preserve=[])
+    assert a.host_bytes() == 6 * MiB  # the prepared arena, not a second one
+    assert a.last_sleep.disk_bytes == 14 * MiB + 9
+    a.wake(None)
+    assert read(ptr, len(data)) == data
+
+    a.disk_dir = ""  # without a disk tier, preparing past the limit is refused as before
+    with pytest.raises(core.HostOutOfMemoryError):
+        a.prepare_host(20 * MiB + 9, 0, True)

@@ -28,6 +28,6 @@ step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a fa
 cat "$OUT/machine.txt"
 step build make build
 step tests timeout 120 python3 -m pytest -m cuda -v -rs tests/test_disk_tier_cuda.py
-step probe_disk timeout 60 python3 benchmarks/probe_disk.py --gib 8 --dir "$VSE_DISK_DIR" --out "$OUT"
+step probe_disk timeout 60 python3 benchmarks/probe_disk.py --gib 4 --dir "$VSE_DISK_DIR" --out "$OUT"
 step bench_disk_tier timeout 150 python3 benchmarks/bench_disk_tier.py --dir "$VSE_DISK_DIR" --out "$OUT"
 exit $status
