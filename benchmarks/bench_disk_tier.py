@@ -144,6 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         alloc.sleep(offload_tags=("weights",))
         sleep_s = time.perf_counter() - start
         s = alloc.stats().last_sleep
+        if s.disk_bytes == 0:
+            raise SystemExit(f"nothing went to disk (host limit {host_limit} of {total} bytes): nothing to measure")
         if probe is None:  # the same bytes as the tier writes, while the weights sleep (device memory free)
             probe = probe_disk.measure(args.dir, s.disk_bytes, args.threads)
             print(probe_disk.table(probe), flush=True)
