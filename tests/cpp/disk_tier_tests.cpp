@@ -22,6 +22,17 @@
 #include "host_backend.h"
 #include "test_harness.h"
 
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define VSE_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__) || defined(VSE_TSAN)
+// The fork test's child starts threads (that is what it checks); ThreadSanitizer refuses that after a
+// fork of a multi-threaded process unless told to go on.
+extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
+#endif
+
 namespace {
 
 constexpr uint64_t MiB = 1ull << 20;
