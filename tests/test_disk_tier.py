@@ -63,6 +63,26 @@ def backup_fds(disk_dir) -> list[int]:
     return out
 
 
+def filesystem_type(path) -> str:
+    """The type of the filesystem `path` lies on (the longest mount point above it in /proc/mounts)."""
+    path, best, kind = os.path.realpath(str(path)), "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mount = fields[1]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def file_flags(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise AssertionError(f"no flags for fd {fd}")
+
+
 # Odd sizes, several allocations, a weights tag backed up whole and a kv tag with preserved ranges.
 SIZES = [3 * MiB + 17, 20 * MiB + 4095, MiB - 1, 7 * MiB + 1, 33 * MiB + 5]
 
@@ -126,6 +146,8 @@ def test_backup_files_are_0600_and_not_visible_in_the_directory(tmp_path):
     assert st.st_mode & 0o777 == 0o600
     assert st.st_nlink == 0  # no name anywhere: nothing is left after a crash
     assert st.st_size >= 10 * MiB
+    if filesystem_type(tmp_path) in ("ext4", "xfs", "btrfs"):  # these take O_DIRECT: the tier must use it
+        assert file_flags(fds[0]) & os.O_DIRECT
     a.wake(None)
     assert read(ptr, 12 * MiB) == data
     assert backup_fds(tmp_path) == []
