@@ -77,7 +77,8 @@ void Allocator::synchronize_devices(const std::vector<SegmentRows>& segments) {
   for (int device : devices) backend_->synchronize(device);
 }
 
-Allocator::Allocator(std::unique_ptr<DeviceBackend> backend) : backend_(std::move(backend)), host_(*backend_) {
+Allocator::Allocator(std::unique_ptr<DeviceBackend> backend)
+    : backend_(std::move(backend)), disk_(*backend_), host_(*backend_) {
   host_.set_prepare_rate(options_.host_prepare_rate);
 }
 
@@ -211,8 +212,9 @@ struct Allocator::SleepPlan {
   };
   std::vector<Step> steps;
   std::vector<SegmentRows> segments;
-  std::vector<uint64_t> host_end;  // per segment: past its last byte copied; 0: it keeps nothing
+  std::vector<uint64_t> host_end;  // per segment: past its last byte copied to host; 0: none
   uint64_t backup_bytes = 0;
+  uint64_t host_bytes = 0;  // the first this many of backup_bytes go to host memory, the rest to disk
 };
 
 Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offload_tags,
@@ -232,12 +234,17 @@ Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offlo
     plan.backup_bytes += step.backup.ranges.bytes();
     plan.steps.push_back(std::move(step));
   }
+  // Past the host memory limit, the rest goes to disk when a directory is set (Note [Disk tier]).
+  plan.host_bytes = plan.backup_bytes;
+  if (!options_.disk.dir.empty())
+    plan.host_bytes = std::min(plan.backup_bytes, host_.room(options_) / kDiskAlign * kDiskAlign);
   plan.segments = by_segment(plan.steps.size(), [&](size_t i) -> const Allocation& { return *plan.steps[i].row; });
   for (const SegmentRows& g : plan.segments) {
     uint64_t end = 0;
     for (size_t i : g.members) {
       const SleepPlan::Step& s = plan.steps[i];
-      if (!s.backup.ranges.empty()) end = std::max(end, s.backup.offset + s.backup.ranges.bytes());
+      if (!s.backup.ranges.empty() && s.backup.offset < plan.host_bytes)
+        end = std::max(end, std::min(plan.host_bytes, s.backup.offset + s.backup.ranges.bytes()));
     }
     plan.host_end.push_back(end);
   }
@@ -245,29 +252,48 @@ Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offlo
 }
 
 // Everything of a sleep that can fail comes before the first release: host memory, the wait for
-// pending work, the copies. A throw from here leaves every allocation mapped and untouched.
+// pending work, the disk part written whole, the copies. A throw from here leaves every allocation
+// mapped and untouched.
 std::unique_ptr<CopyPipeline> Allocator::copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena,
                                                       OpStats& stats) {
-  arena = host_.acquire(plan.backup_bytes, plan.steps.front().row->device(), options_);  // host cache
+  arena = host_.acquire(plan.host_bytes, plan.steps.front().row->device(), options_);  // host cache
   std::unique_ptr<CopyPipeline> copies;
   try {
     timed(stats.sync_seconds, [&] { synchronize_devices(plan.segments); });
-    if (arena) {
-      copies = std::make_unique<CopyPipeline>(*backend_, arena->data());
-      for (SleepPlan::Step& s : plan.steps) {
-        uint64_t host_offset = s.backup.offset;
-        for (const ByteRange& r : s.backup.ranges.ranges()) {
-          copies->add(s.row->device(), s.row->address + r.begin, host_offset, r.size());
-          host_offset += r.size();
+    if (arena) copies = std::make_unique<CopyPipeline>(*backend_, arena->data());
+    // The backups back to back: [0, host_bytes) in the arena, the rest in the file from its offset 0.
+    std::vector<DiskSpan> to_disk;
+    for (SleepPlan::Step& s : plan.steps) {
+      uint64_t at = s.backup.offset;
+      for (const ByteRange& r : s.backup.ranges.ranges()) {
+        const uint64_t host_part = at < plan.host_bytes ? std::min(r.size(), plan.host_bytes - at) : 0;
+        if (host_part != 0) copies->add(s.row->device(), s.row->address + r.begin, at, host_part);
+        if (host_part < r.size()) {
+          if (s.backup.disk_bytes == 0) s.backup.file_offset = at + host_part - plan.host_bytes;
+          s.backup.disk_bytes += r.size() - host_part;
+          to_disk.push_back({s.row->device(), s.row->address + r.begin + host_part, at + host_part - plan.host_bytes,
+                             r.size() - host_part});
         }
-        s.backup.arena = arena;
+        at += r.size();
       }
-      stats.staging = arena->prepare(plan.backup_bytes, options_.staging,
-                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
+      if (s.backup.disk_bytes < s.backup.ranges.bytes()) s.backup.arena = arena;
     }
+    if (!to_disk.empty()) {
+      std::shared_ptr<DiskFile> file =
+          disk_.write(options_.disk, to_disk, plan.backup_bytes - plan.host_bytes, stats.disk);
+      for (SleepPlan::Step& s : plan.steps)
+        if (s.backup.disk_bytes != 0) s.backup.file = file;
+    }
+    if (arena)
+      stats.staging = arena->prepare(plan.host_bytes, options_.staging,
+                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
   } catch (...) {
     copies.reset();  // copies in flight must not land in an arena being freed
-    for (SleepPlan::Step& s : plan.steps) s.backup.arena.reset();
+    for (SleepPlan::Step& s : plan.steps) {
+      s.backup.arena.reset();
+      s.backup.file.reset();
+      s.backup.disk_bytes = 0;
+    }
     if (arena) host_.forget_failed(arena);  // host cache: may be half pinned
     throw;
   }
@@ -411,6 +437,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
       if (backed_up == static_cast<bool>(with_backup)) order.push_back(k);
     }
   std::set<int> copying;
+  std::map<const DiskFile*, std::vector<DiskSpan>> from_disk;
   std::vector<std::pair<Segment*, uint64_t>> mapped;  // runs mapped here
   auto undo = [&] {
     drain_copies(*backend_, copying);  // nothing may still write into memory that is unmapped here
@@ -437,19 +464,31 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
         }
         if (!a.backup) continue;
         spans.clear();
-        uint8_t* host = a.backup->arena->data() + a.backup->offset;
-        for (const ByteRange& r : a.backup->ranges.ranges()) {
-          a.backup->arena->split_at_registrations({a.address + r.begin, host, r.size()}, spans);
-          host += r.size();
+        const HostBackup& b = *a.backup;
+        uint64_t host_left = b.ranges.bytes() - b.disk_bytes;  // the host part comes first
+        uint8_t* host = b.arena ? b.arena->data() + b.offset : nullptr;
+        uint64_t file_offset = b.file_offset;
+        for (const ByteRange& r : b.ranges.ranges()) {
+          const uint64_t host_part = std::min(r.size(), host_left);
+          if (host_part != 0) b.arena->split_at_registrations({a.address + r.begin, host, host_part}, spans);
+          if (host_part < r.size()) {
+            from_disk[b.file.get()].push_back({a.device(), a.address + r.begin + host_part, file_offset,
+                                               r.size() - host_part});
+            file_offset += r.size() - host_part;
+          }
+          host += host_part;
+          host_left -= host_part;
           stats.bytes_copied += r.size();
         }
         copying.insert(a.device());
-        backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
+        if (!spans.empty()) backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
       }
     }
     timed(stats.copy_wait_seconds, [&] {
       for (int device : copying) backend_->wait_copies(device);
     });
+    // Disk parts after the host parts' copies, which are ahead of them on the copy queue anyway.
+    for (const auto& [file, parts] : from_disk) disk_.read(options_.disk, *file, parts, stats.disk);
   } catch (...) {
     undo();
     throw;
@@ -523,7 +562,8 @@ std::vector<AllocationInfo> Allocator::allocations() const {
   out.reserve(table_.size());
   for (const auto& [address, a] : table_) {
     uint64_t backup = a.backup ? a.backup->ranges.bytes() : 0;
-    out.push_back({a.address, a.size, a.device(), a.tag(), a.state, backup, a.backup && !a.backup->whole ? backup : 0});
+    out.push_back({a.address, a.size, a.device(), a.tag(), a.state, backup, a.backup && !a.backup->whole ? backup : 0,
+                   a.backup ? a.backup->disk_bytes : 0});
   }
   return out;
 }
@@ -536,6 +576,7 @@ std::map<std::string, TagStats> Allocator::tag_stats() const {
     (a.state == State::Mapped ? s.mapped_bytes : s.asleep_bytes) += a.size;
     s.backed_up_bytes += a.backup_bytes;
     s.preserved_bytes += a.preserved_bytes;
+    s.disk_bytes += a.disk_bytes;
   }
   return out;
 }
@@ -572,6 +613,8 @@ void Allocator::set_options_locked(const AllocatorOptions& options) {
     throw InvalidArgument("staging_piece_bytes must be between " + format_bytes(kMinStagingPieceBytes) + " and " +
                           format_bytes(kMaxStagingPieceBytes) + " (it is rounded up to whole 2 MiB pages), got " +
                           std::to_string(options.staging.piece_bytes));
+  if (options.disk.dir != options_.disk.dir || options.disk.threads != options_.disk.threads)
+    check_disk_options(options.disk);
   options_ = options;
   host_.set_prepare_rate(options_.host_prepare_rate);  // the preparation under way too (Note [Prepare rate])
   host_.recycle(options_);

@@ -102,6 +102,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "disk_tier.h"
 #include "host_arena.h"
 #include "host_cache.h"
 #include "range_set.h"
@@ -114,12 +115,16 @@ class CopyPipeline;
 enum class State { Mapped, BackedUp, Discarded };
 const char* state_name(State state);
 
-// Bytes of one allocation kept on the host while it sleeps, laid out in range order from `offset`.
+// Bytes of one allocation kept while it sleeps, laid out in range order, in two parts: the first in a
+// host arena from `offset`, the last `disk_bytes` in a file from `file_offset` (Note [Disk tier]).
 struct HostBackup {
-  std::shared_ptr<HostArena> arena;
+  std::shared_ptr<HostArena> arena;  // null when the whole backup is on disk
   uint64_t offset = 0;
   RangeSet ranges;     // allocation-relative
   bool whole = false;  // the tag was offloaded (else: preserved ranges only)
+  uint64_t disk_bytes = 0;  // of ranges.bytes(): the last this many lie in `file`
+  std::shared_ptr<DiskFile> file;
+  uint64_t file_offset = 0;
 };
 
 struct Allocation {
@@ -143,6 +148,7 @@ struct AllocationInfo {
   State state;
   uint64_t backup_bytes;
   uint64_t preserved_bytes;
+  uint64_t disk_bytes;  // of backup_bytes, on disk
 };
 
 struct TagStats {
@@ -151,6 +157,7 @@ struct TagStats {
   uint64_t asleep_bytes = 0;
   uint64_t backed_up_bytes = 0;  // host bytes held for this tag (whole and preserved)
   uint64_t preserved_bytes = 0;  // of which preserved ranges of non-offloaded allocations
+  uint64_t disk_bytes = 0;       // of backed_up_bytes, in files of the disk tier
 };
 
 struct OpStats {
@@ -167,6 +174,7 @@ struct OpStats {
   double release_seconds = 0;  // sleep: cuMemRelease
   double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
   double wait_seconds = 0;     // wake: waiting for device memory that another process frees
+  DiskTimes disk;              // of bytes_copied, what went to (sleep) or came from (wake) disk, and how long
 };
 
 struct AllocatorOptions {
@@ -182,6 +190,7 @@ struct AllocatorOptions {
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
   uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
+  DiskOptions disk;               // backups past host_memory_limit go to disk there (Note [Disk tier])
 
   HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
@@ -236,6 +245,7 @@ class Allocator {
   void wait_host();         // until background host work is done
   std::string host_error();  // what background host work last failed with ("" none), cleared by reading
   void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages
+  DiskTier& disk_tier() { return disk_; }  // its test hooks
   AllocatorOptions options() const;
   void set_options(const AllocatorOptions& options);  // throws InvalidArgument for a bad value
   // Changes some options in one step under the lock, so concurrent updates of different options
@@ -273,6 +283,7 @@ class Allocator {
   AllocatorOptions options_;
   std::optional<OpStats> last_sleep_;
   std::optional<OpStats> last_wake_;
+  DiskTier disk_;
   // Host memory for backups. Called only under mutex_ (its thread-safety contract, host_cache.h);
   // last, so its background work (which holds arenas) ends before the rest goes.
   HostCache host_;

@@ -69,14 +69,16 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("tag", &vse::AllocationInfo::tag)
       .def_property_readonly("state", [](const vse::AllocationInfo& a) { return vse::state_name(a.state); })
       .def_readonly("backup_bytes", &vse::AllocationInfo::backup_bytes)
-      .def_readonly("preserved_bytes", &vse::AllocationInfo::preserved_bytes);
+      .def_readonly("preserved_bytes", &vse::AllocationInfo::preserved_bytes)
+      .def_readonly("disk_bytes", &vse::AllocationInfo::disk_bytes);
 
   py::class_<vse::TagStats>(m, "TagStats")
       .def_readonly("allocations", &vse::TagStats::allocations)
       .def_readonly("mapped_bytes", &vse::TagStats::mapped_bytes)
       .def_readonly("asleep_bytes", &vse::TagStats::asleep_bytes)
       .def_readonly("backed_up_bytes", &vse::TagStats::backed_up_bytes)
-      .def_readonly("preserved_bytes", &vse::TagStats::preserved_bytes);
+      .def_readonly("preserved_bytes", &vse::TagStats::preserved_bytes)
+      .def_readonly("disk_bytes", &vse::TagStats::disk_bytes);
 
   py::class_<vse::OpStats>(m, "OpStats")
       .def_readonly("seconds", &vse::OpStats::seconds)
@@ -91,7 +93,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("unmap_seconds", &vse::OpStats::unmap_seconds)
       .def_readonly("release_seconds", &vse::OpStats::release_seconds)
       .def_readonly("map_seconds", &vse::OpStats::map_seconds)
-      .def_readonly("wait_seconds", &vse::OpStats::wait_seconds);
+      .def_readonly("wait_seconds", &vse::OpStats::wait_seconds)
+      .def_property_readonly("disk_bytes", [](const vse::OpStats& s) { return s.disk.bytes; })
+      .def_property_readonly("disk_seconds", [](const vse::OpStats& s) { return s.disk.seconds; });
 
   // Options and read-only views release the GIL while they wait for the core's lock, which a long
   // sleep holds; each setter changes its option in one locked step (update_options).
@@ -120,6 +124,8 @@ PYBIND11_MODULE(_core, m) {
   auto host_prepare_rate = option([](auto& o) -> auto& { return o.host_prepare_rate; });
   auto slab_bytes = option([](auto& o) -> auto& { return o.slab_bytes; });
   auto reclaimable_pinned_share = option([](auto& o) -> auto& { return o.reclaimable_pinned_share; });
+  auto disk_dir = option([](auto& o) -> auto& { return o.disk.dir; });
+  auto disk_threads = option([](auto& o) -> auto& { return o.disk.threads; });
 
   py::class_<vse::Allocator>(m, "Allocator")
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0, "card"_a = "")
@@ -188,7 +194,15 @@ PYBIND11_MODULE(_core, m) {
       .def_property("staging_piece_bytes", staging_piece_bytes.first, staging_piece_bytes.second)
       .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second)
       .def_property("slab_bytes", slab_bytes.first, slab_bytes.second)
-      .def_property("reclaimable_pinned_share", reclaimable_pinned_share.first, reclaimable_pinned_share.second);
+      .def_property("reclaimable_pinned_share", reclaimable_pinned_share.first, reclaimable_pinned_share.second)
+      .def_property("disk_dir", disk_dir.first, disk_dir.second)
+      .def_property("disk_threads", disk_threads.first, disk_threads.second)
+      .def("_inject_disk_write_failure",
+           [](vse::Allocator& a, int64_t file_offset) { a.disk_tier().inject_write_failure(file_offset); },
+           "file_offset"_a)
+      .def("_inject_disk_short_read",
+           [](vse::Allocator& a, int64_t file_offset) { a.disk_tier().inject_short_read(file_offset); },
+           "file_offset"_a);
 
   m.def("cuda_allocator", &vse::process_cuda_allocator, py::return_value_policy::reference,
         "The process-wide CUDA allocator behind my_malloc/my_free.");

@@ -175,6 +175,15 @@ void HostCache::recycle(const AllocatorOptions& options) {
     }
 }
 
+uint64_t HostCache::room(const AllocatorOptions& options) const {
+  const uint64_t limit = options.host_memory_limit;
+  if (limit == 0) return UINT64_MAX;
+  uint64_t in_use = 0;
+  for (const auto& a : arenas_)
+    if (!idle(a)) in_use += a->capacity();
+  return limit > in_use ? limit - in_use : 0;
+}
+
 uint64_t HostCache::held_bytes() const {
   uint64_t total = 0;
   for (const auto& arena : arenas_) total += arena->capacity();
@@ -225,6 +234,9 @@ void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const Stagin
 
 void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
                         std::unique_lock<std::mutex>& lock) {
+  // With a disk tier, what passes the limit goes to disk: only what stays is prepared (Note [Disk tier]).
+  const uint64_t host_room = options.disk.dir.empty() ? UINT64_MAX : room(options) / 4096 * 4096;
+  bytes = std::min(bytes, host_room);
   if (bytes == 0) return;
   // vLLM leaves the CUDA-graph pool once per captured graph, each time with a few bytes more: while the
   // preparation under way covers them, it goes on undisturbed.
@@ -232,7 +244,7 @@ void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOp
   settle();
   // Half a percent over `bytes`: the sleep may back up a little more (preserved buffers of other
   // tags) and still take this arena, which stays within 1% of its backup.
-  const uint64_t capacity = round_up(bytes + bytes / 200, 4096);
+  const uint64_t capacity = std::min(round_up(bytes + bytes / 200, 4096), host_room);
   std::shared_ptr<HostArena> arena = smallest_idle(bytes);
   if (!arena) arena = extendable_idle(capacity);  // a preparation started for fewer bytes goes on from its ready part
   drop_prepared_unless(arena.get());

@@ -81,6 +81,9 @@ class HostCache {
   // go, and under "reclaimable" the rest are unpinned in the background.
   void recycle(const AllocatorOptions& options);
 
+  // Bytes a backup may still take under options.host_memory_limit (idle arenas count as free: they
+  // are only a cache); the most a uint64_t holds when there is no limit.
+  uint64_t room(const AllocatorOptions& options) const;
   uint64_t held_bytes() const;    // host memory held, cached arenas included
   uint64_t pinned_bytes() const;  // of held_bytes(), what is pinned now
   void release_idle();            // every arena no backup uses goes, the prepared one too

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,7 @@ class TagStats:
     asleep_bytes: int
     backed_up_bytes: int  # host bytes held for the tag, preserved ranges included
     preserved_bytes: int  # of which preserved ranges of a discarded tag
+    disk_bytes: int  # of backed_up_bytes, in files of the disk tier (disk_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,8 @@ class OpStats:
     release_seconds: float  # sleep: cuMemRelease
     map_seconds: float  # wake: cuMemCreate + cuMemMap + cuMemSetAccess
     wait_seconds: float  # wake: waiting for device memory another process frees (wake_wait_seconds)
+    disk_bytes: int  # of bytes_copied, written to (sleep) or read from (wake) the disk tier
+    disk_seconds: float  # the disk part, from its first chunk to its last, device copies included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +119,22 @@ def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
     """Version, preserve mode and host memory policy, for the line that says the allocator is active."""
     if allocator is not None:
         mode, keep, policy = allocator.preserve_mode, allocator.keep_host_backups, allocator.host_policy
+        limit, disk_dir = allocator.host_memory_limit, allocator.disk_dir
     else:  # what an allocator made now would take from the environment (EnvError where it would fail)
         mode, keep = envs.get(envs.PRESERVE), envs.get(envs.KEEP_HOST)
         policy = envs.get(envs.HOST_POLICY) or ("pinned" if keep else "release")
+        limit, disk_dir = envs.get(envs.HOST_LIMIT) or 0, envs.get(envs.DISK_DIR) or ""
     host = {
         "pinned": "kept pinned after wake for the next sleep",
         "reclaimable": "kept after wake, unpinned, for the kernel to take back if it must",
         "release": "returned after each wake",
     }.get(policy, policy)
+    tier = ""
+    if limit:
+        tier = f", host limit {limit / GiB:.2f} GiB, " + (f"beyond it on disk in {disk_dir}" if disk_dir
+                                                           else "no disk tier (a sleep beyond it fails)")
     return (f"vllm_sleep_ext {__version__}, preserve mode {mode!r}, host memory {host} "
-            f"({envs.KEEP_HOST.name}={int(keep)}, {envs.HOST_POLICY.name}={policy})")
+            f"({envs.KEEP_HOST.name}={int(keep)}, {envs.HOST_POLICY.name}={policy}){tier}")
 
 
 def _memory_snapshot() -> list[dict]:
@@ -188,7 +198,8 @@ class CuMemAllocator:
                 instance = CuMemAllocator.instance
         return instance
 
-    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "") -> None:
+    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "", *,
+                 host_memory_limit: Optional[int] = None, disk_dir: Optional[str] = None) -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
         # host backend (tests, demo), where capacity_bytes simulates a card of that size, shared by the
         # host allocators given the same `card` name (two engines on one GPU).
@@ -205,6 +216,11 @@ class CuMemAllocator:
         self._warned_large = False
         self._wake_wait_seconds = 0.0
         self._apply_environment()
+        # Arguments win over the environment.
+        if host_memory_limit is not None:
+            self.host_memory_limit = host_memory_limit
+        if disk_dir is not None:
+            self.disk_dir = disk_dir
 
     def _apply_environment(self) -> None:
         """The VLLM_SLEEP_EXT_* settings (vllm_sleep_ext/envs.py): how they reach the processes vLLM starts.
@@ -220,6 +236,8 @@ class CuMemAllocator:
         envs.set_from(envs.RECLAIMABLE_PINNED_SHARE, self, "reclaimable_pinned_share")
         envs.set_from(envs.SLAB_BYTES, self._core, "slab_bytes")
         envs.set_from(envs.WAKE_WAIT_S, self, "wake_wait_seconds")
+        envs.set_from(envs.HOST_LIMIT, self, "host_memory_limit")
+        envs.set_from(envs.DISK_DIR, self, "disk_dir")
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         prepare = envs.get(envs.PREPARE_HOST)
         self.prepare_host = self.backend == "cuda" if prepare is None else prepare
@@ -356,6 +374,7 @@ class CuMemAllocator:
             stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, scope_seconds * 1e3,
             stats.unmap_seconds * 1e3, stats.release_seconds * 1e3,
         )
+        self._log_disk("sleep", "to", stats)
 
     def wake_up(self, tags: Optional[Sequence[str]] = None, *, wait_for_memory: Optional[float] = None) -> None:
         """Maps sleeping allocations again at the same addresses and copies their backups back.
@@ -382,6 +401,13 @@ class CuMemAllocator:
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
             stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited,
         )
+        self._log_disk("wake_up", "from", stats)
+
+    def _log_disk(self, what: str, direction: str, stats: _core.OpStats) -> None:
+        if stats.disk_bytes:
+            logger.info("%s: of that, %.2f GiB %s disk in %s in %.3f s (%.1f GB/s)", what, stats.disk_bytes / GiB,
+                        direction, self.disk_dir, stats.disk_seconds,
+                        stats.disk_bytes / max(stats.disk_seconds, 1e-9) / 1e9)
 
     @property
     def wake_wait_seconds(self) -> float:
@@ -589,6 +615,28 @@ class CuMemAllocator:
     @host_memory_limit.setter
     def host_memory_limit(self, limit: int) -> None:
         self._core.host_memory_limit = int(limit)
+
+    @property
+    def disk_dir(self) -> str:
+        """Directory for backups past host_memory_limit ("": none; Note [Disk tier] in csrc/disk_tier.h).
+
+        Each sleep that needs it writes one unnamed file there (O_TMPFILE, mode 0600): nothing is left
+        behind, even after a crash. A directory that does not exist or is not writable is refused here.
+        """
+        return self._core.disk_dir
+
+    @disk_dir.setter
+    def disk_dir(self, path: str) -> None:
+        self._core.disk_dir = os.fspath(path)
+
+    @property
+    def disk_threads(self) -> int:
+        """Threads doing the disk tier's I/O (staging: two 16 MiB pinned slots each)."""
+        return self._core.disk_threads
+
+    @disk_threads.setter
+    def disk_threads(self, count: int) -> None:
+        self._core.disk_threads = int(count)
 
     # -- what vLLM reads ---------------------------------------------------------------------------
 

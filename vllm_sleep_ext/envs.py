@@ -37,7 +37,7 @@ class EnvError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
-    type: str  # "bool", "bytes", "float", "choice" or "tags"
+    type: str  # "bool", "bytes", "float", "choice", "tags" or "dir"
     default: Any  # what an unset or empty variable means; None: decided where it is used (default_text)
     help: str
     accepted: str
@@ -102,6 +102,15 @@ def parse_tags(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def parse_dir(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"directory {path!r} is not writable")
+    return path
+
+
 def _bool(name: str, default: Optional[bool], help: str, default_text: str = "") -> Setting:
     accepted = f"on: {', '.join(TRUE_WORDS)}; off: {', '.join(FALSE_WORDS)} (any case)"
     return Setting(name, "bool", default, help, accepted, parse_bool, default_text)
@@ -157,8 +166,17 @@ RECORD_ALLOCATIONS = _bool("VLLM_SLEEP_EXT_RECORD_ALLOCATIONS", False,
                            "a report names who holds a kept range (`alloc_history`; costs a stack walk per "
                            "allocation)")
 
+HOST_LIMIT = _bytes("VLLM_SLEEP_EXT_HOST_LIMIT",
+                    "host memory backups may take (`host_memory_limit`); past it a sleep fails, or goes to "
+                    "VLLM_SLEEP_EXT_DISK_DIR when that is set",
+                    "0 (no limit)")
+DISK_DIR = Setting(
+    "VLLM_SLEEP_EXT_DISK_DIR", "dir", None,
+    "directory for backups past VLLM_SLEEP_EXT_HOST_LIMIT (`disk_dir`): unnamed files, 0600, direct I/O",
+    "an existing, writable directory", parse_dir, "none (no disk tier)")
+
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS, HOST_LIMIT, DISK_DIR)
 
 
 # -- reading ---------------------------------------------------------------------------------------
