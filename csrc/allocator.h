@@ -102,6 +102,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "compress_pipeline.h"
 #include "host_arena.h"
 #include "host_cache.h"
 #include "range_set.h"
@@ -120,6 +121,10 @@ struct HostBackup {
   uint64_t offset = 0;
   RangeSet ranges;     // allocation-relative
   bool whole = false;  // the tag was offloaded (else: preserved ranges only)
+  // A compressed backup (Note [Compressed backups], compress_pipeline.h): where each piece of `ranges`
+  // lies in the arena and how it is stored; `offset` is then unused. Empty: plain, at `offset`.
+  std::vector<PackedPiece> pieces;
+  uint64_t stored_bytes() const;  // host bytes it takes
 };
 
 struct Allocation {
@@ -143,6 +148,7 @@ struct AllocationInfo {
   State state;
   uint64_t backup_bytes;
   uint64_t preserved_bytes;
+  uint64_t stored_bytes;  // host bytes of the backup (less than backup_bytes when compressed)
 };
 
 struct TagStats {
@@ -151,6 +157,7 @@ struct TagStats {
   uint64_t asleep_bytes = 0;
   uint64_t backed_up_bytes = 0;  // host bytes held for this tag (whole and preserved)
   uint64_t preserved_bytes = 0;  // of which preserved ranges of non-offloaded allocations
+  uint64_t stored_bytes = 0;     // host bytes the backups take (compressed: less than backed_up_bytes)
 };
 
 struct OpStats {
@@ -167,6 +174,7 @@ struct OpStats {
   double release_seconds = 0;  // sleep: cuMemRelease
   double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
   double wait_seconds = 0;     // wake: waiting for device memory that another process frees
+  CompressTotals compress;     // compressed backups: bytes through the codec's pipeline, stored, staging
 };
 
 struct AllocatorOptions {
@@ -181,6 +189,7 @@ struct AllocatorOptions {
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
   uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
+  CompressOptions compress;       // level-1 backups compressed on the device (compress_pipeline.h)
 
   HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
@@ -235,6 +244,8 @@ class Allocator {
   void wait_host();         // until background host work is done
   std::string host_error();  // what background host work last failed with ("" none), cleared by reading
   void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages
+  // Why option compress cannot work on this backend ("" when it can: the codec loads).
+  std::string compress_unavailable();
   AllocatorOptions options() const;
   void set_options(const AllocatorOptions& options);  // throws InvalidArgument for a bad value
   // Changes some options in one step under the lock, so concurrent updates of different options
@@ -259,8 +270,10 @@ class Allocator {
   Segment& new_segment(int device, const std::string& tag, uint64_t size, bool shared);
   SleepPlan plan_sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                        const std::vector<ByteRange>& exclude);
-  std::unique_ptr<CopyPipeline> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
-  void release_slept(SleepPlan& plan, CopyPipeline* copies, OpStats& stats);
+  std::unique_ptr<BackupCopies> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
+  // The compressed sleep of a plan on one device, or nullptr when it goes plain (compress.cpp).
+  std::unique_ptr<BackupCopies> compress_backups(SleepPlan& plan, HostArena& arena, OpStats& stats);
+  void release_slept(SleepPlan& plan, BackupCopies* copies, OpStats& stats);
   // Unmaps each mapped run of a segment, calls `asleep(member)` for its rows in it, then releases it.
   void release_runs(const SegmentRows& rows, OpStats& stats, const std::function<void(size_t)>& asleep);
   uint64_t quarantined_bytes_locked() const;
@@ -272,6 +285,7 @@ class Allocator {
   AllocatorOptions options_;
   std::optional<OpStats> last_sleep_;
   std::optional<OpStats> last_wake_;
+  CodecCache codecs_;  // the backend's codec, loaded at the first compressed sleep or wake
   // Host memory for backups. Called only under mutex_ (its thread-safety contract, host_cache.h);
   // last, so its background work (which holds arenas) ends before the rest goes.
   HostCache host_;
