@@ -15,7 +15,7 @@ uint64_t align_up(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 constexpr unsigned kMaxChunkPieces = 1024;
 constexpr unsigned kMaxSlots = 16;
 constexpr unsigned kMissesBeforePause = 2;  // auto: chunks in a row that did not pay before the sleep goes plain
-constexpr size_t kRetryEvery = 16;          // ... trying one chunk in this many again
+constexpr size_t kRetryEvery = 4;           // ... trying one chunk in this many again
 
 }  // namespace
 
@@ -201,7 +201,8 @@ StagingTimes CompressedSleep::run(const StagingOptions& staging) {
     const size_t first = c * options_.chunk_pieces;
     const size_t last = std::min(pieces_.size(), first + options_.chunk_pieces);
     std::map<size_t, bool> step_paid;  // auto: per row coded in this chunk, whether any piece paid
-    bool coded = false, paid = false;
+    uint64_t coded = 0;  // bytes through the codec
+    bool paid = false;
     size_t k = 0;  // index in the chunk's batch
     for (size_t i = first; i < last; ++i) {
       Piece& p = pieces_[i];
@@ -218,7 +219,7 @@ StagingTimes CompressedSleep::run(const StagingOptions& staging) {
           source = staging_.packed(slot, k);
         }
         step_paid[p.step] = step_paid[p.step] || s.packed;
-        coded = true;
+        coded += s.plain_bytes;
         paid = paid || s.packed;
         ++k;
       }
@@ -232,7 +233,9 @@ StagingTimes CompressedSleep::run(const StagingOptions& staging) {
     if (options_.mode == CompressMode::Auto) {
       for (const auto& [step, any] : step_paid)
         if (!any) plain_steps_.insert(step);
-      if (coded) missed_chunks_ = paid ? 0 : missed_chunks_ + 1;
+      // A chunk of a few small pieces says little: only one at least half full counts as a miss.
+      if (paid) missed_chunks_ = 0;
+      else if (2 * coded >= options_.piece_bytes * options_.chunk_pieces) missed_chunks_ += 1;
     }
     if (arena_.ready_bytes() < stored_end) {
       const StagingTimes t = arena_.prepare(stored_end, staging, [](uint64_t, uint64_t) {});

@@ -14,9 +14,9 @@
 // only after the copies out of it (the codec stream waits for the copy queue). A piece is kept packed
 // when its packed size is at most 0.95 x its size (auto) or at most its size (on); else its plain
 // bytes are copied straight from the allocation. Auto stops compressing an allocation after a chunk
-// in which none of its pieces paid, and the rest of the sleep after two such chunks in a row (trying
-// one chunk in 16 again), so incompressible data costs only the first chunks' codec time, which runs
-// beside the copies. Each segment is released once the fence after its last piece is done, as the
+// in which none of its pieces paid, and the rest of the sleep after two such chunks in a row, each at
+// least half full (trying one chunk in 4 again), so incompressible data costs only the first chunks'
+// codec time, which runs beside the copies. Each segment is released once the fence after its last piece is done, as the
 // plain sleep does (copy_pipeline.h).
 // Wake: plain pieces are copied straight into the allocation; packed ones into a slot, then decoded
 // into the allocation on the codec stream after the copies; a slot is filled again only after its

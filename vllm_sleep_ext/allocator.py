@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, envs, host_tensors, pools
+from vllm_sleep_ext import __version__, _core, alloc_conf, compress as compression, envs, host_tensors, pools
 from vllm_sleep_ext.preserve import (
     PreserveMode,
     PreserveSet,
@@ -74,6 +74,7 @@ class TagStats:
     asleep_bytes: int
     backed_up_bytes: int  # host bytes held for the tag, preserved ranges included
     preserved_bytes: int  # of which preserved ranges of a discarded tag
+    stored_bytes: int  # host bytes those backups take (less than backed_up_bytes when compressed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,17 @@ class OpStats:
     release_seconds: float  # sleep: cuMemRelease
     map_seconds: float  # wake: cuMemCreate + cuMemMap + cuMemSetAccess
     wait_seconds: float  # wake: waiting for device memory another process frees (wake_wait_seconds)
+    # Option compress (0 when off): backup bytes through the codec's pipeline and the host bytes they take.
+    compress_plain_bytes: int
+    compress_stored_bytes: int
+    pieces_packed: int  # pieces kept compressed
+    pieces_plain: int  # pieces sent as they are (did not pay, or could not be coded)
+    staging_device_bytes: int  # device memory the operation used for compression staging
+
+    @property
+    def compress_ratio(self) -> float:
+        """Host bytes over backup bytes through the compressed pipeline (1.0 when nothing went through it)."""
+        return self.compress_stored_bytes / self.compress_plain_bytes if self.compress_plain_bytes else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +199,8 @@ class CuMemAllocator:
                 instance = CuMemAllocator.instance
         return instance
 
-    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "") -> None:
+    def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "",
+                 compress: Optional[str] = None) -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
         # host backend (tests, demo), where capacity_bytes simulates a card of that size, shared by the
         # host allocators given the same `card` name (two engines on one GPU).
@@ -204,6 +217,8 @@ class CuMemAllocator:
         self._warned_large = False
         self._wake_wait_seconds = 0.0
         self._apply_environment()
+        if compress is not None:  # the argument wins over VLLM_SLEEP_EXT_COMPRESS
+            self.compress = compress
 
     def _apply_environment(self) -> None:
         """The VLLM_SLEEP_EXT_* settings (vllm_sleep_ext/envs.py): how they reach the processes vLLM starts.
@@ -219,6 +234,7 @@ class CuMemAllocator:
         envs.set_from(envs.RECLAIMABLE_PINNED_SHARE, self, "reclaimable_pinned_share")
         envs.set_from(envs.SLAB_BYTES, self._core, "slab_bytes")
         envs.set_from(envs.WAKE_WAIT_S, self, "wake_wait_seconds")
+        envs.set_from(envs.COMPRESS, self, "compress")
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         prepare = envs.get(envs.PREPARE_HOST)
         self.prepare_host = self.backend == "cuda" if prepare is None else prepare
@@ -353,6 +369,7 @@ class CuMemAllocator:
             stats.seconds, stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, scope_seconds * 1e3,
             stats.unmap_seconds * 1e3, stats.release_seconds * 1e3,
         )
+        self._log_compressed("sleep", stats)
 
     def wake_up(self, tags: Optional[Sequence[str]] = None, *, wait_for_memory: Optional[float] = None) -> None:
         """Maps sleeping allocations again at the same addresses and copies their backups back.
@@ -379,6 +396,30 @@ class CuMemAllocator:
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
             stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited,
         )
+        self._log_compressed("wake_up", stats)
+
+    @staticmethod
+    def _log_compressed(what: str, stats: "_core.OpStats") -> None:
+        if stats.compress_plain_bytes:
+            logger.info(
+                "%s: compressed backups %.2f GiB stored as %.2f GiB (ratio %.3f; %d pieces compressed, %d plain; "
+                "%.0f MiB device staging)",
+                what, stats.compress_plain_bytes / GiB, stats.compress_stored_bytes / GiB,
+                stats.compress_stored_bytes / stats.compress_plain_bytes, stats.pieces_packed, stats.pieces_plain,
+                stats.staging_device_bytes / (1 << 20),
+            )
+
+    @property
+    def compress(self) -> str:
+        """Level-1 backups compressed on the device: "off" (default), "auto" (a piece is kept compressed
+        only where it saves 5 %, else sent plain) or "on" (kept compressed wherever it is smaller). Round
+        trips are bit-exact. "on" raises where the codec cannot be had (CUDA: libnvcomp.so.6 from
+        nvidia-libnvcomp-cu13); "auto" then logs why once and copies plain. Env VLLM_SLEEP_EXT_COMPRESS."""
+        return self._core.compress
+
+    @compress.setter
+    def compress(self, mode: str) -> None:
+        compression.apply(self._core, mode, self.backend)
 
     @property
     def wake_wait_seconds(self) -> float:

@@ -152,8 +152,13 @@ WAKE_WAIT_S = _float("VLLM_SLEEP_EXT_WAKE_WAIT_S", 0.0, 0.0, WAKE_WAIT_MAX_S,
                      "seconds a wake waits for device memory another process frees, mapping and copying what "
                      "fits meanwhile (0: fail at once; `wake_wait_seconds`)")
 
+COMPRESS = _one_of("VLLM_SLEEP_EXT_COMPRESS", ("off", "auto", "on"), "off",
+                   "compress level-1 backups on the GPU (nvCOMP ANS; `compress`): auto keeps a piece compressed "
+                   "only where it saves 5 %, on wherever it is smaller; both need libnvcomp.so.6 "
+                   "(nvidia-libnvcomp-cu13), on fails without it, auto copies plain")
+
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, COMPRESS)
 
 
 # -- reading ---------------------------------------------------------------------------------------
