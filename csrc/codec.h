@@ -43,6 +43,21 @@ class CodecStream {
   // Copies the backend enqueues from now on start after the codec work before `mark`.
   virtual void copies_after(uint64_t mark) = 0;
   virtual void synchronize() = 0;  // all codec work done (throws what the device reports)
+  // Makes the device current on this thread for codec calls (CUDA: pushes its context); pop() undoes it.
+  virtual void push() {}
+  virtual void pop() noexcept {}
+};
+
+// push() for a scope.
+class CodecScope {
+ public:
+  explicit CodecScope(CodecStream& stream) : stream_(stream) { stream_.push(); }
+  ~CodecScope() { stream_.pop(); }
+  CodecScope(const CodecScope&) = delete;
+  CodecScope& operator=(const CodecScope&) = delete;
+
+ private:
+  CodecStream& stream_;
 };
 
 class Codec {

@@ -96,12 +96,14 @@ Staging::Layout Staging::layout(Codec& codec, const CompressOptions& o) {
 }
 
 uint64_t Staging::device_bytes(DeviceBackend& backend, Codec& codec, int device, const CompressOptions& options) {
+  CodecScope scope(*backend.codec_stream(device));  // the codec may ask its library, which wants the device current
   return align_up(layout(codec, options).total, backend.granularity(device));
 }
 
 Staging::Staging(DeviceBackend& b, CodecStream& s, Codec& c, int d, const CompressOptions& options)
     : backend(b), stream(s), codec(c), device(d), options_(options),
-      memory_(b, d, layout(c, options).total) {
+      memory_(b, d, device_bytes(b, c, d, options)) {
+  CodecScope scope(s);
   const Layout l = layout(c, options);
   stride_ = l.stride;
   sizes_at_ = l.sizes_at;
@@ -177,7 +179,10 @@ void CompressedSleep::compress_chunk(size_t chunk) {
   }
   if (batch.empty()) return;
   staging_.stream.after_copies();  // the slot's last copies out, and the pending work on this memory
-  staging_.codec.compress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+  {
+    CodecScope scope(staging_.stream);
+    staging_.codec.compress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+  }
   staging_.stream.to_host(staging_.sizes(slot), staging_.host_sizes(slot), 8 * batch.size());
   staging_.marks[chunk] = staging_.stream.record();
 }
@@ -325,7 +330,10 @@ void CompressedWake::flush() {
   staging_.stream.after_copies();
   chunks_.push_back(batch);
   staging_.marks.push_back(0);
-  staging_.codec.decompress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+  {
+    CodecScope scope(staging_.stream);
+    staging_.codec.decompress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+  }
   staging_.stream.to_host(staging_.sizes(slot), staging_.host_sizes(slot), 8 * n);
   staging_.marks[chunk] = staging_.stream.record();
 }

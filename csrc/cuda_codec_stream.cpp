@@ -80,6 +80,13 @@ void CudaCodecStream::synchronize() {
   VSE_CU(driver_.cuStreamSynchronize(stream_));
 }
 
+void CudaCodecStream::push() { VSE_CU(driver_.cuCtxPushCurrent(context_)); }
+
+void CudaCodecStream::pop() noexcept {
+  CUcontext popped = nullptr;
+  driver_.cuCtxPopCurrent(&popped);
+}
+
 CodecStream* CudaBackend::codec_stream(int device_index) {
   Device& dev = device(device_index);
   std::lock_guard<std::mutex> lock(mutex_);

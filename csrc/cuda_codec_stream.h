@@ -28,6 +28,8 @@ class CudaCodecStream final : public CodecStream {
   void release(uint64_t mark) noexcept override;
   void copies_after(uint64_t mark) override;
   void synchronize() override;
+  void push() override;
+  void pop() noexcept override;
 
  private:
   class Scope;  // makes context_ current for a call

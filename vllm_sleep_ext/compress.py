@@ -1,7 +1,7 @@
 """Option ``compress`` of level-1 backups: where its codec comes from, and what the allocator says of it.
 
 The core compresses (``csrc/compress_pipeline.h``, Note [Compressed backups]); on CUDA its codec is
-nVCOMP's ANS in ``libnvcomp.so.6``, which the core opens by that name. The library ships in the wheel
+nvCOMP's ANS in ``libnvcomp.so.6``, which the core opens by that name. The library ships in the wheel
 ``nvidia-libnvcomp-cu13``, whose directory is not on the loader's path, so it is loaded here first
 (RTLD_GLOBAL) when that package is importable: the core's dlopen then finds it by its soname.
 """
