@@ -79,11 +79,12 @@ def cycle(alloc: CuMemAllocator) -> dict:
     t0 = time.perf_counter()
     alloc.sleep(offload_tags=("weights",))
     t1 = time.perf_counter()
+    pinned = alloc._core.host_pinned_bytes()  # host memory resident and pinned while asleep
     alloc.wake_up()
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     s = alloc.stats()
-    return {"sleep_s": t1 - t0, "wake_s": t2 - t1, "sleep": s.last_sleep, "wake": s.last_wake}
+    return {"sleep_s": t1 - t0, "wake_s": t2 - t1, "sleep": s.last_sleep, "wake": s.last_wake, "pinned": pinned}
 
 
 def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str], reps: int) -> list[dict]:
@@ -93,6 +94,7 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
     rows = []
     for mode in modes:
         alloc.compress = mode
+        alloc.release_host_cache()  # each mode makes its own host memory: what it holds is what it needs
         first = cycle(alloc)  # the first sleep of a mode may prepare host memory
         runs = [cycle(alloc) for _ in range(reps)]
         exact = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(tensors, reference))
@@ -103,6 +105,7 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
             "sleep_s": statistics.median(r["sleep_s"] for r in runs),
             "wake_s": statistics.median(r["wake_s"] for r in runs),
             "host_bytes": last["sleep"].compress_stored_bytes if mode != "off" else last["sleep"].bytes_copied,
+            "host_pinned_bytes": last["pinned"],
             "pieces_packed": last["sleep"].pieces_packed, "pieces_plain": last["sleep"].pieces_plain,
             "staging_bytes": max(last["sleep"].staging_device_bytes, last["wake"].staging_device_bytes),
             "exact": exact,
@@ -117,26 +120,29 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
 
 
 def report(rows: list[dict], limit: dict) -> tuple[str, list[str]]:
-    lines = ["| data | mode | sleep s | sleep GB/s | x limit | wake s | wake GB/s | x limit | host x model | "
-             "pieces packed / plain | staging MiB | exact |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines.append(f"| pinned-copy limit | | | {limit['d2h_gbps']:.1f} | 1.00 | | {limit['h2d_gbps']:.1f} | 1.00 | "
+    lines = ["| data | mode | first sleep s | sleep s | sleep GB/s | x limit | wake s | wake GB/s | x limit | "
+             "host x model (stored / pinned) | pieces packed / plain | staging MiB | exact |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines.append(f"| pinned-copy limit | | | | {limit['d2h_gbps']:.1f} | 1.00 | | {limit['h2d_gbps']:.1f} | 1.00 | "
                  "| | | |")
     for r in rows:
         sg, wg = r["model_bytes"] / r["sleep_s"] / GB, r["model_bytes"] / r["wake_s"] / GB
         r["sleep_x_limit"], r["wake_x_limit"] = sg / limit["d2h_gbps"], wg / limit["h2d_gbps"]
         r["host_x_model"] = r["host_bytes"] / r["model_bytes"]
-        lines.append(f"| {r['dataset']} | {r['mode']} | {r['sleep_s']:.3f} | {sg:.1f} | {r['sleep_x_limit']:.2f} | "
-                     f"{r['wake_s']:.3f} | {wg:.1f} | {r['wake_x_limit']:.2f} | {r['host_x_model']:.3f} | "
+        r["pinned_x_model"] = r["host_pinned_bytes"] / r["model_bytes"]
+        lines.append(f"| {r['dataset']} | {r['mode']} | {r['first_sleep_s']:.3f} | {r['sleep_s']:.3f} | {sg:.1f} | "
+                     f"{r['sleep_x_limit']:.2f} | {r['wake_s']:.3f} | {wg:.1f} | {r['wake_x_limit']:.2f} | "
+                     f"{r['host_x_model']:.3f} / {r['host_pinned_bytes'] / r['model_bytes']:.3f} | "
                      f"{r['pieces_packed']} / {r['pieces_plain']} | {r['staging_bytes'] / MiB:.0f} | {r['exact']} |")
     verdicts = []
     by = {(r["dataset"], r["mode"]): r for r in rows}
     for mode in ("auto", "on"):
         r = by.get(("bf16", mode))
         if r:
-            ok = r["sleep_x_limit"] >= 1.25 and r["wake_x_limit"] >= 1.25 and r["host_x_model"] <= 0.75 and r["exact"]
+            host = max(r["host_x_model"], r["pinned_x_model"])
+            ok = r["sleep_x_limit"] >= 1.25 and r["wake_x_limit"] >= 1.25 and host <= 0.75 and r["exact"]
             verdicts.append(f"bf16 {mode}: sleep {r['sleep_x_limit']:.2f} x, wake {r['wake_x_limit']:.2f} x the limit "
-                            f"(target >= 1.25), host {r['host_x_model']:.3f} x (target <= 0.75): "
+                            f"(target >= 1.25), host {host:.3f} x (stored or pinned, target <= 0.75): "
                             f"{'MET' if ok else 'NOT MET'}")
     plain, auto = by.get(("random", "off")), by.get(("random", "auto"))
     if plain and auto:

@@ -598,6 +598,8 @@ class CuMemAllocator:
         if not mapped:
             return
         nbytes = sum(a.size for a in mapped)
+        if self.compress != "off":  # compressed backups hold less: what a sleep needs beyond, it makes ready
+            nbytes = int(nbytes * compression.EXPECTED_RATIO)
         try:
             self._core.prepare_host(nbytes, mapped[0].device, wait)
         except _core.SleepExtError as e:

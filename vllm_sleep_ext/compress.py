@@ -16,6 +16,9 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "auto", "on")
+# Host bytes a compressed backup of bf16 weights takes per byte (nvCOMP ANS measured 0.685 on an H200,
+# benchmarks/RESULTS.md section 10), with a margin: how much host memory is made ready ahead of a sleep.
+EXPECTED_RATIO = 0.72
 NVCOMP_SONAME = "libnvcomp.so.6"
 
 
