@@ -12,24 +12,13 @@ import torch
 
 from vllm_sleep_ext import CuMemAllocator, compress
 
+try:
+    from gpu_helpers import scribble_free_gpu_memory
+except ImportError:  # tests/ collected as a package
+    from tests.gpu_helpers import scribble_free_gpu_memory
+
 pytestmark = pytest.mark.cuda
 MiB = 1 << 20
-
-
-def overwrite_free_gpu_memory(fill: int = 0x5A) -> None:
-    torch.cuda.synchronize()
-    free, _ = torch.cuda.mem_get_info()
-    chunks = []
-    chunk = 256 * MiB
-    try:
-        while free > chunk + 512 * MiB:
-            chunks.append(torch.full((chunk,), fill, dtype=torch.uint8, device="cuda"))
-            free -= chunk
-    except torch.OutOfMemoryError:
-        pass
-    torch.cuda.synchronize()
-    del chunks
-    torch.cuda.empty_cache()
 
 
 @pytest.fixture
@@ -82,7 +71,7 @@ def test_level1_compressed_round_trip_is_bit_exact(alloc: CuMemAllocator, mode: 
     tensors = make(kind, alloc, seed=7)
     expected = [t.cpu() for t in tensors]
     alloc.sleep(offload_tags=("weights",))
-    overwrite_free_gpu_memory()
+    scribble_free_gpu_memory()
     alloc.wake_up()
     for t, e in zip(tensors, expected):
         assert torch.equal(t.cpu(), e), f"{kind}/{mode}: a tensor of {t.numel()} bytes changed"
@@ -105,7 +94,7 @@ def test_compressed_backup_matches_the_plain_path(alloc: CuMemAllocator) -> None
     for mode in ("off", "on", "auto"):
         alloc.compress = mode
         alloc.sleep(offload_tags=("weights",))
-        overwrite_free_gpu_memory(0x33)
+        scribble_free_gpu_memory(0x33)
         alloc.wake_up()
         results[mode] = [t.cpu() for t in tensors]
     for mode, got in results.items():
