@@ -271,7 +271,7 @@ class Allocator {
   SleepPlan plan_sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                        const std::vector<ByteRange>& exclude);
   std::unique_ptr<BackupCopies> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
-  // The compressed sleep of a plan on one device, or nullptr when it goes plain (compress.cpp).
+  // The compressed sleep of a plan on one device (Note [Compressed backups]), or nullptr when it goes plain.
   std::unique_ptr<BackupCopies> compress_backups(SleepPlan& plan, HostArena& arena, OpStats& stats);
   void release_slept(SleepPlan& plan, BackupCopies* copies, OpStats& stats);
   // Unmaps each mapped run of a segment, calls `asleep(member)` for its rows in it, then releases it.
