@@ -48,10 +48,10 @@ void check_compress_options(const CompressOptions& o) {
 }
 
 std::shared_ptr<Codec> CodecCache::get(DeviceBackend& backend) {
-  if (!tried_) {
+  if (!codec_) {  // tried again until it loads
+    why_.clear();
     codec_ = codec_for(backend, why_);
     if (!codec_ && why_.empty()) why_ = std::string("no codec for backend ") + backend.name();
-    tried_ = true;
   }
   return codec_;
 }

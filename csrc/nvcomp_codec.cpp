@@ -142,21 +142,16 @@ class NvcompCodec final : public Codec {
 }  // namespace
 
 std::shared_ptr<Codec> load_nvcomp_codec(std::string& why) {
-  // Opened once per process and never closed: codecs may outlive any one allocator.
+  // Opened once per process and never closed: codecs may outlive any one allocator. A failure is not
+  // remembered: the library may be loaded later (vllm_sleep_ext.compress preloads it from its wheel).
   static std::mutex mutex;
   static void* library = nullptr;
-  static std::string error;
   std::lock_guard<std::mutex> lock(mutex);
-  if (!library && error.empty()) {
-    library = dlopen("libnvcomp.so.6", RTLD_NOW | RTLD_GLOBAL);
-    if (!library) {
-      const char* e = dlerror();
-      error = std::string("libnvcomp.so.6 could not be loaded (") + (e ? e : "unknown error") +
-              "); install nvidia-libnvcomp-cu13 6.x";
-    }
-  }
+  if (!library) library = dlopen("libnvcomp.so.6", RTLD_NOW | RTLD_GLOBAL);
   if (!library) {
-    why = error;
+    const char* e = dlerror();
+    why = std::string("libnvcomp.so.6 could not be loaded (") + (e ? e : "unknown error") +
+          "); install nvidia-libnvcomp-cu13 6.x";
     return nullptr;
   }
   auto sym = [&](const char* name) {
