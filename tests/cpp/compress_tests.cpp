@@ -123,7 +123,7 @@ struct Fixture {
   std::vector<Row> rows;
 
   Fixture(bool async, vse::CompressMode mode) {
-    auto b = std::make_unique<FaultyBackend>(async, 256 * MiB);
+    auto b = std::make_unique<FaultyBackend>(async, 64 * MiB);
     backend = b.get();
     allocator = std::make_unique<Allocator>(std::move(b));
     allocator->update_options([&](vse::AllocatorOptions& o) {
@@ -134,7 +134,9 @@ struct Fixture {
       o.staging.threads = 2;
       o.staging.piece_bytes = 2 * MiB;
     });
-    const uint64_t sizes[] = {3 * 64 * KiB + 5, 1 * MiB, 17, 2 * MiB + 1, 700 * KiB};
+    // 16 pieces in 7 chunks: every piece and chunk boundary kind, few enough that a fault at every
+    // point stays quick under the sanitizers.
+    const uint64_t sizes[] = {3 * 64 * KiB + 5, 256 * KiB, 17, 320 * KiB + 1, 200 * KiB};
     for (size_t i = 0; i < 5; ++i) {
       Row r{allocator->allocate(sizes[i], 0, "weights"), make_data(sizes[i], static_cast<uint32_t>(i), i != 4)};
       std::memcpy(reinterpret_cast<void*>(r.address), r.data.data(), r.data.size());
