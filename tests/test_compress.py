@@ -304,3 +304,19 @@ def test_level1_sleep_of_a_bf16_model_reports_ratio_and_restores_it(caplog: pyte
     assert stats.last_sleep.compress_ratio < 0.85
     assert stats.last_wake.compress_plain_bytes == stats.last_sleep.compress_plain_bytes
     assert "compressed backups" in caplog.text and "ratio" in caplog.text
+
+
+def test_host_memory_prepared_ahead_is_the_expected_compressed_size() -> None:
+    from vllm_sleep_ext import CuMemAllocator
+    from vllm_sleep_ext.compress import EXPECTED_RATIO
+
+    sizes = {}
+    for mode in ("off", "auto"):
+        alloc = CuMemAllocator(backend="host", capacity_bytes=256 * MiB, compress=mode)
+        with alloc.use_memory_pool(tag="weights"):
+            weights = alloc.empty((64 * MiB,), torch.uint8)
+        alloc.prepare_host_backups()
+        sizes[mode] = alloc._core.host_pinned_bytes()
+        del weights
+    assert sizes["off"] >= 64 * MiB
+    assert sizes["auto"] <= EXPECTED_RATIO * 64 * MiB + 2 * MiB  # rounded up to a huge page
