@@ -320,3 +320,22 @@ def test_host_memory_prepared_ahead_is_the_expected_compressed_size() -> None:
         del weights
     assert sizes["off"] >= 64 * MiB
     assert sizes["auto"] <= EXPECTED_RATIO * 64 * MiB + 2 * MiB  # rounded up to a huge page
+
+
+def test_nvcomp_is_preloaded_from_a_wheel_installed_with_target(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip install --target DIR nvidia-libnvcomp-cu13 puts DIR/nvidia/libnvcomp/lib64/libnvcomp.so.6; the
+    # core opens the library by its soname, so it must be loaded first. (A stand-in shared object here.)
+    import _ctypes
+    import importlib.util
+    import shutil
+    import sys
+
+    from vllm_sleep_ext import compress
+
+    if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.libnvcomp"):
+        pytest.skip("the real nvidia-libnvcomp-cu13 is installed here")
+    lib64 = tmp_path / "nvidia" / "libnvcomp" / "lib64"
+    lib64.mkdir(parents=True)
+    shutil.copy(_ctypes.__file__, lib64 / compress.NVCOMP_SONAME)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert compress.preload_nvcomp() == str(lib64 / compress.NVCOMP_SONAME)

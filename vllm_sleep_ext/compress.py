@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from typing import Optional
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,13 @@ def preload_nvcomp() -> Optional[str]:
     """Loads libnvcomp.so.6 from the nvidia-libnvcomp-cu13 package if it is installed; returns its path."""
     try:
         import nvidia.libnvcomp as package  # type: ignore[import-not-found]
+
+        roots = list(getattr(package, "__path__", []))
     except ImportError:
-        return None
-    roots = list(getattr(package, "__path__", []))
+        roots = []
+    # Installed with --target beside another `nvidia` package that is not a namespace package, the
+    # import fails though the files are there: look on sys.path too.
+    roots += [os.path.join(p, "nvidia", "libnvcomp") for p in sys.path if p]
     for root in roots:
         for sub in ("lib64", "lib"):
             path = os.path.join(root, sub, NVCOMP_SONAME)
