@@ -253,40 +253,50 @@ Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offlo
 
 // Everything of a sleep that can fail comes before the first release: host memory, the wait for
 // pending work, the disk part written whole, the copies. A throw from here leaves every allocation
-// mapped and untouched.
-std::unique_ptr<CopyPipeline> Allocator::copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena,
+// mapped and untouched. Compression and the disk tier are not combined yet: a sleep with a disk part
+// is copied plain (the plan splits plain bytes between host and disk).
+std::unique_ptr<BackupCopies> Allocator::copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena,
                                                       OpStats& stats) {
   arena = host_.acquire(plan.host_bytes, plan.steps.front().row->device(), options_);  // host cache
-  std::unique_ptr<CopyPipeline> copies;
+  std::unique_ptr<BackupCopies> copies;
   try {
     timed(stats.sync_seconds, [&] { synchronize_devices(plan.segments); });
-    if (arena) copies = std::make_unique<CopyPipeline>(*backend_, arena->data());
-    // The backups back to back: [0, host_bytes) in the arena, the rest in the file from its offset 0.
-    std::vector<DiskSpan> to_disk;
-    for (SleepPlan::Step& s : plan.steps) {
-      uint64_t at = s.backup.offset;
-      for (const ByteRange& r : s.backup.ranges.ranges()) {
-        const uint64_t host_part = at < plan.host_bytes ? std::min(r.size(), plan.host_bytes - at) : 0;
-        if (host_part != 0) copies->add(s.row->device(), s.row->address + r.begin, at, host_part);
-        if (host_part < r.size()) {
-          if (s.backup.disk_bytes == 0) s.backup.file_offset = at + host_part - plan.host_bytes;
-          s.backup.disk_bytes += r.size() - host_part;
-          to_disk.push_back({s.row->device(), s.row->address + r.begin + host_part, at + host_part - plan.host_bytes,
-                             r.size() - host_part});
+    if (arena && plan.host_bytes == plan.backup_bytes) copies = compress_backups(plan, *arena, stats);
+    if (copies) {
+      for (SleepPlan::Step& s : plan.steps) s.backup.arena = arena;
+    } else {
+      std::unique_ptr<CopyPipeline> plain;
+      if (arena) plain = std::make_unique<CopyPipeline>(*backend_, arena->data());
+      // The backups back to back: [0, host_bytes) in the arena, the rest in the file from its offset 0.
+      std::vector<DiskSpan> to_disk;
+      for (SleepPlan::Step& s : plan.steps) {
+        uint64_t at = s.backup.offset;
+        for (const ByteRange& r : s.backup.ranges.ranges()) {
+          const uint64_t host_part = at < plan.host_bytes ? std::min(r.size(), plan.host_bytes - at) : 0;
+          if (host_part != 0) plain->add(s.row->device(), s.row->address + r.begin, at, host_part);
+          if (host_part < r.size()) {
+            if (s.backup.disk_bytes == 0) s.backup.file_offset = at + host_part - plan.host_bytes;
+            s.backup.disk_bytes += r.size() - host_part;
+            to_disk.push_back({s.row->device(), s.row->address + r.begin + host_part,
+                               at + host_part - plan.host_bytes, r.size() - host_part});
+          }
+          at += r.size();
         }
-        at += r.size();
+        if (s.backup.disk_bytes < s.backup.ranges.bytes()) s.backup.arena = arena;
       }
-      if (s.backup.disk_bytes < s.backup.ranges.bytes()) s.backup.arena = arena;
+      if (!to_disk.empty()) {
+        std::shared_ptr<DiskFile> file =
+            disk_.write(options_.disk, to_disk, plan.backup_bytes - plan.host_bytes, stats.disk);
+        for (SleepPlan::Step& s : plan.steps)
+          if (s.backup.disk_bytes != 0) s.backup.file = file;
+      }
+      if (arena) {
+        CopyPipeline* copy = plain.get();
+        stats.staging = arena->prepare(plan.host_bytes, options_.staging,
+                                       [&](uint64_t begin, uint64_t end) { copy->feed(begin, end); });
+      }
+      copies = std::move(plain);
     }
-    if (!to_disk.empty()) {
-      std::shared_ptr<DiskFile> file =
-          disk_.write(options_.disk, to_disk, plan.backup_bytes - plan.host_bytes, stats.disk);
-      for (SleepPlan::Step& s : plan.steps)
-        if (s.backup.disk_bytes != 0) s.backup.file = file;
-    }
-    if (arena)
-      stats.staging = arena->prepare(plan.host_bytes, options_.staging,
-                                     [&](uint64_t begin, uint64_t end) { copies->feed(begin, end); });
   } catch (...) {
     copies.reset();  // copies in flight must not land in an arena being freed
     for (SleepPlan::Step& s : plan.steps) {
@@ -304,7 +314,45 @@ std::unique_ptr<CopyPipeline> Allocator::copy_backups(SleepPlan& plan, std::shar
 // those with nothing to keep go first. A failure here (a copy the device reports failed, a driver
 // error) leaves those released so far asleep with complete backups and the rest mapped: nothing is
 // lost, and the same sleep can be retried.
-void Allocator::release_slept(SleepPlan& plan, CopyPipeline* copies, OpStats& stats) {
+// Note [Compressed backups]: on one device, with a codec and staging memory; else plain (auto) or an
+// error (on), before anything is released.
+std::unique_ptr<BackupCopies> Allocator::compress_backups(SleepPlan& plan, HostArena& arena, OpStats& stats) {
+  const CompressOptions& o = options_.compress;
+  if (o.mode == CompressMode::Off) return nullptr;
+  std::set<int> devices;
+  for (const SleepPlan::Step& s : plan.steps)
+    if (!s.backup.ranges.empty()) devices.insert(s.row->device());
+  std::shared_ptr<Codec> codec = codecs_.get(*backend_);
+  if (!codec) {
+    if (o.mode == CompressMode::On) throw Error("compress is 'on' but cannot work here: " + codecs_.why());
+    return nullptr;  // auto: the Python layer said why, once
+  }
+  if (devices.size() != 1) return nullptr;  // backups spread over devices go plain
+  const int device = *devices.begin();
+  std::unique_ptr<CompressedSleep> packed;
+  try {
+    packed = std::make_unique<CompressedSleep>(*backend_, *backend_->codec_stream(device), *codec, device, o, arena);
+  } catch (const DeviceOutOfMemory& e) {
+    const std::string why = "no device memory for compression staging (" + std::string(e.what()) + ")";
+    if (o.mode == CompressMode::On) throw DeviceOutOfMemory("compress is 'on': " + why + "; nothing was changed");
+    warn("compress 'auto': " + why + "; this sleep copies plain");
+    return nullptr;
+  }
+  for (size_t i = 0; i < plan.steps.size(); ++i) {
+    const SleepPlan::Step& s = plan.steps[i];
+    uint64_t plain_offset = s.backup.offset;
+    for (const ByteRange& r : s.backup.ranges.ranges()) {
+      packed->add(i, s.row->address + r.begin, r.begin, plain_offset, r.size());
+      plain_offset += r.size();
+    }
+  }
+  stats.staging = packed->run(options_.staging);
+  for (size_t i = 0; i < plan.steps.size(); ++i) plan.steps[i].backup.pieces = packed->pieces_of(i);
+  stats.compress = packed->totals();
+  return packed;
+}
+
+void Allocator::release_slept(SleepPlan& plan, BackupCopies* copies, OpStats& stats) {
   auto asleep = [&](size_t i) {
     SleepPlan::Step& s = plan.steps[i];
     if (s.backup.ranges.empty()) {
@@ -337,7 +385,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   if (plan.steps.empty()) return stats;  // nothing mapped: last_sleep_ keeps the last real sleep
 
   std::shared_ptr<HostArena> arena;
-  std::unique_ptr<CopyPipeline> copies = copy_backups(plan, arena, stats);  // after `arena`: waits for copies into it
+  std::unique_ptr<BackupCopies> copies = copy_backups(plan, arena, stats);  // after `arena`: waits for copies into it
   release_slept(plan, copies.get(), stats);
   copies.reset();
   stats.bytes_copied = plan.backup_bytes;
@@ -388,9 +436,27 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
                              " free. Nothing was changed: every backup and sleeping allocation is intact; "
                              "retry once memory is free" + (why.empty() ? "" : " (" + why + ")"));
   };
+  // Compressed backups decode through staging on the device, counted in what the wake needs.
+  std::map<int, std::unique_ptr<CompressedWake>> unpack;  // device -> its decoding
+  std::shared_ptr<Codec> codec;
+  for (Allocation* a : rows) {
+    if (!a->backup || a->backup->pieces.empty() || unpack.count(a->device())) continue;
+    if (!codec && !(codec = codecs_.get(*backend_)))
+      throw Error("a compressed backup cannot be restored: " + codecs_.why() + ". Nothing was changed");
+    unpack[a->device()] = nullptr;
+    needed[a->device()] += Staging::device_bytes(*backend_, *codec, a->device(), options_.compress);
+  }
   if (wait_seconds == 0)
     for (const auto& [device, bytes] : needed)
       if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
+  for (auto& [device, u] : unpack) {
+    try {
+      u = std::make_unique<CompressedWake>(*backend_, *backend_->codec_stream(device), *codec, device,
+                                           options_.compress);
+    } catch (const DeviceOutOfMemory& e) {
+      throw no_room(device, std::string("compression staging: ") + e.what());
+    }
+  }
   // A run is mapped once it fits; a wake that may wait tries again every millisecond until the
   // deadline (Note [Allocation states], "A wake that waits for memory"). The free memory last seen
   // is counted down, so the device is asked again only when a run seems not to fit.
@@ -463,6 +529,12 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
           copying.insert(a.device());
         }
         if (!a.backup) continue;
+        if (!a.backup->pieces.empty()) {
+          unpack.at(a.device())->add(a.address, a.backup->arena->data(), *a.backup->arena, a.backup->pieces);
+          copying.insert(a.device());
+          stats.bytes_copied += a.backup->ranges.bytes();
+          continue;
+        }
         spans.clear();
         const HostBackup& b = *a.backup;
         uint64_t host_left = b.ranges.bytes() - b.disk_bytes;  // the host part comes first
@@ -485,13 +557,23 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
       }
     }
     timed(stats.copy_wait_seconds, [&] {
+      for (auto& [device, u] : unpack) u->finish();
       for (int device : copying) backend_->wait_copies(device);
     });
     // Disk parts after the host parts' copies, which are ahead of them on the copy queue anyway.
     for (const auto& [file, parts] : from_disk) disk_.read(options_.disk, *file, parts, stats.disk);
   } catch (...) {
+    unpack.clear();  // codec work done and staging given back before the memory it decodes into goes
     undo();
     throw;
+  }
+  for (const auto& [device, u] : unpack) {
+    const CompressTotals& t = u->totals();
+    stats.compress.plain_bytes += t.plain_bytes;
+    stats.compress.stored_bytes += t.stored_bytes;
+    stats.compress.pieces_packed += t.pieces_packed;
+    stats.compress.pieces_plain += t.pieces_plain;
+    stats.compress.staging_bytes += t.staging_bytes;
   }
 
   for (Allocation* a : rows) {
@@ -563,7 +645,7 @@ std::vector<AllocationInfo> Allocator::allocations() const {
   for (const auto& [address, a] : table_) {
     uint64_t backup = a.backup ? a.backup->ranges.bytes() : 0;
     out.push_back({a.address, a.size, a.device(), a.tag(), a.state, backup, a.backup && !a.backup->whole ? backup : 0,
-                   a.backup ? a.backup->disk_bytes : 0});
+                   a.backup ? a.backup->disk_bytes : 0, a.backup ? a.backup->stored_bytes() : 0});
   }
   return out;
 }
@@ -577,6 +659,7 @@ std::map<std::string, TagStats> Allocator::tag_stats() const {
     s.backed_up_bytes += a.backup_bytes;
     s.preserved_bytes += a.preserved_bytes;
     s.disk_bytes += a.disk_bytes;
+    s.stored_bytes += a.stored_bytes;
   }
   return out;
 }
@@ -589,6 +672,18 @@ std::optional<OpStats> Allocator::last_sleep() const {
 std::optional<OpStats> Allocator::last_wake() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return last_wake_;
+}
+
+std::string Allocator::compress_unavailable() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return codecs_.get(*backend_) ? "" : codecs_.why();
+}
+
+uint64_t HostBackup::stored_bytes() const {
+  if (pieces.empty()) return ranges.bytes() - disk_bytes;  // plain: the host part
+  uint64_t total = 0;
+  for (const PackedPiece& p : pieces) total += p.stored_bytes;
+  return total;
 }
 
 AllocatorOptions Allocator::options() const {
@@ -606,6 +701,7 @@ void Allocator::set_options_locked(const AllocatorOptions& options) {
     throw InvalidArgument("slab bytes must be at most " + format_bytes(kMaxSlabBytes) + ", got " +
                           std::to_string(options.slab_bytes));
   if (options.staging.threads == 0) throw InvalidArgument("staging threads must be at least 1");
+  check_compress_options(options.compress);
   if (!(options.reclaimable_pinned_share >= 0 && options.reclaimable_pinned_share <= 1))
     throw InvalidArgument("reclaimable pinned share must be between 0 and 1, got " +
                           std::to_string(options.reclaimable_pinned_share));

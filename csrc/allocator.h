@@ -103,6 +103,7 @@
 
 #include "backend.h"
 #include "disk_tier.h"
+#include "compress_pipeline.h"
 #include "host_arena.h"
 #include "host_cache.h"
 #include "range_set.h"
@@ -125,6 +126,10 @@ struct HostBackup {
   uint64_t disk_bytes = 0;  // of ranges.bytes(): the last this many lie in `file`
   std::shared_ptr<DiskFile> file;
   uint64_t file_offset = 0;
+  // A compressed backup (Note [Compressed backups], compress_pipeline.h): where each piece of `ranges`
+  // lies in the arena and how it is stored; `offset` is then unused. Empty: plain, at `offset`.
+  std::vector<PackedPiece> pieces;
+  uint64_t stored_bytes() const;  // host bytes it takes
 };
 
 struct Allocation {
@@ -149,6 +154,7 @@ struct AllocationInfo {
   uint64_t backup_bytes;
   uint64_t preserved_bytes;
   uint64_t disk_bytes;  // of backup_bytes, on disk
+  uint64_t stored_bytes;  // host bytes of the backup (less than backup_bytes when compressed)
 };
 
 struct TagStats {
@@ -158,6 +164,7 @@ struct TagStats {
   uint64_t backed_up_bytes = 0;  // host bytes held for this tag (whole and preserved)
   uint64_t preserved_bytes = 0;  // of which preserved ranges of non-offloaded allocations
   uint64_t disk_bytes = 0;       // of backed_up_bytes, in files of the disk tier
+  uint64_t stored_bytes = 0;     // host bytes the backups take (compressed: less than backed_up_bytes)
 };
 
 struct OpStats {
@@ -175,6 +182,7 @@ struct OpStats {
   double map_seconds = 0;      // wake: cuMemCreate + cuMemMap + cuMemSetAccess
   double wait_seconds = 0;     // wake: waiting for device memory that another process frees
   DiskTimes disk;              // of bytes_copied, what went to (sleep) or came from (wake) disk, and how long
+  CompressTotals compress;     // compressed backups: bytes through the codec's pipeline, stored, staging
 };
 
 struct AllocatorOptions {
@@ -191,6 +199,7 @@ struct AllocatorOptions {
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
   uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
   DiskOptions disk;               // backups past host_memory_limit go to disk there (Note [Disk tier])
+  CompressOptions compress;       // level-1 backups compressed on the device (compress_pipeline.h)
 
   HostPolicy effective_host_policy() const { return keep_host_backups ? host_policy : HostPolicy::Release; }
 };
@@ -246,6 +255,8 @@ class Allocator {
   std::string host_error();  // what background host work last failed with ("" none), cleared by reading
   void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages
   DiskTier& disk_tier() { return disk_; }  // its test hooks
+  // Why option compress cannot work on this backend ("" when it can: the codec loads).
+  std::string compress_unavailable();
   AllocatorOptions options() const;
   void set_options(const AllocatorOptions& options);  // throws InvalidArgument for a bad value
   // Changes some options in one step under the lock, so concurrent updates of different options
@@ -270,8 +281,10 @@ class Allocator {
   Segment& new_segment(int device, const std::string& tag, uint64_t size, bool shared);
   SleepPlan plan_sleep(const std::vector<std::string>& offload_tags, const std::vector<ByteRange>& preserve,
                        const std::vector<ByteRange>& exclude);
-  std::unique_ptr<CopyPipeline> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
-  void release_slept(SleepPlan& plan, CopyPipeline* copies, OpStats& stats);
+  std::unique_ptr<BackupCopies> copy_backups(SleepPlan& plan, std::shared_ptr<HostArena>& arena, OpStats& stats);
+  // The compressed sleep of a plan on one device (Note [Compressed backups]), or nullptr when it goes plain.
+  std::unique_ptr<BackupCopies> compress_backups(SleepPlan& plan, HostArena& arena, OpStats& stats);
+  void release_slept(SleepPlan& plan, BackupCopies* copies, OpStats& stats);
   // Unmaps each mapped run of a segment, calls `asleep(member)` for its rows in it, then releases it.
   void release_runs(const SegmentRows& rows, OpStats& stats, const std::function<void(size_t)>& asleep);
   uint64_t quarantined_bytes_locked() const;
@@ -284,6 +297,7 @@ class Allocator {
   std::optional<OpStats> last_sleep_;
   std::optional<OpStats> last_wake_;
   DiskTier disk_;
+  CodecCache codecs_;  // the backend's codec, loaded at the first compressed sleep or wake
   // Host memory for backups. Called only under mutex_ (its thread-safety contract, host_cache.h);
   // last, so its background work (which holds arenas) ends before the rest goes.
   HostCache host_;

@@ -48,6 +48,7 @@ class AsyncHostBackend final : public DeviceBackend {
   uint64_t record_mark(int device) override;
   void wait_mark(int device, uint64_t mark) override;
   void release_mark(int device, uint64_t mark) noexcept override;
+  CodecStream* codec_stream(int device) override { return inner_.codec_stream(device) ? &codec_stream_ : nullptr; }
 
   // Unmaps (or maps, or frees) of device memory that a pending copy still reads or writes.
   uint64_t early_releases() const { return early_releases_.load(); }
@@ -67,6 +68,7 @@ class AsyncHostBackend final : public DeviceBackend {
   void guard(uintptr_t address, uint64_t size);
 
   HostBackend inner_;
+  HostCodecStream codec_stream_{*this, 0};  // waits for this backend's copies, not inner_'s
   const unsigned max_delay_us_;
   std::mt19937_64 rng_;  // used by the worker only
   std::mutex mutex_;

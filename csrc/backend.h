@@ -8,6 +8,8 @@
 
 namespace vse {
 
+class CodecStream;  // codec.h
+
 // Opaque physical-memory handle: a CUmemGenericAllocationHandle, or a memfd.
 using PhysicalHandle = uint64_t;
 
@@ -61,6 +63,10 @@ class DeviceBackend {
   virtual uint64_t record_mark(int device) = 0;
   virtual void wait_mark(int device, uint64_t mark) = 0;
   virtual void release_mark(int device, uint64_t mark) noexcept = 0;
+
+  // The device's queue for codec work (compressed backups, compress_pipeline.h), owned by the backend;
+  // nullptr where the backend has none.
+  virtual CodecStream* codec_stream(int /*device*/) { return nullptr; }
 };
 
 }  // namespace vse

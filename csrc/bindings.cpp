@@ -70,7 +70,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("state", [](const vse::AllocationInfo& a) { return vse::state_name(a.state); })
       .def_readonly("backup_bytes", &vse::AllocationInfo::backup_bytes)
       .def_readonly("preserved_bytes", &vse::AllocationInfo::preserved_bytes)
-      .def_readonly("disk_bytes", &vse::AllocationInfo::disk_bytes);
+      .def_readonly("disk_bytes", &vse::AllocationInfo::disk_bytes)
+      .def_readonly("stored_bytes", &vse::AllocationInfo::stored_bytes);
 
   py::class_<vse::TagStats>(m, "TagStats")
       .def_readonly("allocations", &vse::TagStats::allocations)
@@ -78,7 +79,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("asleep_bytes", &vse::TagStats::asleep_bytes)
       .def_readonly("backed_up_bytes", &vse::TagStats::backed_up_bytes)
       .def_readonly("preserved_bytes", &vse::TagStats::preserved_bytes)
-      .def_readonly("disk_bytes", &vse::TagStats::disk_bytes);
+      .def_readonly("disk_bytes", &vse::TagStats::disk_bytes)
+      .def_readonly("stored_bytes", &vse::TagStats::stored_bytes);
 
   py::class_<vse::OpStats>(m, "OpStats")
       .def_readonly("seconds", &vse::OpStats::seconds)
@@ -95,7 +97,12 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("map_seconds", &vse::OpStats::map_seconds)
       .def_readonly("wait_seconds", &vse::OpStats::wait_seconds)
       .def_property_readonly("disk_bytes", [](const vse::OpStats& s) { return s.disk.bytes; })
-      .def_property_readonly("disk_seconds", [](const vse::OpStats& s) { return s.disk.seconds; });
+      .def_property_readonly("disk_seconds", [](const vse::OpStats& s) { return s.disk.seconds; })
+      .def_property_readonly("compress_plain_bytes", [](const vse::OpStats& s) { return s.compress.plain_bytes; })
+      .def_property_readonly("compress_stored_bytes", [](const vse::OpStats& s) { return s.compress.stored_bytes; })
+      .def_property_readonly("pieces_packed", [](const vse::OpStats& s) { return s.compress.pieces_packed; })
+      .def_property_readonly("pieces_plain", [](const vse::OpStats& s) { return s.compress.pieces_plain; })
+      .def_property_readonly("staging_device_bytes", [](const vse::OpStats& s) { return s.compress.staging_bytes; });
 
   // Options and read-only views release the GIL while they wait for the core's lock, which a long
   // sleep holds; each setter changes its option in one locked step (update_options).
@@ -126,6 +133,9 @@ PYBIND11_MODULE(_core, m) {
   auto reclaimable_pinned_share = option([](auto& o) -> auto& { return o.reclaimable_pinned_share; });
   auto disk_dir = option([](auto& o) -> auto& { return o.disk.dir; });
   auto disk_threads = option([](auto& o) -> auto& { return o.disk.threads; });
+  auto compress_piece_bytes = option([](auto& o) -> auto& { return o.compress.piece_bytes; });
+  auto compress_chunk_pieces = option([](auto& o) -> auto& { return o.compress.chunk_pieces; });
+  auto compress_slots = option([](auto& o) -> auto& { return o.compress.slots; });
 
   py::class_<vse::Allocator>(m, "Allocator")
       .def(py::init(&vse::make_allocator), "backend"_a = "host", "capacity_bytes"_a = 0, "card"_a = "")
@@ -202,7 +212,21 @@ PYBIND11_MODULE(_core, m) {
            "file_offset"_a)
       .def("_inject_disk_short_read",
            [](vse::Allocator& a, int64_t file_offset) { a.disk_tier().inject_short_read(file_offset); },
-           "file_offset"_a);
+           "file_offset"_a)
+      .def_property("compress",
+                    py::cpp_function(
+                        [](const vse::Allocator& a) { return std::string(vse::compress_mode_name(a.options().compress.mode)); },
+                        Release()),
+                    py::cpp_function(
+                        [](vse::Allocator& a, const std::string& name) {
+                          const vse::CompressMode mode = vse::parse_compress_mode(name);
+                          a.update_options([&](vse::AllocatorOptions& o) { o.compress.mode = mode; });
+                        },
+                        Release()))
+      .def_property("compress_piece_bytes", compress_piece_bytes.first, compress_piece_bytes.second)
+      .def_property("compress_chunk_pieces", compress_chunk_pieces.first, compress_chunk_pieces.second)
+      .def_property("compress_slots", compress_slots.first, compress_slots.second)
+      .def("compress_unavailable", &vse::Allocator::compress_unavailable, Release());
 
   m.def("cuda_allocator", &vse::process_cuda_allocator, py::return_value_policy::reference,
         "The process-wide CUDA allocator behind my_malloc/my_free.");

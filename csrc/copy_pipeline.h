@@ -38,12 +38,21 @@ class Fence {
 // copies must only be done before their memory goes.
 void drain_copies(DeviceBackend& backend, const std::set<int>& devices) noexcept;
 
-class CopyPipeline {
+// What a sleep waits on before it releases a segment: the copies of backup bytes [0, host_end) of the
+// plan's layout are done. CopyPipeline copies that layout as it is; CompressedSleep (compress_pipeline.h)
+// packs it.
+class BackupCopies {
+ public:
+  virtual ~BackupCopies() = default;
+  virtual void wait_copied(int device, uint64_t host_end) = 0;
+};
+
+class CopyPipeline final : public BackupCopies {
  public:
   CopyPipeline(DeviceBackend& backend, uint8_t* host_base) : backend_(backend), host_base_(host_base) {}
   // Waits for every copy still in flight (they must not land in memory freed after this), warning of
   // failures: on success every copy was waited for already, on failure another error is on its way.
-  ~CopyPipeline();
+  ~CopyPipeline() override;
   CopyPipeline(const CopyPipeline&) = delete;
   CopyPipeline& operator=(const CopyPipeline&) = delete;
 
@@ -52,7 +61,7 @@ class CopyPipeline {
   // Enqueues the copies of host bytes [begin, end) (the next stretch made ready), then a fence per device.
   void feed(uint64_t begin, uint64_t end);
   // Returns once every copy of host bytes [0, host_end) on `device` is done.
-  void wait_copied(int device, uint64_t host_end);
+  void wait_copied(int device, uint64_t host_end) override;
 
  private:
   struct Span {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cuda_codec_stream.h"
 #include "cuda_driver.h"
 
 namespace vse {
@@ -44,6 +45,7 @@ class CudaBackend final : public DeviceBackend {
   uint64_t record_mark(int device) override;
   void wait_mark(int device, uint64_t mark) override;
   void release_mark(int device, uint64_t mark) noexcept override;
+  CodecStream* codec_stream(int device) override;  // cuda_codec_stream.cpp
 
   // Whether `stream` is capturing a CUDA graph: asked in relaxed capture mode, so that asking never
   // breaks another thread's capture. Any error (no driver, an implicit capture of the legacy stream)
@@ -59,6 +61,7 @@ class CudaBackend final : public DeviceBackend {
     CUmemAllocationProp properties{};     // what cuMemCreate gets (RDMA flag where supported)
     std::vector<CUmemAccessDesc> access;  // read-write for the device itself and each peer that can access it
     std::vector<CUevent> spare_events;  // guarded by CudaBackend::mutex_
+    std::unique_ptr<CudaCodecStream> codec;  // made on first use, guarded by CudaBackend::mutex_
   };
   // Makes the device's primary context current for the scope (retaining it on first use).
   class ContextScope {

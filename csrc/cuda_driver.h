@@ -23,7 +23,8 @@ struct CudaDriver {
   X(cuStreamCreate, 2000) X(cuStreamSynchronize, 2000) X(cuEventCreate, 2000) X(cuEventRecord, 2000)       \
   X(cuEventSynchronize, 2000) X(cuGetErrorName, 6000) X(cuGetErrorString, 6000)                         \
   X(cuDeviceGetAttribute, 2000) X(cuDeviceCanAccessPeer, 4000) X(cuMemsetD8Async, 3020)                 \
-  X(cuThreadExchangeStreamCaptureMode, 10010) X(cuStreamIsCapturing, 10000)
+  X(cuThreadExchangeStreamCaptureMode, 10010) X(cuStreamIsCapturing, 10000)                            \
+  X(cuStreamWaitEvent, 3020) X(cuEventDestroy, 4000)
 #define VSE_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   VSE_DRIVER_FUNCTIONS(VSE_DECLARE)
 #undef VSE_DECLARE

@@ -147,4 +147,9 @@ void HostBackend::fill(int, uintptr_t address, uint64_t bytes, uint8_t value) {
   std::memset(reinterpret_cast<void*>(address), value, bytes);
 }
 
+CodecStream* HostBackend::codec_stream(int device) {
+  check_device(device);
+  return &codec_stream_;
+}
+
 }  // namespace vse

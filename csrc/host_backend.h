@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "backend.h"
+#include "host_codec_stream.h"
 
 namespace vse {
 
@@ -55,9 +56,12 @@ class HostBackend final : public DeviceBackend {
   uint64_t record_mark(int) override { return 0; }  // copies are synchronous here
   void wait_mark(int, uint64_t) override {}
   void release_mark(int, uint64_t) noexcept override {}
+  CodecStream* codec_stream(int device) override;
 
  private:
   void check_device(int device) const;
+
+  HostCodecStream codec_stream_{*this, 0};
 
   const std::shared_ptr<HostCard> card_;
   std::mutex mutex_;

@@ -16,6 +16,7 @@ _EXPORTS = {
     "DriverUnavailableError": "vllm_sleep_ext._core",
     "HostOutOfMemoryError": "vllm_sleep_ext._core",
     "SleepExtError": "vllm_sleep_ext._core",
+    "CompressUnavailableError": "vllm_sleep_ext.compress",
     "AllocationData": "vllm_sleep_ext.allocator",
     "AllocatorStats": "vllm_sleep_ext.allocator",
     "CuMemAllocator": "vllm_sleep_ext.allocator",
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         HostOutOfMemoryError,
         SleepExtError,
     )
+    from vllm_sleep_ext.compress import CompressUnavailableError
     from vllm_sleep_ext.allocator import AllocationData, AllocatorStats, CuMemAllocator, OpStats, TagStats
     from vllm_sleep_ext.preserve import PreserveMode
 

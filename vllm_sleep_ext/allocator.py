@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, alloc_history, envs, host_tensors, pools, serving
+from vllm_sleep_ext import __version__, _core, alloc_conf, alloc_history, compress as compression, envs, host_tensors, pools, serving
 from vllm_sleep_ext.preserve import (
     PreserveMode,
     PreserveSet,
@@ -76,6 +76,7 @@ class TagStats:
     backed_up_bytes: int  # host bytes held for the tag, preserved ranges included
     preserved_bytes: int  # of which preserved ranges of a discarded tag
     disk_bytes: int  # of backed_up_bytes, in files of the disk tier (disk_dir)
+    stored_bytes: int  # host bytes those backups take (less than backed_up_bytes when compressed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,17 @@ class OpStats:
     wait_seconds: float  # wake: waiting for device memory another process frees (wake_wait_seconds)
     disk_bytes: int  # of bytes_copied, written to (sleep) or read from (wake) the disk tier
     disk_seconds: float  # the disk part, from its first chunk to its last, device copies included
+    # Option compress (0 when off): backup bytes through the codec's pipeline and the host bytes they take.
+    compress_plain_bytes: int
+    compress_stored_bytes: int
+    pieces_packed: int  # pieces kept compressed
+    pieces_plain: int  # pieces sent as they are (did not pay, or could not be coded)
+    staging_device_bytes: int  # device memory the operation used for compression staging
+
+    @property
+    def compress_ratio(self) -> float:
+        """Host bytes over backup bytes through the compressed pipeline (1.0 when nothing went through it)."""
+        return self.compress_stored_bytes / self.compress_plain_bytes if self.compress_plain_bytes else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +211,8 @@ class CuMemAllocator:
         return instance
 
     def __init__(self, backend: str = "cuda", capacity_bytes: int = 0, card: str = "", *,
-                 host_memory_limit: Optional[int] = None, disk_dir: Optional[str] = None) -> None:
+                 host_memory_limit: Optional[int] = None, disk_dir: Optional[str] = None,
+                 compress: Optional[str] = None) -> None:
         # "cuda" is the process-wide core behind my_malloc/my_free; "host" is a private core for the
         # host backend (tests, demo), where capacity_bytes simulates a card of that size, shared by the
         # host allocators given the same `card` name (two engines on one GPU).
@@ -221,6 +234,8 @@ class CuMemAllocator:
             self.host_memory_limit = host_memory_limit
         if disk_dir is not None:
             self.disk_dir = disk_dir
+        if compress is not None:
+            self.compress = compress
 
     def _apply_environment(self) -> None:
         """The VLLM_SLEEP_EXT_* settings (vllm_sleep_ext/envs.py): how they reach the processes vLLM starts.
@@ -238,6 +253,7 @@ class CuMemAllocator:
         envs.set_from(envs.WAKE_WAIT_S, self, "wake_wait_seconds")
         envs.set_from(envs.HOST_LIMIT, self, "host_memory_limit")
         envs.set_from(envs.DISK_DIR, self, "disk_dir")
+        envs.set_from(envs.COMPRESS, self, "compress")
         # Prepare host backup memory in the background when the weights are loaded (CUDA: on by default).
         prepare = envs.get(envs.PREPARE_HOST)
         self.prepare_host = self.backend == "cuda" if prepare is None else prepare
@@ -375,6 +391,7 @@ class CuMemAllocator:
             stats.unmap_seconds * 1e3, stats.release_seconds * 1e3,
         )
         self._log_disk("sleep", "to", stats)
+        self._log_compressed("sleep", stats)
 
     def wake_up(self, tags: Optional[Sequence[str]] = None, *, wait_for_memory: Optional[float] = None) -> None:
         """Maps sleeping allocations again at the same addresses and copies their backups back.
@@ -402,12 +419,36 @@ class CuMemAllocator:
             stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited,
         )
         self._log_disk("wake_up", "from", stats)
+        self._log_compressed("wake_up", stats)
 
     def _log_disk(self, what: str, direction: str, stats: _core.OpStats) -> None:
         if stats.disk_bytes:
             logger.info("%s: of that, %.2f GiB %s disk in %s in %.3f s (%.1f GB/s)", what, stats.disk_bytes / GiB,
                         direction, self.disk_dir, stats.disk_seconds,
                         stats.disk_bytes / max(stats.disk_seconds, 1e-9) / 1e9)
+
+    @staticmethod
+    def _log_compressed(what: str, stats: "_core.OpStats") -> None:
+        if stats.compress_plain_bytes:
+            logger.info(
+                "%s: compressed backups %.2f GiB stored as %.2f GiB (ratio %.3f; %d pieces compressed, %d plain; "
+                "%.0f MiB device staging)",
+                what, stats.compress_plain_bytes / GiB, stats.compress_stored_bytes / GiB,
+                stats.compress_stored_bytes / stats.compress_plain_bytes, stats.pieces_packed, stats.pieces_plain,
+                stats.staging_device_bytes / (1 << 20),
+            )
+
+    @property
+    def compress(self) -> str:
+        """Level-1 backups compressed on the device: "off" (default), "auto" (a piece is kept compressed
+        only where it saves 5 %, else sent plain) or "on" (kept compressed wherever it is smaller). Round
+        trips are bit-exact. "on" raises where the codec cannot be had (CUDA: libnvcomp.so.6 from
+        nvidia-libnvcomp-cu13); "auto" then logs why once and copies plain. Env VLLM_SLEEP_EXT_COMPRESS."""
+        return self._core.compress
+
+    @compress.setter
+    def compress(self, mode: str) -> None:
+        compression.apply(self._core, mode, self.backend)
 
     @property
     def wake_wait_seconds(self) -> float:
@@ -586,6 +627,8 @@ class CuMemAllocator:
         if not mapped:
             return
         nbytes = sum(a.size for a in mapped)
+        if self.compress != "off":  # compressed backups hold less: what a sleep needs beyond, it makes ready
+            nbytes = int(nbytes * compression.EXPECTED_RATIO)
         try:
             self._core.prepare_host(nbytes, mapped[0].device, wait)
         except _core.SleepExtError as e:

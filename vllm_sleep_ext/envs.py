@@ -175,8 +175,13 @@ DISK_DIR = Setting(
     "directory for backups past VLLM_SLEEP_EXT_HOST_LIMIT (`disk_dir`): unnamed files, 0600, direct I/O",
     "an existing, writable directory", parse_dir, "none (no disk tier)")
 
+COMPRESS = _one_of("VLLM_SLEEP_EXT_COMPRESS", ("off", "auto", "on"), "off",
+                   "compress level-1 backups on the GPU (nvCOMP ANS; `compress`): auto keeps a piece compressed "
+                   "only where it saves 5 %, on wherever it is smaller; both need libnvcomp.so.6 "
+                   "(nvidia-libnvcomp-cu13), on fails without it, auto copies plain")
+
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS, HOST_LIMIT, DISK_DIR)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS, HOST_LIMIT, DISK_DIR, COMPRESS)
 
 
 # -- reading ---------------------------------------------------------------------------------------

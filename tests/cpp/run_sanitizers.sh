@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the C++ core tests (targets core_tests, slab_tests, host_policy_tests and disk_tier_tests, tests/cpp/*_tests.cpp,
+# Builds the C++ core tests (targets core_tests, slab_tests, host_policy_tests, disk_tier_tests and compress_tests,
+# tests/cpp/*_tests.cpp,
 # sharing tests/cpp/test_harness.h) under
 # AddressSanitizer (with LeakSanitizer), UndefinedBehaviorSanitizer and ThreadSanitizer, into build/asan, build/ubsan and
 # build/tsan, and runs each. Fails on any failed check and on any sanitizer report.
@@ -48,9 +49,9 @@ for san in "$@"; do
     "-DCMAKE_CXX_FLAGS=$flags" >"$build.configure.log" 2>&1 \
     || { cat "$build.configure.log" >&2; echo "=== $san: configure FAILED ===" >&2; failed+=("$san"); continue; }
   rm -f "$build.configure.log"
-  "$cmake_bin" --build "$build" --target core_tests slab_tests host_policy_tests disk_tier_tests \
+  "$cmake_bin" --build "$build" --target core_tests slab_tests host_policy_tests disk_tier_tests compress_tests \
     || { echo "=== $san: build FAILED ===" >&2; failed+=("$san"); continue; }
-  for tests in core_tests slab_tests host_policy_tests disk_tier_tests; do
+  for tests in core_tests slab_tests host_policy_tests disk_tier_tests compress_tests; do
     log="$build/$tests.log"
 
     echo "=== $san: run $tests ==="
