@@ -14,27 +14,7 @@ import ctypes
 import sys
 import time
 
-CU_MEM_ALLOCATION_TYPE_PINNED = 1
-CU_MEM_LOCATION_TYPE_DEVICE = 1
-CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
-
-
-class Location(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-
-class AllocFlags(ctypes.Structure):
-    _fields_ = [("compressionType", ctypes.c_ubyte), ("gpuDirectRDMACapable", ctypes.c_ubyte),
-                ("usage", ctypes.c_ushort), ("reserved", ctypes.c_ubyte * 4)]
-
-
-class Prop(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", Location),
-                ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", AllocFlags)]
-
-
-class AccessDesc(ctypes.Structure):
-    _fields_ = [("location", Location), ("flags", ctypes.c_int)]
+from cuvmm import device_access, device_prop
 
 
 def size_sweep(cu, prop, access, check, sizes_mib: list[int], repeats: int = 3) -> None:
@@ -156,8 +136,7 @@ def main(n: int = 600, size: int = 2 << 20) -> int:
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # the primary context is current from here on
     cu = ctypes.CDLL("libcuda.so.1")
-    prop = Prop(CU_MEM_ALLOCATION_TYPE_PINNED, 0, Location(CU_MEM_LOCATION_TYPE_DEVICE, 0))
-    access = AccessDesc(Location(CU_MEM_LOCATION_TYPE_DEVICE, 0), CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+    prop, access = device_prop(0), device_access(0)
 
     def check(r: int, what: str) -> None:
         if r != 0:

@@ -23,14 +23,7 @@ import time
 from collections.abc import Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_vmm_calls import (  # noqa: E402
-    CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-    CU_MEM_ALLOCATION_TYPE_PINNED,
-    CU_MEM_LOCATION_TYPE_DEVICE,
-    AccessDesc,
-    Location,
-    Prop,
-)
+from cuvmm import device_access, device_prop  # noqa: E402
 
 GRANULARITY = 2 << 20
 
@@ -61,8 +54,7 @@ def floor(sizes: list[int], pause_s: float = 1.0, rounds: int = 3, device: int =
     torch.cuda.set_device(device)
     torch.zeros(1, device=f"cuda:{device}")  # the primary context is current
     cu = ctypes.CDLL("libcuda.so.1")
-    prop = Prop(CU_MEM_ALLOCATION_TYPE_PINNED, 0, Location(CU_MEM_LOCATION_TYPE_DEVICE, device))
-    access = AccessDesc(Location(CU_MEM_LOCATION_TYPE_DEVICE, device), CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+    prop, access = device_prop(device), device_access(device)
 
     def check(r: int, what: str) -> None:
         if r != 0:

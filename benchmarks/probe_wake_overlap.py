@@ -1,0 +1,434 @@
+"""Issue 17 item 1's probe: why is the level-1 wake not at the pinned-copy limit when memory with no backup
+(a KV cache) is mapped while the backups are copied back? The core's wake (csrc/allocator.cpp
+Allocator::wake) maps the segments with backups and enqueues their host-to-device copies first, then creates
+and maps the rest while the copies run. In vLLM (Llama-3-8B shape, H200) 15.5 GiB came back in 0.45 s
+(37 GB/s) with 0.25 s of driver map calls, against 0.30 s at the limit: something serializes them.
+
+On one GPU, with the libcuda calls made through ctypes (benchmarks/cuvmm.py), B bytes (--copy-gib, default 16)
+are copied from pinned host memory into a VMM-mapped destination as --piece-mib copies on a non-blocking
+stream (as the core's copy stream), with a timing event every --event-every-mib, and K bytes (--kv-gib,
+default 96, capped at free memory - B - --headroom-gib) are created, mapped and given access:
+
+  a  the copies alone (enqueue all, synchronize)
+  b  K's cuMemCreate, cuMemMap, cuMemSetAccess alone, each timed
+  c  the copies enqueued, then K created + mapped + accessed on the same thread, then synchronize (the core)
+  d  K created before the copies are enqueued, mapped + accessed after (is it create or map/access that collides?)
+  e  as c with K in --split-gib handles (many smaller calls)
+  f  K's calls on a second thread while the first enqueues the copies
+
+Each variant --reps times (rounds a..f interleaved, K released and a --pause-s pause between runs), after one
+unmeasured a and b; medians. Times are seconds from the variant's first call; the copies' completion comes
+from their events (their origin is the host time of the start event's record, on an idle stream). The table
+shows each variant's total, when the copies were done, the driver calls' seconds, the copy rate while those
+calls ran, and total / max(a, b): the wake if the two overlapped fully. A WAKE-OVERLAP summary line and the
+diagnosis (which collision, which fix) follow; JSON to --out (probe_wake_overlap.json).
+
+There is no CPU dry run of driver calls: the arithmetic, table and diagnosis are pure functions over the
+recorded runs, tested on made-up timings in tests/test_probe_wake_overlap_cpu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_duplex import bytes_done_by, chunk_sizes  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+VARIANTS = {
+    "a": "copies alone",
+    "b": "K create+map+access alone",
+    "c": "copies, then K create+map+access",
+    "d": "K created, copies, then K map+access",
+    "e": "as c, K in smaller handles",
+    "f": "K's calls on a 2nd thread",
+}
+OVERLAP_TOLERANCE = 1.05  # total <= this x max(a, b) counts as overlapped
+CALLS = ("create", "map", "access")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- arithmetic: one run's figures, medians, diagnosis, table (pure; no GPU) ------------------------------------
+
+
+def run_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run's figures. run: total_s; calls: [[name, start_s, end_s], ...] (seconds from the run's
+    start); for runs with copies also copy_start_s, enqueue_s, copy_ends_s (each event's time) and copy_sizes
+    (the bytes before each event)."""
+    calls = run.get("calls", [])
+    for c in calls:
+        if len(c) != 3 or c[0] not in CALLS or not c[1] <= c[2]:
+            raise ValueError(f"a call must be [name in {CALLS}, start_s, end_s >= start_s], got {c!r}")
+    out: dict[str, Any] = {"total_s": run["total_s"], "driver_s": sum(c[2] - c[1] for c in calls),
+                           "driver_by_call_s": {n: sum(c[2] - c[1] for c in calls if c[0] == n) for n in CALLS},
+                           "driver_end_s": max((c[2] for c in calls), default=None),
+                           "copy_done_s": None, "copy_gbps": None, "enqueue_s": None, "copy_gbps_during_driver": None}
+    ends = run.get("copy_ends_s")
+    if not ends:
+        return out
+    start, sizes = run["copy_start_s"], run["copy_sizes"]
+    rel = [e - start for e in ends]
+    out.update(copy_done_s=ends[-1], copy_gbps=sum(sizes) / rel[-1] / 1e9, enqueue_s=run["enqueue_s"])
+    if calls:  # the copy rate between the first call's start and the last call's end, while copies still ran
+        w0 = max(min(c[1] for c in calls), start)
+        w1 = min(max(c[2] for c in calls), ends[-1])
+        if w1 > w0:
+            done = bytes_done_by(rel, sizes, w1 - start) - bytes_done_by(rel, sizes, w0 - start)
+            out["copy_gbps_during_driver"] = done / (w1 - w0) / 1e9
+    return out
+
+
+def _median(values: list[Optional[float]]) -> Optional[float]:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians of each variant's figures and total / max(a, b) (the fully overlapped wake)."""
+    missing = [v for v in ("a", "b") if not runs.get(v)]
+    if missing:
+        raise ValueError(f"variants {missing} have no runs: both a (copies alone) and b (driver calls alone) are needed")
+    unknown = sorted(set(runs) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    per: dict[str, dict[str, Any]] = {}
+    for v, rs in runs.items():
+        figs = [run_figures(r) for r in rs]
+        row = {k: _median([f[k] for f in figs]) for k in figs[0] if k != "driver_by_call_s"}
+        row["driver_by_call_s"] = {n: statistics.median(f["driver_by_call_s"][n] for f in figs) for n in CALLS}
+        row["total_all_s"] = [f["total_s"] for f in figs]
+        per[v] = row
+    ideal = max(per["a"]["total_s"], per["b"]["total_s"])
+    for row in per.values():
+        row["x_ideal"] = row["total_s"] / ideal
+    return {"variants": {v: per[v] for v in VARIANTS if v in per}, "ideal_s": ideal,
+            "serial_s": per["a"]["total_s"] + per["b"]["total_s"]}
+
+
+FIXES = {
+    "d": "create the handles of memory with no backup before the copies start, map and set access after them "
+         "(wake: the creates of the no-backup segments move ahead of the first enqueue_copies)",
+    "e": "create and map memory with no backup in smaller handles (the --split-gib size) between the copies",
+    "f": "create and map memory with no backup on a second thread while the first maps the backed-up segments "
+         "and enqueues their copies",
+}
+
+
+def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> list[str]:
+    """What the medians say: does the core's order (c) overlap, what collides if not, which variant fixes it."""
+    v, ideal = summary["variants"], summary["ideal_s"]
+    a, b = v["a"], v["b"]
+    lines = [f"fully overlapped would be max(a, b) = {ideal:.3f} s; one after the other a + b = "
+             f"{summary['serial_s']:.3f} s"]
+    c = v.get("c")
+    if c is None:
+        return lines + ["variant c (the core's order) was not run: nothing to judge"]
+    if c["x_ideal"] <= tolerance:
+        lines.append(f"c (the core's order) overlaps here ({c['x_ideal']:.2f} x): the driver calls do not serialize "
+                     f"with the copies on this card, so the wake's gap in vLLM lies elsewhere (other steps of the wake, "
+                     f"more or smaller mappings, the copies' pieces)")
+        return lines
+    lines.append(f"c (the core's order) takes {c['x_ideal']:.2f} x max(a, b): the calls and the copies serialize")
+    causes = []
+    if c["enqueue_s"] is not None and a["enqueue_s"] is not None and c["enqueue_s"] > a["enqueue_s"] + 0.25 * b["total_s"]:
+        causes.append(f"the copy enqueue blocks ({c['enqueue_s']:.3f} s vs {a['enqueue_s']:.3f} s alone)")
+    during = c["copy_gbps_during_driver"]
+    if during is not None and a["copy_gbps"] and during < 0.8 * a["copy_gbps"]:
+        causes.append(f"the copies slow down while the driver calls run ({during:.1f} GB/s vs {a['copy_gbps']:.1f} "
+                      f"alone): the device side stalls")
+    if c["driver_s"] > 1.2 * b["driver_s"]:
+        slow = [n for n in CALLS if c["driver_by_call_s"][n] > 1.2 * b["driver_by_call_s"][n] + 1e-3]
+        causes.append(f"the driver calls take longer beside the copies ({c['driver_s']:.3f} s vs {b['driver_s']:.3f} s "
+                      f"alone; {', '.join(slow) or 'spread over all'}): they wait for the copies")
+    lines.append("cause: " + ("; ".join(causes) if causes else "none of the signs (enqueue, copy rate, call times) "
+                                                               "stands out: read the per-run times in the JSON"))
+    fixed = [k for k in ("d", "e", "f") if k in v and v[k]["x_ideal"] <= tolerance]
+    for k in fixed:
+        lines.append(f"{k} overlaps ({v[k]['x_ideal']:.2f} x): fix: {FIXES[k]}")
+    if not fixed:
+        tried = {k: v[k]["total_s"] for k in ("c", "d", "e", "f") if k in v}
+        best = min(tried, key=tried.get)
+        lines.append(f"no variant overlaps within {tolerance:.2f} x: the best is {best} ({v[best]['x_ideal']:.2f} x, "
+                     f"{tried[best]:.3f} s); the rest is what the driver allows" +
+                     (f" (fix toward it: {FIXES[best]})" if best in FIXES and tried[best] < 0.95 * c["total_s"] else ""))
+    return lines
+
+
+def _f(x: Optional[float], fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table(res: dict[str, Any]) -> str:
+    s = res["summary"]
+    lines = [f"-- wake overlap: {res['copy_bytes'] / GiB:.2f} GiB host-to-device in {res['piece_bytes'] // MiB} MiB "
+             f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e), median of "
+             f"{res['reps']} (seconds from the variant's first call)",
+             f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'driver s':>9} {'create/map/access s':>20} "
+             f"{'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
+    for k, row in s["variants"].items():
+        by = row["driver_by_call_s"]
+        calls = "/".join(f"{by[n]:.3f}" for n in CALLS) if row["driver_s"] else "-"
+        lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} "
+                     f"{row['driver_s']:9.3f} {calls:>20} {_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
+                     f"{_f(row['copy_gbps_during_driver'], '12.1f')} {row['x_ideal']:10.2f}")
+    v = s["variants"]
+    best = min((k for k in ("c", "d", "e", "f") if k in v), key=lambda k: v[k]["total_s"], default=None)
+    lines.append(f"WAKE-OVERLAP {res['copy_bytes'] / GiB:g} GiB + K {res['k_bytes'] / GiB:.0f} GiB: copies alone "
+                 f"{v['a']['total_s']:.3f} s ({v['a']['copy_gbps']:.1f} GB/s), K alone {v['b']['total_s']:.3f} s" +
+                 (f", core order (c) {v['c']['x_ideal']:.2f} x max(a,b)" if "c" in v else "") +
+                 (f", best {best} {v[best]['x_ideal']:.2f} x" if best else ""))
+    lines += ["diagnosis: " + line for line in res["diagnosis"]]
+    return "\n".join(lines)
+
+
+# ---- the measurement (GPU) ----------------------------------------------------------------------------------
+
+
+class Probe:
+    """The pinned source, the mapped destination, K's address range; one method per variant."""
+
+    def __init__(self, drv, host_ptr: int, copy_bytes: int, piece_bytes: int, event_every: int, k_bytes: int,
+                 split_bytes: int):
+        self.drv, self.host_ptr = drv, host_ptr
+        self.stream = drv.stream()
+        self.gran = drv.granularity()
+        self.copy_bytes = copy_bytes
+        self.pieces = chunk_sizes(copy_bytes, piece_bytes)
+        per_event = max(1, event_every // piece_bytes)
+        self.groups = [self.pieces[i:i + per_event] for i in range(0, len(self.pieces), per_event)]
+        self.events = [drv.event() for _ in range(len(self.groups) + 1)]
+        dst_size = -(-copy_bytes // self.gran) * self.gran
+        self.dst = (drv.reserve(dst_size), dst_size)
+        self.dst_handle = drv.create(dst_size)
+        drv.map(self.dst[0], dst_size, self.dst_handle)
+        drv.set_access(self.dst[0], dst_size)
+        self.k_bytes = k_bytes // self.gran * self.gran
+        split = max(self.gran, split_bytes // self.gran * self.gran)
+        self.k_split = chunk_sizes(self.k_bytes, split)
+        self.k_base = drv.reserve(self.k_bytes)
+        self.k_handles: list[int] = []
+        self.k_maps: list[tuple[int, int]] = []  # (address, bytes) mapped, unmapped by release_k
+
+    def close(self) -> None:
+        self.drv.sync(self.stream)  # no copy may still write into the destination once it is unmapped
+        self.release_k()
+        self.drv.unmap(self.dst[0], self.dst[1])
+        self.drv.release(self.dst_handle)
+        self.drv.address_free(*self.dst)
+        self.drv.address_free(self.k_base, self.k_bytes)
+
+    # -- pieces of a run
+    def _timed(self, calls: list, t0: float, name: str, fn, *args) -> Any:
+        start = time.perf_counter() - t0
+        r = fn(*args)
+        calls.append([name, start, time.perf_counter() - t0])
+        return r
+
+    def _enqueue(self, t0: float) -> dict[str, Any]:
+        drv, src, dst = self.drv, self.host_ptr, self.dst[0]
+        copy_start = time.perf_counter()
+        drv.record(self.events[0], self.stream)
+        at = 0
+        for g, group in enumerate(self.groups):
+            for size in group:
+                drv.copy_h2d(dst + at, src + at, size, self.stream)
+                at += size
+            drv.record(self.events[g + 1], self.stream)
+        return {"copy_start_s": copy_start - t0, "enqueue_s": time.perf_counter() - copy_start}
+
+    def _copies_done(self, info: dict[str, Any]) -> dict[str, Any]:
+        self.drv.sync(self.stream)
+        first = self.events[0]
+        info["copy_ends_s"] = [info["copy_start_s"] + self.drv.elapsed_s(first, e) for e in self.events[1:]]
+        info["copy_sizes"] = [sum(g) for g in self.groups]
+        return info
+
+    def _create_k(self, calls: list, t0: float, split: bool) -> None:
+        for size in (self.k_split if split else [self.k_bytes]):
+            self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, size))
+
+    def _map_k(self, calls: list, t0: float, split: bool) -> None:
+        at = self.k_base
+        for size, h in zip(self.k_split if split else [self.k_bytes], self.k_handles):
+            self._timed(calls, t0, "map", self.drv.map, at, size, h)
+            self.k_maps.append((at, size))
+            self._timed(calls, t0, "access", self.drv.set_access, at, size)
+            at += size
+
+    def release_k(self) -> None:
+        while self.k_maps:
+            self.drv.unmap(*self.k_maps.pop())
+        while self.k_handles:
+            self.drv.release(self.k_handles.pop())
+
+    # -- the variants
+    def run(self, variant: str) -> dict[str, Any]:
+        self.drv.sync(self.stream)
+        calls: list = []
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {}
+        if variant == "a":
+            info = self._copies_done(self._enqueue(t0))
+        elif variant == "b":
+            self._create_k(calls, t0, split=False)
+            self._map_k(calls, t0, split=False)
+        elif variant in ("c", "e"):
+            info = self._enqueue(t0)
+            self._create_k(calls, t0, split=variant == "e")
+            self._map_k(calls, t0, split=variant == "e")
+            info = self._copies_done(info)
+        elif variant == "d":
+            self._create_k(calls, t0, split=False)
+            info = self._enqueue(t0)
+            self._map_k(calls, t0, split=False)
+            info = self._copies_done(info)
+        elif variant == "f":
+            info = self._run_two_threads(calls)
+            t0 = info.pop("t0")
+        else:
+            raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+        return {"variant": variant, "total_s": time.perf_counter() - t0, "calls": calls, **info}
+
+    def _run_two_threads(self, calls: list) -> dict[str, Any]:
+        ctx = self.drv.current_context()
+        barrier = threading.Barrier(2)
+        box: dict[str, Any] = {}
+
+        def driver_thread() -> None:
+            try:
+                self.drv.set_current(ctx)
+                barrier.wait()
+                self._create_k(calls, box["t0"], split=False)
+                self._map_k(calls, box["t0"], split=False)
+            except BaseException as e:  # noqa: BLE001 (re-raised on the main thread)
+                box["error"] = e
+
+        worker = threading.Thread(target=driver_thread, name="probe-k-calls")
+        worker.start()
+        box["t0"] = time.perf_counter()
+        barrier.wait()
+        info = self._enqueue(box["t0"])
+        info = self._copies_done(info)
+        worker.join()
+        if "error" in box:
+            raise RuntimeError(f"variant f: the second thread's driver calls failed: {box['error']}") from box["error"]
+        info["t0"] = box["t0"]
+        return info
+
+
+def plan_sizes(copy_gib: float, kv_gib: float, headroom_gib: float, free_bytes: int) -> tuple[int, int, str]:
+    """(copy bytes, K bytes, note): K capped at free - B - headroom; an error when nothing is left for K."""
+    copy_bytes, want = int(copy_gib * GiB), int(kv_gib * GiB)
+    room = free_bytes - copy_bytes - int(headroom_gib * GiB)
+    if room < 2 * MiB:
+        raise ValueError(f"no room for K: {free_bytes / GiB:.2f} GiB free on the device, {copy_gib:g} GiB copied and "
+                         f"{headroom_gib:g} GiB headroom leave {room / GiB:.2f} GiB; lower --copy-gib or --headroom-gib")
+    k = min(want, room)
+    note = "" if k == want else f"K capped from {kv_gib:g} to {k / GiB:.2f} GiB ({free_bytes / GiB:.2f} GiB free)"
+    return copy_bytes, k, note
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copy-gib", type=float, default=16.0, help="B: bytes copied host to device (default 16)")
+    ap.add_argument("--kv-gib", type=float, default=96.0, help="K: bytes created and mapped (default 96, capped)")
+    ap.add_argument("--piece-mib", type=int, default=64, help="size of each copy (default 64)")
+    ap.add_argument("--event-every-mib", type=int, default=1024, help="bytes between timing events (default 1024)")
+    ap.add_argument("--split-gib", type=float, default=2.0, help="handle size of K in variant e (default 2)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--pause-s", type=float, default=1.0, help="pause after releasing K, between runs (default 1)")
+    ap.add_argument("--headroom-gib", type=float, default=4.0, help="device memory left free (default 4)")
+    ap.add_argument("--out", default=None, help="directory for probe_wake_overlap.json")
+    a = ap.parse_args(argv)
+    bad = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+           if k in ("copy_gib", "kv_gib", "piece_mib", "event_every_mib", "split_gib", "reps") and not v > 0]
+    bad += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in ("pause_s", "headroom_gib") and v < 0]
+    if bad:
+        ap.error(f"sizes and --reps must be > 0, --pause-s and --headroom-gib >= 0; got {', '.join(bad)}")
+    return a
+
+
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from cuvmm import Driver
+
+    torch.zeros(1, device="cuda")  # the primary context is current from here on
+    drv = Driver(0)
+    free, total = drv.mem_info()
+    copy_bytes, k_bytes, note = plan_sizes(a.copy_gib, a.kv_gib, a.headroom_gib, free)
+    if note:
+        say(note)
+    host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
+    host.fill_(7)  # every page touched before any copy is timed
+    probe = Probe(drv, host.data_ptr(), copy_bytes, a.piece_mib * MiB, a.event_every_mib * MiB, k_bytes,
+                  int(a.split_gib * GiB))
+    res: dict[str, Any] = {"probe": "wake_overlap", "copy_bytes": copy_bytes, "k_bytes": probe.k_bytes,
+                           "piece_bytes": a.piece_mib * MiB, "split_bytes": int(a.split_gib * GiB), "reps": a.reps,
+                           "pause_s": a.pause_s, "note": note, "device_free_bytes": free, "device_total_bytes": total,
+                           "env": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                                   "device": torch.cuda.get_device_name(0)}}
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    try:
+        for warm in ("a", "b"):  # unmeasured: first copies into the destination, first creation of K
+            probe.run(warm)
+            probe.release_k()
+        time.sleep(a.pause_s)
+        for rep in range(a.reps):
+            for v in VARIANTS:
+                r = probe.run(v)
+                probe.release_k()
+                runs[v].append(r)
+                say(f"round {rep + 1} {v}: {r['total_s']:.3f} s")
+                time.sleep(a.pause_s)
+    finally:
+        probe.close()
+    res["runs"] = runs
+    res["summary"] = summarize(runs)
+    res["diagnosis"] = diagnose(res["summary"])
+    return res
+
+
+def save(res: dict[str, Any], out_dir: Optional[str]) -> Optional[str]:
+    if not out_dir:
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "probe_wake_overlap.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    try:
+        import torch
+    except ImportError as e:
+        say(f"PyTorch is not importable ({e})")
+        return 2
+    if not torch.cuda.is_available():
+        say("no CUDA device: this probe times driver calls (its arithmetic is tested on the CPU by "
+            "tests/test_probe_wake_overlap_cpu.py)")
+        return 2
+    res = measure(a)
+    say(table(res))
+    path = save(res, a.out)
+    if path:
+        say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
