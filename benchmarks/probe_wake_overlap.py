@@ -74,13 +74,13 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"total_s": run["total_s"], "driver_s": sum(c[2] - c[1] for c in calls),
                            "driver_by_call_s": {n: sum(c[2] - c[1] for c in calls if c[0] == n) for n in CALLS},
                            "driver_end_s": max((c[2] for c in calls), default=None),
-                           "copy_done_s": None, "copy_gbps": None, "enqueue_s": None, "copy_gbps_during_driver": None}
+                           "copy_done_s": None, "copy_s": None, "copy_gbps": None, "enqueue_s": None, "copy_gbps_during_driver": None}
     ends = run.get("copy_ends_s")
     if not ends:
         return out
     start, sizes = run["copy_start_s"], run["copy_sizes"]
     rel = [e - start for e in ends]
-    out.update(copy_done_s=ends[-1], copy_gbps=sum(sizes) / rel[-1] / 1e9, enqueue_s=run["enqueue_s"])
+    out.update(copy_done_s=ends[-1], copy_s=rel[-1], copy_gbps=sum(sizes) / rel[-1] / 1e9, enqueue_s=run["enqueue_s"])
     if calls:  # the copy rate between the first call's start and the last call's end, while copies still ran
         w0 = max(min(c[1] for c in calls), start)
         w1 = min(max(c[2] for c in calls), ends[-1])
@@ -154,6 +154,14 @@ def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> l
                       f"alone; {', '.join(slow) or 'spread over all'}): they wait for the copies")
     lines.append("cause: " + ("; ".join(causes) if causes else "none of the signs (enqueue, copy rate, call times) "
                                                                "stands out: read the per-run times in the JSON"))
+    d = v.get("d")
+    if d is not None:  # d's copies run beside map + access only: do they still lose time?
+        if d["copy_s"] <= tolerance * a["copy_s"] < c["copy_s"]:
+            lines.append(f"with K created before the copies, they take {d['copy_s']:.3f} s (alone {a['copy_s']:.3f} s): "
+                         f"cuMemCreate is what collides, map + access do not")
+        elif d["copy_s"] > tolerance * a["copy_s"]:
+            lines.append(f"with K created before the copies, they still take {d['copy_s']:.3f} s (alone "
+                         f"{a['copy_s']:.3f} s): map / access collide too")
     fixed = [k for k in ("d", "e", "f") if k in v and v[k]["x_ideal"] <= tolerance]
     for k in fixed:
         lines.append(f"{k} overlaps ({v[k]['x_ideal']:.2f} x): fix: {FIXES[k]}")
@@ -167,7 +175,8 @@ def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> l
 
 
 def _f(x: Optional[float], fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
+    """x in fmt ("9.3f"), or "-" at the same width."""
+    return f"{'-':>{fmt.split('.')[0]}}" if x is None else format(x, fmt)
 
 
 def table(res: dict[str, Any]) -> str:
@@ -175,12 +184,12 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"-- wake overlap: {res['copy_bytes'] / GiB:.2f} GiB host-to-device in {res['piece_bytes'] // MiB} MiB "
              f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e), median of "
              f"{res['reps']} (seconds from the variant's first call)",
-             f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'driver s':>9} {'create/map/access s':>20} "
+             f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'copies s':>8} {'driver s':>9} {'create/map/access s':>20} "
              f"{'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
     for k, row in s["variants"].items():
         by = row["driver_by_call_s"]
         calls = "/".join(f"{by[n]:.3f}" for n in CALLS) if row["driver_s"] else "-"
-        lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} "
+        lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} {_f(row['copy_s'], '8.3f')} "
                      f"{row['driver_s']:9.3f} {calls:>20} {_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
                      f"{_f(row['copy_gbps_during_driver'], '12.1f')} {row['x_ideal']:10.2f}")
     v = s["variants"]

@@ -1,0 +1,172 @@
+"""Issue 17 item 1's wake-overlap probe, on the CPU: its figures, medians, diagnosis and table from made-up
+runs (the driver calls themselves need a GPU: benchmarks/probe_wake_overlap.py on one)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import probe_wake_overlap as probe  # noqa: E402
+
+GB = int(1e9)
+SIZES = [4 * GB] * 4  # 16 GB copied, one event per 4 GB
+
+
+def run(total, calls=(), copy=None):
+    """copy: (start_s, enqueue_s, [end_s of each 4 GB])."""
+    r = {"total_s": total, "calls": [list(c) for c in calls]}
+    if copy:
+        r.update(copy_start_s=copy[0], enqueue_s=copy[1], copy_ends_s=list(copy[2]), copy_sizes=SIZES)
+    return r
+
+
+COPIES_ALONE = run(0.30, copy=(0.0, 0.01, [0.075, 0.15, 0.225, 0.30]))  # 53.3 GB/s
+K_ALONE = run(0.25, calls=[("create", 0.0, 0.20), ("map", 0.20, 0.24), ("access", 0.24, 0.25)])
+# The core's order where the copies crawl while cuMemCreate runs and catch up after it.
+CORE_SERIALIZED = run(0.45, calls=[("create", 0.01, 0.21), ("map", 0.21, 0.25), ("access", 0.25, 0.26)],
+                      copy=(0.0, 0.01, [0.10, 0.20, 0.35, 0.45]))
+# K created first (0.01 s), the copies at full speed beside map + access.
+CREATED_FIRST = run(0.31, calls=[("create", 0.0, 0.01), ("map", 0.02, 0.22), ("access", 0.22, 0.24)],
+                    copy=(0.01, 0.01, [0.085, 0.16, 0.235, 0.31]))
+SPLIT_SERIALIZED = run(0.52, calls=[("create", 0.01, 0.23), ("map", 0.23, 0.27), ("access", 0.27, 0.29)],
+                       copy=(0.0, 0.01, [0.12, 0.24, 0.40, 0.52]))
+THREAD_SERIALIZED = run(0.48, calls=[("create", 0.0, 0.22), ("map", 0.22, 0.26), ("access", 0.26, 0.27)],
+                        copy=(0.0, 0.01, [0.11, 0.22, 0.37, 0.48]))
+
+
+def scenario(**override):
+    runs = {"a": COPIES_ALONE, "b": K_ALONE, "c": CORE_SERIALIZED, "d": CREATED_FIRST, "e": SPLIT_SERIALIZED,
+            "f": THREAD_SERIALIZED}
+    runs.update(override)
+    return {k: [v] * 3 for k, v in runs.items()}
+
+
+def test_figures_of_a_run_with_copies_and_calls():
+    f = probe.run_figures(CORE_SERIALIZED)
+    assert f["total_s"] == 0.45 and f["copy_done_s"] == 0.45 and f["copy_s"] == 0.45
+    assert f["copy_gbps"] == pytest.approx(16 / 0.45)
+    assert f["driver_s"] == pytest.approx(0.25)
+    assert f["driver_by_call_s"] == pytest.approx({"create": 0.20, "map": 0.04, "access": 0.01})
+    assert f["driver_end_s"] == 0.26
+    # calls from 0.01 to 0.26 s: 0.4 GB done by 0.01, 9.6 GB by 0.26 -> 9.2 GB in 0.25 s
+    assert f["copy_gbps_during_driver"] == pytest.approx(9.2 / 0.25)
+
+
+def test_figures_of_the_calls_alone_and_the_copies_alone_leave_the_other_side_empty():
+    b = probe.run_figures(K_ALONE)
+    assert b["copy_done_s"] is None and b["copy_gbps"] is None and b["copy_gbps_during_driver"] is None
+    assert b["driver_s"] == pytest.approx(0.25)
+    a = probe.run_figures(COPIES_ALONE)
+    assert a["driver_s"] == 0 and a["driver_end_s"] is None and a["copy_gbps_during_driver"] is None
+    assert a["copy_gbps"] == pytest.approx(16 / 0.30)
+
+
+def test_copy_times_count_from_the_start_event_not_the_run_start():
+    f = probe.run_figures(CREATED_FIRST)  # copies enqueued 0.01 s in, after K's create
+    assert f["copy_done_s"] == 0.31 and f["copy_s"] == pytest.approx(0.30)
+
+
+@pytest.mark.parametrize("call", [("unmap", 0.0, 1.0), ("map", 0.5, 0.4), ("map", 0.1)])
+def test_a_malformed_call_record_is_named(call):
+    with pytest.raises(ValueError, match="a call must be"):
+        probe.run_figures(run(1.0, calls=[call]))
+
+
+def test_summary_takes_medians_and_compares_with_the_fully_overlapped_wake():
+    runs = scenario()
+    runs["c"] = [CORE_SERIALIZED, run(0.60, calls=CORE_SERIALIZED["calls"], copy=(0.0, 0.01, [0.1, 0.2, 0.35, 0.6])),
+                 run(0.40, calls=CORE_SERIALIZED["calls"], copy=(0.0, 0.01, [0.1, 0.2, 0.3, 0.4]))]
+    s = probe.summarize(runs)
+    assert s["ideal_s"] == 0.30 and s["serial_s"] == pytest.approx(0.55)
+    c = s["variants"]["c"]
+    assert c["total_s"] == 0.45 and c["total_all_s"] == [0.45, 0.60, 0.40]
+    assert c["x_ideal"] == pytest.approx(1.5)
+    assert s["variants"]["b"]["x_ideal"] == pytest.approx(0.25 / 0.30)
+    assert list(s["variants"]) == list(probe.VARIANTS)
+
+
+def test_summary_needs_both_references_and_known_variants():
+    with pytest.raises(ValueError, match=r"\['b'\] have no runs"):
+        probe.summarize({"a": [COPIES_ALONE], "c": [CORE_SERIALIZED]})
+    with pytest.raises(ValueError, match=r"unknown variants \['z'\]"):
+        probe.summarize({**scenario(), "z": [COPIES_ALONE]})
+
+
+def test_diagnosis_when_create_collides_and_creating_first_fixes_it():
+    lines = probe.diagnose(probe.summarize(scenario()))
+    text = "\n".join(lines)
+    assert "c (the core's order) takes 1.50 x" in text
+    assert "the copies slow down while the driver calls run (36.8 GB/s vs 53.3 alone)" in text
+    assert "copy enqueue blocks" not in text and "take longer beside the copies" not in text
+    assert "cuMemCreate is what collides" in text
+    assert any(line.startswith("d overlaps (1.03 x): fix: create the handles") for line in lines)
+    assert not any(line.startswith(("e overlaps", "f overlaps")) for line in lines)
+
+
+def test_diagnosis_names_a_blocking_enqueue_and_slow_calls():
+    blocked = run(0.55, calls=[("create", 0.25, 0.45), ("map", 0.45, 0.50), ("access", 0.50, 0.52)],
+                  copy=(0.0, 0.25, [0.075, 0.15, 0.225, 0.55]))
+    text = "\n".join(probe.diagnose(probe.summarize(scenario(c=blocked))))
+    assert "the copy enqueue blocks (0.250 s vs 0.010 s alone)" in text
+    assert "the driver calls take longer beside the copies (0.270 s vs 0.250 s alone" not in text  # within 1.2 x
+    slow = run(0.50, calls=[("create", 0.0, 0.01), ("map", 0.01, 0.45), ("access", 0.45, 0.50)],
+               copy=(0.0, 0.01, [0.075, 0.15, 0.225, 0.30]))
+    text = "\n".join(probe.diagnose(probe.summarize(scenario(c=slow))))
+    assert "the driver calls take longer beside the copies (0.500 s vs 0.250 s alone; map, access)" in text
+
+
+def test_diagnosis_when_nothing_overlaps_names_the_best_order():
+    late = run(0.50, calls=[("create", 0.0, 0.20), ("map", 0.21, 0.25), ("access", 0.25, 0.26)],
+               copy=(0.20, 0.01, [0.275, 0.35, 0.425, 0.50]))
+    lines = probe.diagnose(probe.summarize(scenario(d=late)))
+    assert "map / access collide too" not in "\n".join(lines)  # d's copies ran at full speed
+    assert lines[-1].startswith("no variant overlaps within 1.05 x: the best is c (1.50 x, 0.450 s)")
+
+
+def test_diagnosis_when_the_core_order_already_overlaps():
+    fine = run(0.31, calls=K_ALONE["calls"], copy=(0.0, 0.01, [0.08, 0.16, 0.235, 0.31]))
+    lines = probe.diagnose(probe.summarize(scenario(c=fine)))
+    assert lines[-1].startswith("c (the core's order) overlaps here (1.03 x)")
+
+
+def test_table_and_json_of_a_result():
+    summary = probe.summarize(scenario())
+    res = {"copy_bytes": 16 << 30, "k_bytes": 96 << 30, "piece_bytes": 64 << 20, "split_bytes": 2 << 30, "reps": 3,
+           "summary": summary, "diagnosis": probe.diagnose(summary)}
+    out = probe.table(res)
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:2] in {f"{k} " for k in probe.VARIANTS}}
+    assert set(rows) == set(probe.VARIANTS)
+    assert rows["b"].split()[-9:] == ["0.250", "-", "-", "0.250", "0.200/0.040/0.010", "-", "-", "-", "0.83"]
+    assert len({len(rows[k]) for k in rows}) == 1  # the columns line up, "-" included
+    assert rows["c"].split()[-1] == "1.50" and "0.200/0.040/0.010" in rows["c"]
+    assert "WAKE-OVERLAP 16 GiB + K 96 GiB: copies alone 0.300 s (53.3 GB/s), K alone 0.250 s, core order (c) 1.50 x" \
+        in out
+    assert "best d 1.03 x" in out
+    assert "diagnosis: d overlaps" in out
+    json.loads(json.dumps(res))
+
+
+def test_sizes_cap_k_at_free_memory_and_refuse_when_nothing_is_left():
+    GiB = 1 << 30
+    assert probe.plan_sizes(16, 96, 4, 140 * GiB) == (16 * GiB, 96 * GiB, "")
+    copy, k, note = probe.plan_sizes(16, 96, 4, 100 * GiB)
+    assert k == 80 * GiB and "K capped from 96 to 80.00 GiB" in note
+    with pytest.raises(ValueError, match="no room for K: 18.00 GiB free"):
+        probe.plan_sizes(16, 96, 4, 18 * GiB)
+
+
+def test_bad_options_are_named(capsys):
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--copy-gib", "0", "--pause-s", "-1"])
+    err = capsys.readouterr().err
+    assert "--copy-gib=0.0" in err and "--pause-s=-1.0" in err
+
+
+def test_without_a_gpu_the_probe_says_so_and_exits_2(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: main() would run the probe")
+    assert probe.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
