@@ -49,7 +49,9 @@ class Driver:
         u64, size = ctypes.c_ulonglong, ctypes.c_size_t
         self.cu.cuMemcpyHtoDAsync_v2.argtypes = [u64, ctypes.c_void_p, size, ctypes.c_void_p]
         self.cu.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.cu.cuEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
+        # CUDA 12.8 added a _v2 (the same call for timing events); older drivers have only the first
+        self._elapsed = getattr(self.cu, "cuEventElapsedTime_v2", None) or self.cu.cuEventElapsedTime
+        self._elapsed.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
         self.cu.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
         self.cu.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
 
@@ -130,7 +132,7 @@ class Driver:
 
     def elapsed_s(self, start: ctypes.c_void_p, end: ctypes.c_void_p) -> float:
         ms = ctypes.c_float()
-        self.check(self.cu.cuEventElapsedTime(ctypes.byref(ms), start, end), "cuEventElapsedTime")
+        self.check(self._elapsed(ctypes.byref(ms), start, end), "cuEventElapsedTime")
         return ms.value / 1e3
 
     def copy_h2d(self, dst: int, src: int, size: int, stream: ctypes.c_void_p) -> None:

@@ -264,16 +264,23 @@ class Probe:
         info["copy_sizes"] = [sum(g) for g in self.groups]
         return info
 
-    def _create_k(self, calls: list, t0: float, split: bool) -> None:
-        for size in (self.k_split if split else [self.k_bytes]):
-            self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, size))
+    def _create_k(self, calls: list, t0: float) -> None:
+        self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, self.k_bytes))
 
-    def _map_k(self, calls: list, t0: float, split: bool) -> None:
+    def _map_k(self, calls: list, t0: float) -> None:
+        self._map_one(calls, t0, self.k_base, self.k_bytes, self.k_handles[-1])
+
+    def _map_one(self, calls: list, t0: float, at: int, size: int, handle: int) -> None:
+        self._timed(calls, t0, "map", self.drv.map, at, size, handle)
+        self.k_maps.append((at, size))
+        self._timed(calls, t0, "access", self.drv.set_access, at, size)
+
+    def _create_map_k_split(self, calls: list, t0: float) -> None:
+        """K in smaller handles, each created, mapped and given access in turn (as the core maps run by run)."""
         at = self.k_base
-        for size, h in zip(self.k_split if split else [self.k_bytes], self.k_handles):
-            self._timed(calls, t0, "map", self.drv.map, at, size, h)
-            self.k_maps.append((at, size))
-            self._timed(calls, t0, "access", self.drv.set_access, at, size)
+        for size in self.k_split:
+            self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, size))
+            self._map_one(calls, t0, at, size, self.k_handles[-1])
             at += size
 
     def release_k(self) -> None:
@@ -291,17 +298,21 @@ class Probe:
         if variant == "a":
             info = self._copies_done(self._enqueue(t0))
         elif variant == "b":
-            self._create_k(calls, t0, split=False)
-            self._map_k(calls, t0, split=False)
-        elif variant in ("c", "e"):
+            self._create_k(calls, t0)
+            self._map_k(calls, t0)
+        elif variant == "c":
             info = self._enqueue(t0)
-            self._create_k(calls, t0, split=variant == "e")
-            self._map_k(calls, t0, split=variant == "e")
+            self._create_k(calls, t0)
+            self._map_k(calls, t0)
             info = self._copies_done(info)
         elif variant == "d":
-            self._create_k(calls, t0, split=False)
+            self._create_k(calls, t0)
             info = self._enqueue(t0)
-            self._map_k(calls, t0, split=False)
+            self._map_k(calls, t0)
+            info = self._copies_done(info)
+        elif variant == "e":
+            info = self._enqueue(t0)
+            self._create_map_k_split(calls, t0)
             info = self._copies_done(info)
         elif variant == "f":
             info = self._run_two_threads(calls)
@@ -319,15 +330,20 @@ class Probe:
             try:
                 self.drv.set_current(ctx)
                 barrier.wait()
-                self._create_k(calls, box["t0"], split=False)
-                self._map_k(calls, box["t0"], split=False)
+                self._create_k(calls, box["t0"])
+                self._map_k(calls, box["t0"])
             except BaseException as e:  # noqa: BLE001 (re-raised on the main thread)
                 box["error"] = e
+                barrier.abort()  # a failure before the start must not leave the main thread waiting
 
         worker = threading.Thread(target=driver_thread, name="probe-k-calls")
         worker.start()
         box["t0"] = time.perf_counter()
-        barrier.wait()
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            worker.join()
+            raise RuntimeError(f"variant f: the second thread failed before the start: {box.get('error')}") from None
         info = self._enqueue(box["t0"])
         info = self._copies_done(info)
         worker.join()

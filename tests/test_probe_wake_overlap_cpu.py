@@ -170,3 +170,166 @@ def test_without_a_gpu_the_probe_says_so_and_exits_2(capsys):
         pytest.skip("a GPU is present: main() would run the probe")
     assert probe.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+# ---- the variants' orchestration, against a stand-in for the driver ------------------------------------------
+
+
+class FakeDriver:
+    """Records every call and checks the VMM bookkeeping a real driver would refuse; the copy stream
+    "runs" at 50 GB/s from its start event (elapsed times come from the bytes enqueued before each event)."""
+
+    GRAN = 2 << 20
+
+    def __init__(self):
+        self.log, self.handles, self.mapped, self.reserved = [], {}, {}, {}
+        self.bytes_enqueued, self.event_bytes, self.next = 0, {}, 1
+        self.threads = set()
+
+    def _note(self, name, *args):
+        import threading
+        self.log.append((name, threading.current_thread().name) + args)
+
+    def stream(self):
+        return "stream"
+
+    def granularity(self):
+        return self.GRAN
+
+    def reserve(self, size):
+        base = self.next << 44
+        self.next += 1
+        self.reserved[base] = size
+        return base
+
+    def address_free(self, base, size):
+        assert self.reserved.pop(base) == size
+        assert not any(base <= a < base + size for a in self.mapped), "address freed while mapped"
+
+    def create(self, size):
+        assert size % self.GRAN == 0
+        h = self.next
+        self.next += 1
+        self.handles[h] = size
+        self._note("create", size)
+        return h
+
+    def map(self, ptr, size, h):
+        assert self.handles[h] == size and ptr not in self.mapped
+        self.mapped[ptr] = size
+        self._note("map", size)
+
+    def set_access(self, ptr, size):
+        assert self.mapped[ptr] == size
+        self._note("access", size)
+
+    def unmap(self, ptr, size):
+        assert self.mapped.pop(ptr) == size
+
+    def release(self, h):
+        del self.handles[h]
+
+    def event(self):
+        self.next += 1
+        return self.next
+
+    def record(self, event, stream):
+        self.event_bytes[event] = self.bytes_enqueued
+
+    def copy_h2d(self, dst, src, size, stream):
+        assert any(b <= dst and dst + size <= b + s for b, s in self.mapped.items()), "copy into unmapped memory"
+        self.bytes_enqueued += size
+        self._note("copy", size)
+
+    def sync(self, stream):
+        pass
+
+    def elapsed_s(self, start, end):
+        return (self.event_bytes[end] - self.event_bytes[start]) / 50e9
+
+    def current_context(self):
+        return "ctx"
+
+    def set_current(self, ctx):
+        assert ctx == "ctx"
+
+
+MiB = 1 << 20
+
+
+def make_probe():
+    drv = FakeDriver()
+    p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB, piece_bytes=64 * MiB, event_every=128 * MiB,
+                    k_bytes=1000 * MiB + 5, split_bytes=384 * MiB)
+    return drv, p
+
+
+@pytest.mark.parametrize("variant,k_calls", [
+    ("b", ["create", "map", "access"]),
+    ("c", ["create", "map", "access"]),
+    ("d", ["create", "map", "access"]),
+    ("e", ["create", "map", "access"] * 3),
+    ("f", ["create", "map", "access"]),
+])
+def test_each_variant_makes_its_calls_in_its_order_and_leaves_nothing_of_k(variant, k_calls):
+    drv, p = make_probe()
+    assert p.k_bytes == 1000 * MiB and p.k_split == [384 * MiB, 384 * MiB, 232 * MiB]
+    drv.log.clear()
+    r = p.run(variant)
+    names = [e[0] for e in drv.log]
+    assert [n for n in names if n != "copy"] == k_calls
+    assert [c[0] for c in r["calls"]] == k_calls
+    if variant == "b":
+        assert "copy" not in names and "copy_ends_s" not in r
+    else:
+        assert names.count("copy") == 4
+        assert r["copy_sizes"] == [128 * MiB, 128 * MiB] and len(r["copy_ends_s"]) == 2
+        assert r["copy_ends_s"][-1] == pytest.approx(r["copy_start_s"] + 256 * MiB / 50e9)
+    if variant == "c":
+        assert names.index("create") > max(i for i, n in enumerate(names) if n == "copy")  # copies enqueued first
+    if variant == "d":
+        assert names[0] == "create" and names[-1] == "access" and names[1:5] == ["copy"] * 4
+    if variant == "f":
+        assert {e[1] for e in drv.log if e[0] != "copy"} == {"probe-k-calls"}
+        assert {e[1] for e in drv.log if e[0] == "copy"} == {"MainThread"}
+    assert r["total_s"] >= max(c[2] for c in r["calls"])  # the second thread's calls too
+    p.release_k()
+    assert set(drv.handles) == {p.dst_handle} and list(drv.mapped) == [p.dst[0]]
+    p.close()
+    assert not drv.handles and not drv.mapped and not drv.reserved
+
+
+def test_copies_alone_and_a_second_thread_failure_is_reported_and_cleaned_up():
+    drv, p = make_probe()
+    r = p.run("a")
+    assert r["calls"] == [] and len(r["copy_ends_s"]) == 2
+    figs = probe.run_figures(r)
+    assert figs["copy_gbps"] == pytest.approx(256 * MiB / (256 * MiB / 50e9) / 1e9)
+
+    def refuse(size):
+        raise RuntimeError("cuMemCreate failed: CUresult 2 (CUDA_ERROR_OUT_OF_MEMORY)")
+
+    drv.create = refuse
+    with pytest.raises(RuntimeError, match="variant f: the second thread's driver calls failed: cuMemCreate failed"):
+        p.run("f")
+    p.close()
+    assert not drv.mapped and not drv.reserved
+
+
+def test_unknown_variant_is_named():
+    _, p = make_probe()
+    with pytest.raises(ValueError, match="unknown variant 'z'"):
+        p.run("z")
+
+
+def test_a_second_thread_that_fails_before_the_start_does_not_hang_the_probe():
+    drv, p = make_probe()
+
+    def no_context(ctx):
+        raise RuntimeError("cuCtxSetCurrent failed: CUresult 201 (CUDA_ERROR_INVALID_CONTEXT)")
+
+    drv.set_current = no_context
+    with pytest.raises(RuntimeError, match="failed before the start: cuCtxSetCurrent failed"):
+        p.run("f")
+    assert "copy" not in [e[0] for e in drv.log]
+    p.close()
