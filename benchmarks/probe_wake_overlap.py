@@ -19,9 +19,11 @@ default 96, capped at free memory - B - --headroom-gib) are created, mapped and 
 Each variant --reps times (rounds a..f interleaved, K released and a --pause-s pause between runs), after one
 unmeasured a and b; medians. Times are seconds from the variant's first call; the copies' completion comes
 from their events (their origin is the host time of the start event's record, on an idle stream). The table
-shows each variant's total, when the copies were done, the driver calls' seconds, the copy rate while those
-calls ran, and total / max(a, b): the wake if the two overlapped fully. A WAKE-OVERLAP summary line and the
-diagnosis (which collision, which fix) follow; JSON to --out (probe_wake_overlap.json).
+shows each variant's total, when the copies were done and how long they took from their enqueue, when the
+last driver call returned (each call's start and end are in the JSON), the driver calls' seconds by call, the
+enqueue's seconds, the copy rate alone and while the calls ran, and total / max(a, b) (max(a, b): the wake if
+the two overlapped fully). A WAKE-OVERLAP summary line and the diagnosis (which collision, which fix) follow;
+JSON to --out (probe_wake_overlap.json).
 
 There is no CPU dry run of driver calls: the arithmetic, table and diagnosis are pure functions over the
 recorded runs, tested on made-up timings in tests/test_probe_wake_overlap_cpu.py.
@@ -74,7 +76,8 @@ def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"total_s": run["total_s"], "driver_s": sum(c[2] - c[1] for c in calls),
                            "driver_by_call_s": {n: sum(c[2] - c[1] for c in calls if c[0] == n) for n in CALLS},
                            "driver_end_s": max((c[2] for c in calls), default=None),
-                           "copy_done_s": None, "copy_s": None, "copy_gbps": None, "enqueue_s": None, "copy_gbps_during_driver": None}
+                           "copy_done_s": None, "copy_s": None, "copy_gbps": None, "enqueue_s": None,
+                           "copy_gbps_during_driver": None}
     ends = run.get("copy_ends_s")
     if not ends:
         return out
@@ -184,13 +187,13 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"-- wake overlap: {res['copy_bytes'] / GiB:.2f} GiB host-to-device in {res['piece_bytes'] // MiB} MiB "
              f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e), median of "
              f"{res['reps']} (seconds from the variant's first call)",
-             f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'copies s':>8} {'driver s':>9} {'create/map/access s':>20} "
-             f"{'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
+             f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'copies s':>8} {'calls-done s':>12} {'driver s':>9} "
+             f"{'create/map/access s':>20} {'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
     for k, row in s["variants"].items():
         by = row["driver_by_call_s"]
         calls = "/".join(f"{by[n]:.3f}" for n in CALLS) if row["driver_s"] else "-"
-        lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} {_f(row['copy_s'], '8.3f')} "
-                     f"{row['driver_s']:9.3f} {calls:>20} {_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
+        lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} "
+                     f"{_f(row['copy_s'], '8.3f')} {_f(row['driver_end_s'], '12.3f')} {row['driver_s']:9.3f} {calls:>20} {_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
                      f"{_f(row['copy_gbps_during_driver'], '12.1f')} {row['x_ideal']:10.2f}")
     v = s["variants"]
     best = min((k for k in ("c", "d", "e", "f") if k in v), key=lambda k: v[k]["total_s"], default=None)

@@ -138,9 +138,10 @@ def test_table_and_json_of_a_result():
     out = probe.table(res)
     rows = {line.split()[0]: line for line in out.splitlines() if line[:2] in {f"{k} " for k in probe.VARIANTS}}
     assert set(rows) == set(probe.VARIANTS)
-    assert rows["b"].split()[-9:] == ["0.250", "-", "-", "0.250", "0.200/0.040/0.010", "-", "-", "-", "0.83"]
+    assert rows["b"].split()[-10:] == ["0.250", "-", "-", "0.250", "0.250", "0.200/0.040/0.010", "-", "-", "-", "0.83"]
     assert len({len(rows[k]) for k in rows}) == 1  # the columns line up, "-" included
     assert rows["c"].split()[-1] == "1.50" and "0.200/0.040/0.010" in rows["c"]
+    assert rows["c"].split()[-10:-6] == ["0.450", "0.450", "0.450", "0.260"]  # total, copies done, their time, calls done
     assert "WAKE-OVERLAP 16 GiB + K 96 GiB: copies alone 0.300 s (53.3 GB/s), K alone 0.250 s, core order (c) 1.50 x" \
         in out
     assert "best d 1.03 x" in out
