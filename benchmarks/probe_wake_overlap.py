@@ -193,7 +193,8 @@ def table(res: dict[str, Any]) -> str:
         by = row["driver_by_call_s"]
         calls = "/".join(f"{by[n]:.3f}" for n in CALLS) if row["driver_s"] else "-"
         lines.append(f"{k + ' ' + VARIANTS[k]:40} {row['total_s']:8.3f} {_f(row['copy_done_s'], '11.3f')} "
-                     f"{_f(row['copy_s'], '8.3f')} {_f(row['driver_end_s'], '12.3f')} {row['driver_s']:9.3f} {calls:>20} {_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
+                     f"{_f(row['copy_s'], '8.3f')} {_f(row['driver_end_s'], '12.3f')} {row['driver_s']:9.3f} {calls:>20} "
+                     f"{_f(row['enqueue_s'], '9.3f')} {_f(row['copy_gbps'], '9.1f')} "
                      f"{_f(row['copy_gbps_during_driver'], '12.1f')} {row['x_ideal']:10.2f}")
     v = s["variants"]
     best = min((k for k in ("c", "d", "e", "f") if k in v), key=lambda k: v[k]["total_s"], default=None)
