@@ -235,9 +235,7 @@ Allocator::SleepPlan Allocator::plan_sleep(const std::vector<std::string>& offlo
     plan.steps.push_back(std::move(step));
   }
   // Past the host memory limit, the rest goes to disk when a directory is set (Note [Disk tier]).
-  plan.host_bytes = plan.backup_bytes;
-  if (!options_.disk.dir.empty())
-    plan.host_bytes = std::min(plan.backup_bytes, host_.room(options_) / kDiskAlign * kDiskAlign);
+  plan.host_bytes = std::min(plan.backup_bytes, host_.room(options_));
   plan.segments = by_segment(plan.steps.size(), [&](size_t i) -> const Allocation& { return *plan.steps[i].row; });
   for (const SegmentRows& g : plan.segments) {
     uint64_t end = 0;
@@ -567,14 +565,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     undo();
     throw;
   }
-  for (const auto& [device, u] : unpack) {
-    const CompressTotals& t = u->totals();
-    stats.compress.plain_bytes += t.plain_bytes;
-    stats.compress.stored_bytes += t.stored_bytes;
-    stats.compress.pieces_packed += t.pieces_packed;
-    stats.compress.pieces_plain += t.pieces_plain;
-    stats.compress.staging_bytes += t.staging_bytes;
-  }
+  for (const auto& [device, u] : unpack) stats.compress += u->totals();
 
   for (Allocation* a : rows) {
     a->state = State::Mapped;

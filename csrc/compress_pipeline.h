@@ -71,6 +71,15 @@ struct CompressTotals {
   uint64_t pieces_packed = 0;
   uint64_t pieces_plain = 0;
   uint64_t staging_bytes = 0;  // device memory the operation used for staging
+
+  CompressTotals& operator+=(const CompressTotals& o) {
+    plain_bytes += o.plain_bytes;
+    stored_bytes += o.stored_bytes;
+    pieces_packed += o.pieces_packed;
+    pieces_plain += o.pieces_plain;
+    staging_bytes += o.staging_bytes;
+    return *this;
+  }
 };
 
 // The codec of an allocator's backend, kept once loaded; `why` says why there is none (yet).

@@ -177,11 +177,11 @@ void HostCache::recycle(const AllocatorOptions& options) {
 
 uint64_t HostCache::room(const AllocatorOptions& options) const {
   const uint64_t limit = options.host_memory_limit;
-  if (limit == 0) return UINT64_MAX;
+  if (limit == 0 || options.disk.dir.empty()) return UINT64_MAX;
   uint64_t in_use = 0;
   for (const auto& a : arenas_)
     if (!idle(a)) in_use += a->capacity();
-  return limit > in_use ? limit - in_use : 0;
+  return limit > in_use ? (limit - in_use) / kDiskAlign * kDiskAlign : 0;
 }
 
 uint64_t HostCache::held_bytes() const {
@@ -235,7 +235,7 @@ void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const Stagin
 void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
                         std::unique_lock<std::mutex>& lock) {
   // With a disk tier, what passes the limit goes to disk: only what stays is prepared (Note [Disk tier]).
-  const uint64_t host_room = options.disk.dir.empty() ? UINT64_MAX : room(options) / 4096 * 4096;
+  const uint64_t host_room = room(options);
   bytes = std::min(bytes, host_room);
   if (bytes == 0) return;
   // vLLM leaves the CUDA-graph pool once per captured graph, each time with a few bytes more: while the

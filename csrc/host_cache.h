@@ -81,8 +81,9 @@ class HostCache {
   // go, and under "reclaimable" the rest are unpinned in the background.
   void recycle(const AllocatorOptions& options);
 
-  // Bytes a backup may still take under options.host_memory_limit (idle arenas count as free: they
-  // are only a cache); the most a uint64_t holds when there is no limit.
+  // Bytes of backups that may still go to host memory: with a disk tier, the room under
+  // options.host_memory_limit in whole disk blocks (idle arenas count as free: they are only a cache;
+  // the rest goes to disk, Note [Disk tier]); the most a uint64_t holds without a disk tier or a limit.
   uint64_t room(const AllocatorOptions& options) const;
   uint64_t held_bytes() const;    // host memory held, cached arenas included
   uint64_t pinned_bytes() const;  // of held_bytes(), what is pinned now

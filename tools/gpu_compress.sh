@@ -13,22 +13,10 @@
 # Read: $OUT/bench_compress.md (table + verdict lines "... MET / NOT MET"), $OUT/tests.log (pytest summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+source tools/gpu_lib.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-status=0
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  timeout "${STEP_TIMEOUT:-300}" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-  [ "$rc" -eq 0 ] || status=1
-}
-{ date -u; git rev-parse --verify -q HEAD || echo "commit: not a git checkout here"; \
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+machine_facts
 if ls .whl/nvidia_*nvcomp_cu13-*.whl >/dev/null 2>&1; then
   step nvcomp_install python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nvcomp-site \
     .whl/nvidia_*nvcomp_cu13-*.whl

@@ -9,23 +9,10 @@
 # (2 passed), $OUT/bench_disk_tier.json, $OUT/probe_disk.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source tools/gpu_lib.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export VSE_DISK_DIR=${VSE_DISK_DIR:-/tmp}
-status=0
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-  [ "$rc" -eq 0 ] || status=1
-}
-{ date -u; git rev-parse --verify -q HEAD || true; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  nproc; free -g; df -hT "$VSE_DISK_DIR"; } > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+machine_facts df -hT "$VSE_DISK_DIR"
 step build make build
 step tests timeout 120 python3 -m pytest -m cuda -v -rs tests/test_disk_tier_cuda.py
 step probe_disk timeout 60 python3 benchmarks/probe_disk.py --gib 4 --dir "$VSE_DISK_DIR" --out "$OUT"

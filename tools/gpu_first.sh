@@ -11,23 +11,11 @@
 # and later; probe_level2.log's "driver floor" line against the 1 s pause row's total (target <= 1.1 x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source tools/gpu_lib.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-status=0
-step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, logs to $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  echo "=== $name: $* ($(date -u +%T))"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -25 "$OUT/$name.log"
-  echo "=== $name: exit $rc"
-  [ "$rc" -eq 0 ] || status=1
-}
-{ date -u; git rev-parse --verify -q HEAD || true; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } \
-  > "$OUT/machine.txt" 2>&1
-step build 240 make PYTHON=python3 build
-step cuda-tests 200 python3 -m pytest -m cuda -q -rs tests --ignore=tests/test_multi_gpu_cuda.py
-step first_sleep 120 python3 benchmarks/first_sleep.py --weights-gib 32 --rates 0 5e8 --after 0 2 10
-step probe_level2 120 python3 benchmarks/probe_level2.py --weights-gib 16 --kv-gib 48 --cycles 4
+machine_facts
+step build timeout 240 make PYTHON=python3 build
+step cuda-tests timeout 200 python3 -m pytest -m cuda -q -rs tests --ignore=tests/test_multi_gpu_cuda.py
+step first_sleep timeout 120 python3 benchmarks/first_sleep.py --weights-gib 32 --rates 0 5e8 --after 0 2 10
+step probe_level2 timeout 120 python3 benchmarks/probe_level2.py --weights-gib 16 --kv-gib 48 --cycles 4
 exit $status

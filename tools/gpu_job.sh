@@ -5,8 +5,7 @@
 # scenarios (tests/vllm_gpu/run.sh). `all` leaves vllm out (it needs the two calls that send vLLM first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source tools/gpu_lib.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # Wheels carried to a machine with no registry (e.g. torch_memory_saver for the peer comparison).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,20 +14,7 @@ fi
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 want() { for s in "${stages[@]}"; do [ "$s" = "$1" ] || [ "$s" = all ] && return 0; done; return 1; }
-status=0
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-  [ "$rc" -eq 0 ] || status=1
-}
-
-{ date -u; git rev-parse --verify -q HEAD || echo "commit: not a git checkout here (RESULTS.md names it)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g; } \
-  > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+machine_facts
 step build make build
 want tests && step tests python3 -m pytest -m cuda -v -rs tests --ignore=tests/test_multi_gpu_cuda.py
 want multi && step multi python3 -m pytest -m cuda -v -rs tests/test_multi_gpu_cuda.py

@@ -21,7 +21,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from vllm_sleep_ext import __version__, _core, alloc_conf, alloc_history, compress as compression, envs, host_tensors, pools, serving
+from vllm_sleep_ext import __version__, _core, alloc_conf, alloc_history, envs, host_tensors, pools, serving
+from vllm_sleep_ext import compress as compression
 from vllm_sleep_ext.preserve import (
     PreserveMode,
     PreserveSet,
