@@ -127,6 +127,49 @@ def test_compare_before_capture_is_an_error(worker) -> None:
         state.compare_state(worker)
 
 
+@pytest.mark.parametrize("mode", ["bytes", "digest"])
+def test_both_modes_find_one_changed_byte_and_its_owner(worker, mode: str) -> None:
+    captured = state.capture_state(worker, mode=mode)
+    assert captured["mode"] == mode and captured["categories"]["lora"]["bytes"] == 64
+    assert state.compare_state(worker)["identical"]
+    worker.get_model().layer.lora_a_stacked[0].view(-1).view(torch.uint8)[5] ^= 1
+    report = state.compare_state(worker)
+    assert report["mode"] == mode and state.state_differs(report) == ["lora"]
+    lora = report["categories"]["lora"]
+    assert lora["differing_tensors"] == 1
+    assert lora["differing_bytes"] == (1 if mode == "bytes" else 32)  # a digest names the tensor, not the bytes
+
+
+def test_digest_sees_one_flipped_bit_anywhere_in_a_tensor_of_many_chunks(monkeypatch) -> None:
+    monkeypatch.setattr(state, "DIGEST_CHUNK", 64)  # 4099 B: 65 chunks, the last one padded
+    t = torch.randint(0, 256, (4099,), dtype=torch.uint8)
+    before = state._digest(t)
+    assert state._digest(t.clone()) == before
+    for i in (0, 63, 64, 2048, 4098):
+        for bit in (0, 7):
+            t[i] ^= 1 << bit
+            assert state._digest(t) != before, (i, bit)
+            t[i] ^= 1 << bit
+    assert state._digest(t) == before
+    swapped = t.clone()
+    swapped[0], swapped[4] = t[4].item(), t[0].item()  # the same words in another order
+    assert t[0] == t[4] or state._digest(swapped) != before
+    assert state._digest(torch.cat([t, t.new_zeros(1)])) != before  # a zero byte appended
+
+
+def test_digest_of_views_at_odd_offsets_and_strided_views() -> None:
+    base = torch.arange(64, dtype=torch.uint8)
+    assert state._digest(base[3:19]) == state._digest(base[3:19].clone())
+    m = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    assert state._digest(m.t()) == state._digest(m.t().contiguous())
+    assert state._digest(m.t()) != state._digest(m)
+
+
+def test_capture_mode_must_be_known(worker) -> None:
+    with pytest.raises(ValueError, match="mode 'hash'"):
+        state.capture_state(worker, mode="hash")
+
+
 # -- features.py's discard flow against vLLM 0.33's in-process engine, as far as that flow goes ----------------
 
 
@@ -187,3 +230,73 @@ def test_discard_flow_leaves_a_multiprocess_engine_to_its_busy_loop(monkeypatch)
     llm.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(), step=None)  # an MP client
     features.run_flow(llm, "discard")
     assert not llm.paused and not llm.sleeping_tags
+
+
+# -- e2e.py's judge: the state across each sleep-wake, outputs reported only ---------------------------------------
+
+
+class FakeEngine:
+    """An LLM with one worker (the fixture's): sleep/wake run `on_wake` on the worker; generate gives
+    `outputs` (tokens, logprobs) for e2e.generate."""
+
+    def __init__(self, worker, on_wake=lambda w: None, logprob: float = -1.0) -> None:
+        self.worker, self.on_wake, self.logprob = worker, on_wake, logprob
+
+    def collective_rpc(self, fn, args=()):
+        return [fn(self.worker, *args)]
+
+    def sleep(self, level: int) -> None:
+        pass
+
+    def wake_up(self, tags=None) -> None:
+        if tags != ["weights"]:
+            self.on_wake(self.worker)
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+def make_run(monkeypatch, worker, engine: FakeEngine, ours: bool):
+    import e2e
+
+    monkeypatch.setattr(e2e, "scribble", lambda tp: 0)
+    monkeypatch.setattr(e2e, "load_params", lambda w: 0)
+    monkeypatch.setattr(e2e, "generate", lambda llm: [([1, 2], [llm.logprob, llm.logprob])])
+    run = object.__new__(e2e.Run)
+    run.args = types.SimpleNamespace(tp=1)
+    run.llm, run.ours, run.failed, run.flows_since_check = engine, ours, False, []
+    run.result = {"checks": {}, "state": {}, "outputs": {}}
+    run.reference = [([1, 2], [-1.0, -1.0])]
+    return run
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_e2e_a_weights_pool_tensor_changed_by_a_sleep_fails_ours_and_is_reported_for_stock(
+        monkeypatch, worker, ours: bool, capsys) -> None:
+    def lose_the_constant(w) -> None:
+        w.get_model().scale.fill_(0)
+
+    run = make_run(monkeypatch, worker, FakeEngine(worker, lose_the_constant), ours)
+    run.level1()
+    assert run.check("level1") is False
+    assert run.result["state"]["level1"]["lost"] == ["other:weights"]
+    assert run.failed is ours
+    assert ("FAIL level1: state DIFFERS in other:weights" if ours else "INFO level1") in capsys.readouterr().out
+
+
+def test_e2e_logprobs_that_move_with_the_state_intact_pass_and_are_reported(monkeypatch, worker, capsys) -> None:
+    run = make_run(monkeypatch, worker, FakeEngine(worker, logprob=-1.001), ours=True)
+    run.level2()
+    assert run.check("level2_rlhf") is True and not run.failed
+    outputs = run.result["outputs"]["level2_rlhf"]
+    assert outputs["tokens_same"] and not outputs["identical"] and outputs["max_logprob_diff"] == pytest.approx(1e-3)
+    assert "PASS level2_rlhf: state identical; tokens identical" in capsys.readouterr().out
+
+
+def test_e2e_a_changed_tensor_outside_the_pools_is_not_the_allocators(monkeypatch, worker) -> None:
+    def touch_input_ids(w) -> None:  # runner scratch, in no sleep-mode pool ("other:none")
+        w.model_runner.input_ids.fill_(3)
+
+    run = make_run(monkeypatch, worker, FakeEngine(worker, touch_input_ids), ours=True)
+    run.level1()
+    assert run.check("level1") is True and run.result["state"]["level1"]["flows"][0]["changed"] == ["other:none"]

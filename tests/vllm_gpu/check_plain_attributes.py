@@ -2,12 +2,13 @@
 
 generate (greedy) -> llm.sleep(level=2) -> the "trainer" overwrites the freed GPU memory ->
 llm.wake_up(["weights"]) -> the trainer sends the parameters (the same ones: copied back into
-named_parameters(), nothing else) -> llm.wake_up(["kv_cache"]) -> generate again, and compare.
+named_parameters(), nothing else) -> llm.wake_up(["kv_cache"]) -> compare the constants byte for byte
+(the verdict), generate again and compare the tokens (reported).
 
     # this allocator (run from the repository root, the built package importable):
-    python3 tests/vllm_gpu/check_plain_attributes.py                 # PASS: outputs identical
+    python3 tests/vllm_gpu/check_plain_attributes.py                 # PASS: constants unchanged
     # stock vLLM, for contrast:
-    VLLM_PLUGINS="" python3 tests/vllm_gpu/check_plain_attributes.py --expect-differ   # PASS: outputs differ
+    VLLM_PLUGINS="" python3 tests/vllm_gpu/check_plain_attributes.py --expect-differ   # PASS: constants changed
 
 Needs vLLM on PYTHONPATH (e.g. /tmp/vsite) and VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 VLLM_NO_USAGE_STATS=1. The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the
@@ -113,7 +114,7 @@ def generate(llm: LLM) -> list[list[int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-differ", action="store_true",
-                        help="PASS when outputs differ after the round trip (stock vLLM)")
+                        help="PASS when the constants changed in the round trip (stock vLLM)")
     args = parser.parse_args()
 
     model_dir = plain_attr_model.write_config(tempfile.mkdtemp(prefix="plain_attr_model_"))
@@ -146,15 +147,17 @@ def main() -> int:
         print(f"after wake:   {after[0]} ...")
     print(f"plain-attribute constants changed: {len(lost)} of {len(consts_before)} {lost[:4]}")
 
+    # The judge is the constants, byte for byte; the outputs are a second signal (vLLM 0.33's logprobs move
+    # between identical calls; greedy tokens mostly do not).
     identical = after == before
-    ok = (not identical) if args.expect_differ else identical
+    ok = bool(lost) if args.expect_differ else not lost
     if not consts_before:
         print("the model built no plain-attribute constants: process_weights_after_loading never ran")
         ok = False
-    want = "differ" if args.expect_differ else "be identical"
-    print(f"{'PASS' if ok else 'FAIL'}: outputs after the level-2 round trip are "
-          f"{'identical' if identical else 'different'} (expected to {want}); "
-          f"{len(lost)} of {len(consts_before)} plain-attribute constants changed", flush=True)
+    want = "change" if args.expect_differ else "stay the same"
+    print(f"{'PASS' if ok else 'FAIL'}: {len(lost)} of {len(consts_before)} plain-attribute constants changed "
+          f"in the level-2 round trip (expected to {want}); outputs after it "
+          f"{'identical' if identical else 'different'}", flush=True)
     return 0 if ok else 1
 
 

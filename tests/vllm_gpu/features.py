@@ -3,7 +3,7 @@ the state compared byte for byte in the worker (state.py) and tokens as a second
 
 One engine per run; ours or stock by vLLM's plugin loader (``VLLM_PLUGINS=vllm_sleep_ext`` / ``""``):
 
-    python tests/vllm_gpu/features.py lora            # also: ngram draft eagle runner-v1 runner-v2 prefix
+    python tests/vllm_gpu/features.py lora            # also: ngram draft eagle runner-v1 runner-v2 prefix moe
     python tests/vllm_gpu/features.py discard         # 0.33: cudagraph-offload preserve-params discard backend
 
 Each flow: capture the state -> sleep -> overwrite the freed GPU memory -> wake (level 2: weights, the
@@ -56,6 +56,7 @@ class Feature:
     draft: Optional[str] = None  # models.py config of the draft model
     spec: Optional[dict] = None  # speculative_config without the model
     lora: bool = False
+    model: Optional[str] = None  # models.py config of the target model, if not --model's
     prompts: tuple = tuple(map(tuple, PROMPTS))
 
 
@@ -74,6 +75,9 @@ FEATURES: dict[str, Feature] = {
                                spec={"method": "draft_model", "num_speculative_tokens": 2},
                                draft="llama-draft-tiny"),
     "discard": Feature(since=(0, 33), flows=("discard",)),
+    # Routed experts through vLLM's fused MoE kernels, torch.compile and CUDA graphs (their constants and
+    # the graph pool, offloaded at level 1 on 0.33).
+    "moe": Feature(model="qwen3moe-tiny", graphs=True),
     "backend": Feature(engine=dict(sleep_mode_backend="vllm_sleep_ext"), since=(0, 33), stock=False),
 }
 
@@ -203,6 +207,8 @@ def main() -> int:
     p.add_argument("--lock", help="a lock file shared by runs on the same GPU at once (see gpu_turn)")
     args = p.parse_args()
     f = FEATURES[args.feature]
+    if f.model:
+        args.model = f.model
     os.environ.update(f.env)
     if not args.mp:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -11,6 +11,8 @@
 #   VLLM_KIT=0.33: vLLM 0.33.0 at /tmp/vsite033 with its carried torch 2.14 (../shared/vllm-gpu-033).
 #   FEATURES="lora ngram ...": the features scenario's list (default: all of tests/vllm_gpu/features.py);
 #   FEATURE_JOBS (default 4): its runs at once on the one GPU (they take turns for GPU work).
+#   WHO="ours" (default "stock ours"): which engines the features and cycles scenarios run (stock's
+#   runs already recorded need not be repeated).
 #   VLLM_SITE: the kit's site dir, if not the default above.
 #   REINSTALL=0 keeps an installed vllm_sleep_ext (default: reinstall from this tree).
 # Output: $OUT/vllm-<kit>.log (everything) and $OUT/vllm-results.jsonl (one RESULT per engine run, each
@@ -95,7 +97,7 @@ features() {  # features.py for each of FEATURES (default: all), stock then ours
   local list=${FEATURES:-$(cd "$REPO/tests/vllm_gpu" && python3 -c "from features import FEATURES; print(*FEATURES)")}
   FEATURE_RUNS=() FEATURE_NEXT=0 FEATURE_T0=$SECONDS
   rm -rf "$FEATURE_TMP" && mkdir -p "$FEATURE_TMP"
-  for f in $list; do for who in stock ours; do FEATURE_RUNS+=("$who $f"); done; done
+  for f in $list; do for who in ${WHO:-stock ours}; do FEATURE_RUNS+=("$who $f"); done; done
   echo "=== features on vLLM $VLLM_VERSION, $jobs at a time: $list ($(date -u +%T))" | tee -a "$LOG"
   for i in "${!FEATURE_RUNS[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; report_finished_features; done
@@ -149,8 +151,7 @@ for s in "${scenarios[@]}"; do
     timing-stock)  # stock vLLM only (ours measured in another call on the same machine)
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85 ;;
     cycles)
-      engine stock cycles --model llama-tiny --cycles 50
-      engine ours cycles --model llama-tiny --cycles 50 ;;
+      for who in ${WHO:-stock ours}; do engine "$who" cycles --model llama-tiny --cycles 50; done ;;
     plain)  # plain-attribute state built after loading (issue 9): stock loses it, ours keeps it
       ENGINE_TIMEOUT=300 run_script stock "$PLAIN" --expect-differ
       ENGINE_TIMEOUT=300 run_script ours "$PLAIN" ;;

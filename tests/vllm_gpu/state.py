@@ -7,6 +7,11 @@ again after a sleep and wake (and the trainer's reload) and reports, per categor
 and bytes differ. Tokens are a second signal only: a tiny random model's greedy outputs can change
 between two identical calls, its state cannot.
 
+Two ways to keep what was captured: ``bytes`` (default) copies each tensor to host and counts the
+differing bytes; ``digest`` keeps a 64-bit digest per tensor computed on the GPU (an 8B model's 16 GB
+would take seconds and 16 GB of host memory per capture as bytes): it tells which tensors changed, not
+by how many bytes. Every word is weighted by an odd factor, so any single changed word changes the digest.
+
 Categories (what owns the tensor), and the pool the tensor lives in (the allocator's tag of the
 allocation holding it, stock or ours):
 - params / draft_params: parameters of the target model / of the draft model (level 2: what the
@@ -142,7 +147,7 @@ def _owner_ids(worker) -> dict[int, str]:
     return ids
 
 
-def _walk(worker) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
+def _walk(worker, no_size_limit: bool = False) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
     """The state tensors, keyed by view (address, shape, strides, dtype: a sleep keeps addresses), as
     (path, category, tensor); and what was left out."""
     import torch
@@ -175,12 +180,36 @@ def _walk(worker) -> tuple[dict[tuple, tuple[str, str, Any]], dict]:
             skipped["not_state_tensors"] += 1
             skipped["not_state_bytes"] += t.nbytes
             continue
-        if t.nbytes > MAX_TENSOR_BYTES:
+        if t.nbytes > MAX_TENSOR_BYTES and not no_size_limit:
             skipped["too_large"].append((path, t.nbytes))
             continue
         state[key] = (path, category, t)
     skipped["objects_visited"] = visited
     return state, skipped
+
+
+DIGEST_CHUNK = 16 << 20  # bytes hashed per step: bounds the digest's scratch memory (about 6 x this)
+
+
+def _digest(t) -> int:
+    """A 64-bit digest of a tensor's bytes, computed where the tensor lives: sum over its 32-bit words of
+    word * (an odd factor from the word's index), modulo 2**64. A change of one word by d (|d| < 2**32)
+    changes the sum by d * odd, never 0 mod 2**64."""
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.data_ptr() % 4:  # a view at an odd offset: 32-bit words need an aligned copy
+        flat = flat.clone()
+    total = 0
+    for start in range(0, flat.numel(), DIGEST_CHUNK):
+        part = flat[start:start + DIGEST_CHUNK]
+        if part.numel() % 4:
+            part = torch.cat([part, part.new_zeros(4 - part.numel() % 4)])
+        words = part.view(torch.int32).to(torch.int64)
+        index = torch.arange(start // 4, start // 4 + words.numel(), dtype=torch.int64, device=words.device)
+        factor = (index * 0x5851F42D4C957F2D + 0x14057B7EF767814F) | 1  # wraps mod 2**64, odd
+        total = (total + int((words * factor).sum())) % (1 << 64)
+    return total * 1_000_003 + flat.numel()  # the length too: zero bytes appended change it
 
 
 def _host_bytes(t) -> Any:
@@ -190,22 +219,27 @@ def _host_bytes(t) -> Any:
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-def capture_state(worker) -> dict:
-    """Copies every state tensor's bytes to host (kept on the worker); returns counts per category."""
-    state, skipped = _walk(worker)
+def capture_state(worker, mode: str = "bytes") -> dict:
+    """Keeps every state tensor's bytes on host (``bytes``) or its digest (``digest``) on the worker;
+    returns counts per category."""
+    if mode not in ("bytes", "digest"):
+        raise ValueError(f"capture_state mode {mode!r}: must be 'bytes' or 'digest'")
+    state, skipped = _walk(worker, no_size_limit=(mode == "digest"))
     worker._vse_state = {}
+    worker._vse_state_mode = mode
     skipped["uncopyable"] = []
     for key, (path, cat, t) in state.items():
         try:
-            worker._vse_state[key] = (path, cat, _host_bytes(t))
+            kept = _host_bytes(t) if mode == "bytes" else _digest(t)
+            worker._vse_state[key] = (path, cat, kept, t.nbytes)
         except Exception as e:  # noqa: BLE001 - e.g. a quantized dtype with no byte view: named, not compared
             skipped["uncopyable"].append(f"{path}: {type(e).__name__}")
     summary: dict[str, dict] = {}
-    for _, cat, data in worker._vse_state.values():
+    for _, cat, _, nbytes in worker._vse_state.values():
         s = summary.setdefault(cat, {"tensors": 0, "bytes": 0})
         s["tensors"] += 1
-        s["bytes"] += int(data.numel())
-    return {"categories": summary, "skipped": skipped}
+        s["bytes"] += int(nbytes)
+    return {"categories": summary, "skipped": skipped, "mode": mode}
 
 
 def compare_state(worker) -> dict:
@@ -218,31 +252,37 @@ def compare_state(worker) -> dict:
     before = getattr(worker, "_vse_state", None)
     if before is None:
         raise RuntimeError("compare_state before capture_state")
-    now, _ = _walk(worker)
+    digest = worker._vse_state_mode == "digest"
+    now, _ = _walk(worker, no_size_limit=digest)
     paths_now = {path for path, _, _ in now.values()}
     report: dict[str, dict] = {}
     missing, replaced = [], []
-    for key, (path, cat, old) in before.items():
+    for key, (path, cat, old, nbytes) in before.items():
         r = report.setdefault(cat, {"tensors": 0, "bytes": 0, "differing_tensors": 0, "differing_bytes": 0,
                                     "examples": []})
         r["tensors"] += 1
-        r["bytes"] += int(old.numel())
+        r["bytes"] += int(nbytes)
         if key not in now:
             # The engine put a new tensor at the same path (vLLM 0.26's V2 runner rebuilds its block-table
             # layout tensors after a kv_cache wake): its bytes are the engine's new ones, not a restore.
             (replaced if path in paths_now else missing).append(path)
             continue
-        new = _host_bytes(now[key][2])
-        if new.shape == old.shape and torch.equal(new, old):
-            continue
-        n = int((new != old).sum()) if new.shape == old.shape else int(old.numel())
+        if digest:
+            if _digest(now[key][2]) == old:
+                continue
+            n = int(nbytes)  # a digest says that the tensor changed, not how many of its bytes
+        else:
+            new = _host_bytes(now[key][2])
+            if new.shape == old.shape and torch.equal(new, old):
+                continue
+            n = int((new != old).sum()) if new.shape == old.shape else int(old.numel())
         r["differing_tensors"] += 1
         r["differing_bytes"] += n
         if len(r["examples"]) < 4:
-            r["examples"].append(f"{path} ({n} of {int(old.numel())} B)")
+            r["examples"].append(f"{path} ({'changed, ' if digest else ''}{n} of {int(nbytes)} B)")
     identical = not missing and all(r["differing_tensors"] == 0 for r in report.values())
-    return {"identical": identical, "categories": report, "missing": missing[:8], "missing_count": len(missing),
-            "replaced": replaced[:8], "replaced_count": len(replaced)}
+    return {"identical": identical, "mode": worker._vse_state_mode, "categories": report, "missing": missing[:8],
+            "missing_count": len(missing), "replaced": replaced[:8], "replaced_count": len(replaced)}
 
 
 def state_differs(report: dict, categories: tuple[str, ...] = ()) -> list[str]:
