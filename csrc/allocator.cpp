@@ -488,10 +488,12 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     }
   };
 
-  // Map each segment's runs and start the copies of its rows at once, so mapping the next overlaps
-  // them; undo all of it if any step fails. (Driver calls on several threads were measured slower.)
-  // Segments with backups go first: memory with nothing to copy back (a KV cache, often most of the
-  // bytes) is mapped while the copies run instead of before them.
+  // Map every run first, then start the copies; undo all of it if any step fails. Mapping beside
+  // copies in flight is what costs: in vLLM 0.33 (8B shape, H200) the same 119 mappings took 8.5 + 4.2 ms
+  // with no copy running and 181-263 ms interleaved with the copies of 15.5 GiB (benchmarks/RESULTS.md
+  // section 15), while one large map beside the copies did not slow them (probe_wake_overlap.py).
+  // A wake that waits for memory keeps interleaving (each segment's copies start as soon as it is
+  // mapped), so that memory another process frees is used as it comes. Segments with backups go first.
   std::vector<size_t> order;
   for (int with_backup = 1; with_backup >= 0; --with_backup)
     for (size_t k = 0; k < segments.size(); ++k) {
@@ -508,15 +510,18 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     for (const auto& run : mapped)
       warn_on_failure("undoing a failed wake", [&] { run.first->release(run.second); });
   };
+  const bool map_all_first = wait_seconds == 0;
   try {
     std::vector<CopySpan> spans;
-    for (size_t k : order) {
+    auto map_segment = [&](size_t k) {
       Segment& s = *segments[k].segment;
       for (const ByteRange& run : cover[k].ranges()) {
         map_run(s, run);
         mapped.emplace_back(&s, run.begin);
         stats.bytes_device += run.size();
       }
+    };
+    auto start_copies = [&](size_t k) {
       for (size_t i : segments[k].members) {
         Allocation& a = *rows[i];
         if (options_.fill_unrestored) {
@@ -552,6 +557,15 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
         }
         copying.insert(a.device());
         if (!spans.empty()) backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
+      }
+    };
+    if (map_all_first) {
+      for (size_t k : order) map_segment(k);
+      for (size_t k : order) start_copies(k);
+    } else {
+      for (size_t k : order) {
+        map_segment(k);
+        start_copies(k);
       }
     }
     timed(stats.copy_wait_seconds, [&] {

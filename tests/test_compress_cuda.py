@@ -77,13 +77,19 @@ def test_level1_compressed_round_trip_is_bit_exact(alloc: CuMemAllocator, mode: 
         assert torch.equal(t.cpu(), e), f"{kind}/{mode}: a tensor of {t.numel()} bytes changed"
     stats = alloc.stats()
     sleep, wake = stats.last_sleep, stats.last_wake
-    assert sleep.compress_plain_bytes == sum(t.numel() for t in tensors)
+    # Level 1 backs up whole segments: PyTorch rounds them up (2 MiB) and places tensors in segments that
+    # also hold the freed intermediates of `make`, so more than the tensors' bytes goes through the codec
+    # (on the H200, 2026-12-03: 702 MB for these 351 MB). Every byte copied went through it, though.
+    data_bytes = sum(t.numel() for t in tensors)
+    assert sleep.compress_plain_bytes == sleep.bytes_copied >= data_bytes
     assert wake.compress_plain_bytes == sleep.compress_plain_bytes
     if kind == "bf16":
         assert sleep.compress_ratio <= 0.75
         assert sleep.pieces_packed > 0
     if kind == "random" and mode == "auto":
-        assert sleep.pieces_packed == 0 and sleep.compress_ratio == 1.0
+        # The segments' slack beside the random bytes (zeros, stale intermediates) may pack; the random
+        # bytes themselves go plain and are not stored smaller.
+        assert sleep.pieces_plain > 0 and sleep.compress_stored_bytes >= 0.95 * data_bytes
     del tensors
 
 
