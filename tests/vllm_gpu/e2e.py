@@ -3,7 +3,7 @@
 One engine per run. Which allocator serves it is vLLM's choice through its plugin loader:
 ``VLLM_PLUGINS=vllm_sleep_ext`` (ours) or ``VLLM_PLUGINS=""`` (stock), so the same command measures both.
 
-    python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # outputs identical?
+    python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # state kept?
     python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
     python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
     python tests/vllm_gpu/e2e.py first  --model qwen25-32b --first-sleep-after 10  # issue 17: the first sleep
