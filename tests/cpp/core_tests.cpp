@@ -20,7 +20,6 @@
 #include <shared_mutex>
 #include <string>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #include <sys/mman.h>
@@ -144,7 +143,6 @@ class FaultyBackend final : public vse::DeviceBackend {
   void map(int device, uintptr_t address, uint64_t size, vse::PhysicalHandle handle) override {
     if (map_fault.fire()) throw vse::Error("injected: map");
     inner_.map(device, address, size, handle);
-    note('m');
   }
   void unmap(int device, uintptr_t address, uint64_t size) override {
     if (unmap_fault.fire()) throw vse::Error("injected: unmap");
@@ -174,7 +172,6 @@ class FaultyBackend final : public vse::DeviceBackend {
     Fault& f = direction == vse::CopyDirection::ToHost ? to_host_fault : to_device_fault;
     if (f.fire()) throw vse::Error("injected: copy");
     inner_.enqueue_copies(device, direction, spans);
-    if (direction == vse::CopyDirection::ToDevice) note('c');
   }
   void wait_copies(int device) override {
     if (wait_fault.fire()) throw vse::Error("injected: wait_copies");
@@ -197,22 +194,11 @@ class FaultyBackend final : public vse::DeviceBackend {
   }
 
   long pinned() const { return pinned_.load(); }
-  // The maps ('m') and copies to the device ('c') since the last call, in order.
-  std::string take_calls() {
-    std::lock_guard<std::mutex> lock(calls_mutex_);
-    return std::exchange(calls_, std::string());
-  }
   // Every mark must be released once, waited for or not.
   bool marks_balanced() const { return marks_recorded_.load() == marks_released_.load(); }
 
  private:
-  void note(char c) {
-    std::lock_guard<std::mutex> lock(calls_mutex_);
-    calls_ += c;
-  }
   vse::HostBackend inner_;
-  std::mutex calls_mutex_;
-  std::string calls_;
   std::atomic<long> pinned_{0};
   std::atomic<long> marks_recorded_{0}, marks_released_{0};
 };
@@ -1235,31 +1221,6 @@ void test_sleep_releases_each_allocation_only_after_its_own_copies() {
   CHECK(b->early_releases() == 0);
 }
 
-// Mapping beside copies in flight was measured slow on the GPU (RESULTS.md section 15): a wake maps
-// every run before its first copy; a wake that waits for memory starts each segment's copies once it is
-// mapped, so that memory freed by another process is used as it comes. Both restore every byte.
-void test_wake_maps_everything_before_the_first_copy_unless_it_waits() {
-  for (double wait : {0.0, 1.0}) {
-    FaultyBackend* b = nullptr;
-    auto a = faulty_allocator(256 * MiB, &b);
-    std::vector<uintptr_t> weights;
-    for (int i = 0; i < 4; ++i) weights.push_back(a->allocate(12 * MiB, 0, "weights"));
-    const uintptr_t kv = a->allocate(40 * MiB, 0, "kv_cache");
-    for (int i = 0; i < 4; ++i) fill(weights[i], 12 * MiB, 20 + i);
-    a->sleep({"weights"}, {}, {});
-    b->take_calls();
-    a->wake(std::nullopt, wait);
-    const std::string calls = b->take_calls();
-    CHECK(std::count(calls.begin(), calls.end(), 'm') == 5);  // four weights segments and the KV cache
-    CHECK(std::count(calls.begin(), calls.end(), 'c') >= 4);
-    if (wait == 0) CHECK(calls.find('c') > calls.rfind('m'));
-    else CHECK(calls.find('c') < calls.rfind('m'));  // the KV cache, with nothing to copy, is mapped last
-    for (int i = 0; i < 4; ++i) CHECK(matches(weights[i], 12 * MiB, 20 + i));
-    for (uintptr_t p : weights) a->free(p);
-    a->free(kv);
-  }
-}
-
 // A fence is released once whether it was waited for or not, and waits only for what preceded it.
 void test_fences_release_themselves_and_wait_for_their_prefix() {
   vse::AsyncHostBackend b(0, 500, 3);
@@ -1627,7 +1588,6 @@ const Test kTests[] = {
     {"segment_map_failure_gives_the_new_handle_back", test_segment_map_failure_gives_the_new_handle_back},
     {"sleep_releases_each_allocation_only_after_its_own_copies",
      test_sleep_releases_each_allocation_only_after_its_own_copies},
-    {"wake_maps_everything_before_the_first_copy_unless_it_waits", test_wake_maps_everything_before_the_first_copy_unless_it_waits},
     {"fences_release_themselves_and_wait_for_their_prefix", test_fences_release_themselves_and_wait_for_their_prefix},
     {"fill_unrestored_makes_discarded_bytes_loud", test_fill_unrestored_makes_discarded_bytes_loud},
     {"host_arena_is_not_inherited_by_fork", test_host_arena_is_not_inherited_by_fork},
