@@ -434,23 +434,27 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
                              " free. Nothing was changed: every backup and sleeping allocation is intact; "
                              "retry once memory is free" + (why.empty() ? "" : " (" + why + ")"));
   };
-  // Compressed backups decode through staging on the device, counted in what the wake needs.
-  std::map<int, std::unique_ptr<CompressedWake>> unpack;  // device -> its decoding
+  // Compressed backups: packed pieces decode through staging on the device, counted in what the wake
+  // needs; a device whose pieces are all plain gets neither staging nor codec (Note [Compressed backups]).
+  std::map<int, bool> decodes;  // device with compressed backups -> whether one of its pieces is packed
   std::shared_ptr<Codec> codec;
   for (Allocation* a : rows) {
-    if (!a->backup || a->backup->pieces.empty() || unpack.count(a->device())) continue;
+    if (!a->backup || a->backup->pieces.empty()) continue;
+    bool& decode = decodes[a->device()];
+    if (decode || !any_packed(a->backup->pieces)) continue;
     if (!codec && !(codec = codecs_.get(*backend_)))
       throw Error("a compressed backup cannot be restored: " + codecs_.why() + ". Nothing was changed");
-    unpack[a->device()] = nullptr;
+    decode = true;
     needed[a->device()] += Staging::device_bytes(*backend_, *codec, a->device(), options_.compress);
   }
   if (wait_seconds == 0)
     for (const auto& [device, bytes] : needed)
       if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
-  for (auto& [device, u] : unpack) {
+  std::map<int, std::unique_ptr<CompressedWake>> unpack;  // device -> its compressed backups' restore
+  for (const auto& [device, decode] : decodes) {
     try {
-      u = std::make_unique<CompressedWake>(*backend_, *backend_->codec_stream(device), *codec, device,
-                                           options_.compress);
+      unpack[device] = std::make_unique<CompressedWake>(*backend_, device, options_.compress,
+                                                        decode ? codec.get() : nullptr);
     } catch (const DeviceOutOfMemory& e) {
       throw no_room(device, std::string("compression staging: ") + e.what());
     }

@@ -276,30 +276,50 @@ std::vector<PackedPiece> CompressedSleep::pieces_of(size_t step) const {
 
 // ---- wake ----------------------------------------------------------------------------------------
 
-CompressedWake::CompressedWake(DeviceBackend& backend, CodecStream& stream, Codec& codec, int device,
-                               const CompressOptions& options)
-    : options_(options), staging_(backend, stream, codec, device, options) {
-  totals_.staging_bytes = staging_.bytes();
+bool any_packed(const std::vector<PackedPiece>& pieces) {
+  return std::any_of(pieces.begin(), pieces.end(), [](const PackedPiece& p) { return p.packed; });
 }
 
-CompressedWake::~CompressedWake() { staging_.drain(); }
+CompressedWake::CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec)
+    : options_(options), backend_(backend), device_(device) {
+  if (!codec) return;
+  staging_ = std::make_unique<Staging>(backend, *backend.codec_stream(device), *codec, device, options);
+  totals_.staging_bytes = staging_->bytes();
+}
+
+CompressedWake::~CompressedWake() {
+  if (staging_) staging_->drain();
+}
 
 void CompressedWake::add(uintptr_t address, const uint8_t* host_base, const HostArena& arena,
                          const std::vector<PackedPiece>& pieces) {
   std::vector<CopySpan> plain;
+  CopySpan run;  // plain pieces so far that follow each other in the allocation and in the arena
+  auto end_run = [&] {
+    if (run.bytes != 0) arena.split_at_registrations(run, plain);
+    run = CopySpan{};
+  };
   for (const PackedPiece& p : pieces) {
     totals_.plain_bytes += p.plain_bytes;
     totals_.stored_bytes += p.stored_bytes;
     uint8_t* host = const_cast<uint8_t*>(host_base + p.host_offset);
+    const uintptr_t device = address + p.row_offset;
     if (p.packed) {
+      if (!staging_) throw Error("a packed piece reached a wake made without staging on its device");
       totals_.pieces_packed += 1;
-      pending_.push_back({{address + p.row_offset, p.plain_bytes, 0, p.stored_bytes}, host, &arena});
+      pending_.push_back({{device, p.plain_bytes, 0, p.stored_bytes}, host, &arena});
+      continue;
+    }
+    totals_.pieces_plain += 1;
+    if (run.bytes != 0 && run.device + run.bytes == device && static_cast<uint8_t*>(run.host) + run.bytes == host) {
+      run.bytes += p.plain_bytes;
     } else {
-      totals_.pieces_plain += 1;
-      arena.split_at_registrations({address + p.row_offset, host, p.plain_bytes}, plain);
+      end_run();
+      run = {device, host, p.plain_bytes};
     }
   }
-  if (!plain.empty()) staging_.backend.enqueue_copies(staging_.device, CopyDirection::ToDevice, plain);
+  end_run();
+  if (!plain.empty()) backend_.enqueue_copies(device_, CopyDirection::ToDevice, plain);
   while (pending_.size() >= options_.chunk_pieces) flush();
 }
 
@@ -312,40 +332,40 @@ void CompressedWake::flush() {
   if (chunk >= options_.slots) {
     const size_t before = chunk - options_.slots;
     check(before);  // its sizes are read from the slot's host array, which this chunk reuses
-    staging_.stream.copies_after(staging_.marks[before]);
-    staging_.stream.release(staging_.marks[before]);
-    staging_.marks[before] = 0;
+    staging_->stream.copies_after(staging_->marks[before]);
+    staging_->stream.release(staging_->marks[before]);
+    staging_->marks[before] = 0;
   }
   const size_t n = std::min<size_t>(pending_.size(), options_.chunk_pieces);
   std::vector<CodecPiece> batch;
   std::vector<CopySpan> spans;
   for (size_t i = 0; i < n; ++i) {
     Pending& p = pending_[i];
-    p.piece.packed_address = staging_.packed(slot, i);
+    p.piece.packed_address = staging_->packed(slot, i);
     p.arena->split_at_registrations({p.piece.packed_address, p.host, p.piece.packed_bytes}, spans);
     batch.push_back(p.piece);
   }
   pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
-  staging_.backend.enqueue_copies(staging_.device, CopyDirection::ToDevice, spans);
-  staging_.stream.after_copies();
+  staging_->backend.enqueue_copies(staging_->device, CopyDirection::ToDevice, spans);
+  staging_->stream.after_copies();
   chunks_.push_back(batch);
-  staging_.marks.push_back(0);
+  staging_->marks.push_back(0);
   {
-    CodecScope scope(staging_.stream);
-    staging_.codec.decompress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+    CodecScope scope(staging_->stream);
+    staging_->codec.decompress(batch, staging_->temp(), staging_->temp_bytes(), staging_->sizes(slot), staging_->stream);
   }
-  staging_.stream.to_host(staging_.sizes(slot), staging_.host_sizes(slot), 8 * n);
-  staging_.marks[chunk] = staging_.stream.record();
+  staging_->stream.to_host(staging_->sizes(slot), staging_->host_sizes(slot), 8 * n);
+  staging_->marks[chunk] = staging_->stream.record();
 }
 
 void CompressedWake::check(size_t chunk) {
   for (; checked_ <= chunk; ++checked_) {
-    staging_.stream.wait(staging_.marks[checked_]);
+    staging_->stream.wait(staging_->marks[checked_]);
     const std::vector<CodecPiece>& batch = chunks_[checked_];
-    const uint64_t* sizes = staging_.host_sizes(checked_ % options_.slots);
+    const uint64_t* sizes = staging_->host_sizes(checked_ % options_.slots);
     for (size_t i = 0; i < batch.size(); ++i)
       if (sizes[i] != batch[i].plain_bytes)
-        throw Error(std::string(staging_.codec.name()) + " could not decode a piece of " +
+        throw Error(std::string(staging_->codec.name()) + " could not decode a piece of " +
                     format_bytes(batch[i].plain_bytes) + " (" + format_bytes(batch[i].packed_bytes) +
                     " stored) for 0x" + [&] {
                       char buf[32];

@@ -19,10 +19,13 @@
 // least half full (trying one chunk in 4 again), so incompressible data costs only the first chunks'
 // codec time, which runs beside the copies. Each segment is released once the fence after its last piece is done, as the
 // plain sleep does (copy_pipeline.h).
-// Wake: plain pieces are copied straight into the allocation; packed ones into a slot, then decoded
+// Wake: plain pieces are copied straight into the allocation, each run of them adjacent in the
+// allocation and in the arena as one copy (as a plain backup is); packed ones into a slot, then decoded
 // into the allocation on the codec stream after the copies; a slot is filled again only after its
-// decode (the copy queue waits for the codec's mark). Every decoded size is checked on the host before
-// the wake succeeds; a failure undoes the wake as any other, the backup stays as it was.
+// decode (the copy queue waits for the codec's mark). Staging and the codec are used only on a device
+// where some piece is packed: a backup that auto sent all plain (incompressible data) wakes at the cost
+// of a plain one, with no staging counted in the memory the wake needs. Every decoded size is checked
+// on the host before the wake succeeds; a failure undoes the wake as any other, the backup stays as it was.
 // The host arena keeps only what is stored: its ready (resident, pinned) prefix grows with the
 // compressed bytes, chunk by chunk, so a compressed backup holds about ratio x the model's bytes.
 #pragma once
@@ -63,6 +66,8 @@ struct PackedPiece {
   uint64_t stored_bytes = 0;  // packed size, or plain_bytes when sent plain
   bool packed = false;
 };
+// Whether a wake of these pieces decodes anything (needs the codec and staging).
+bool any_packed(const std::vector<PackedPiece>& pieces);
 
 // What one compressed operation moved (OpStats::compress).
 struct CompressTotals {
@@ -190,8 +195,8 @@ class CompressedSleep final : public BackupCopies {
 // A wake's copies of compressed backups on one device.
 class CompressedWake {
  public:
-  CompressedWake(DeviceBackend& backend, CodecStream& stream, Codec& codec, int device,
-                 const CompressOptions& options);
+  // `codec` null: no piece on `device` is packed, and the wake makes no staging (add() then refuses one).
+  CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec);
   ~CompressedWake();  // waits for codec work still in flight (warning of failures)
   CompressedWake(const CompressedWake&) = delete;
   CompressedWake& operator=(const CompressedWake&) = delete;
@@ -213,7 +218,9 @@ class CompressedWake {
   void check(size_t chunk);
 
   const CompressOptions options_;
-  Staging staging_;
+  DeviceBackend& backend_;
+  const int device_;
+  std::unique_ptr<Staging> staging_;  // only where a piece is packed
   std::vector<Pending> pending_;
   std::vector<std::vector<CodecPiece>> chunks_;  // per chunk: what it decodes (to check its sizes)
   size_t checked_ = 0;                           // chunks [0, checked_) are decoded and checked

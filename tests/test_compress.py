@@ -229,6 +229,49 @@ def test_wake_counts_compression_staging_as_memory_it_needs(backend: str) -> Non
     assert a.last_wake.staging_device_bytes > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_incompressible_backup_wakes_like_a_plain_one_without_staging(backend: str) -> None:
+    # Auto sends every piece of random bytes plain: the wake then decodes nothing, so it makes no staging
+    # and needs no room for it, only the weights' own memory.
+    a = make(backend, "auto", capacity=24 * MiB, piece=MiB, chunk_pieces=4)
+    data = random_bytes(8 * MiB - 3, seed=8)
+    ptr = fill(a, data)
+    a.sleep(["weights"])
+    s = a.last_sleep
+    assert s.pieces_packed == 0 and s.pieces_plain == 8 and s.staging_device_bytes > 0
+    overwrite_free_memory(a)
+    hog = a.malloc(a._device_free_bytes() - 10 * MiB, tag="other")  # room for the weights, not for staging
+    a.wake(["weights"])
+    assert read(ptr, len(data)) == data
+    w = a.last_wake
+    assert w.staging_device_bytes == 0
+    assert (w.pieces_packed, w.pieces_plain) == (0, 8)  # what the wake restored, as the sleep stored it
+    assert w.compress_plain_bytes == w.compress_stored_bytes == len(data) == w.bytes_copied
+    a.free(hog)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wake_makes_staging_only_when_a_backup_it_restores_has_a_packed_piece(backend: str) -> None:
+    a = make(backend, "auto", piece=MiB, chunk_pieces=4)
+    noise, weights = random_bytes(4 * MiB + 5, seed=9), bf16_like(4 * MiB + 7, seed=10)
+    noise_ptr, weights_ptr = fill(a, noise, tag="noise"), fill(a, weights)
+    a.sleep(["noise", "weights"])
+    assert a.last_sleep.pieces_packed > 0 and a.last_sleep.pieces_plain >= 5
+    overwrite_free_memory(a)
+    a.wake(["noise"])  # all plain: no staging
+    assert a.last_wake.staging_device_bytes == 0 and a.last_wake.pieces_packed == 0
+    a.wake(["weights"])  # packed pieces: staging
+    assert a.last_wake.staging_device_bytes > 0 and a.last_wake.pieces_packed > 0
+    assert read(noise_ptr, len(noise)) == noise and read(weights_ptr, len(weights)) == weights
+    # Both in one wake: a mixed device decodes, and the plain backup beside it comes back as well.
+    a.sleep(["noise", "weights"])
+    overwrite_free_memory(a)
+    a.wake(None)
+    assert a.last_wake.staging_device_bytes > 0
+    assert a.last_wake.compress_plain_bytes == a.last_sleep.compress_plain_bytes
+    assert read(noise_ptr, len(noise)) == noise and read(weights_ptr, len(weights)) == weights
+
+
 def test_compress_options_reject_bad_values_naming_them() -> None:
     a = _core.Allocator("host", 64 * MiB)
     with pytest.raises(ValueError, match=r"compress must be one of 'off', 'auto', 'on', got 'maybe'"):
