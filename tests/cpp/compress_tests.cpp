@@ -67,6 +67,7 @@ class FaultyBackend final : public vse::DeviceBackend {
     stream_ = std::make_unique<FaultyStream>(*inner_->codec_stream(0), codec_fault);
   }
   Fault copy_fault, codec_fault, mark_fault;
+  uint64_t to_device_spans = 0;  // copies asked for towards the device
   vse::AsyncHostBackend* async_ = nullptr;
 
   const char* name() const override { return inner_->name(); }
@@ -84,6 +85,7 @@ class FaultyBackend final : public vse::DeviceBackend {
   void unpin(int d, void* host) override { inner_->unpin(d, host); }
   void enqueue_copies(int d, vse::CopyDirection dir, const std::vector<vse::CopySpan>& spans) override {
     if (copy_fault.fire()) throw vse::Error("injected: copy");
+    if (dir == vse::CopyDirection::ToDevice) to_device_spans += spans.size();
     inner_->enqueue_copies(d, dir, spans);
   }
   void wait_copies(int d) override { inner_->wait_copies(d); }
@@ -122,7 +124,8 @@ struct Fixture {
   std::unique_ptr<Allocator> allocator;
   std::vector<Row> rows;
 
-  Fixture(bool async, vse::CompressMode mode) {
+  // `compressible`: rows like bf16 but one (the mixed case); else all random (auto sends every piece plain).
+  Fixture(bool async, vse::CompressMode mode, bool compressible = true) {
     auto b = std::make_unique<FaultyBackend>(async, 64 * MiB);
     backend = b.get();
     allocator = std::make_unique<Allocator>(std::move(b));
@@ -134,11 +137,11 @@ struct Fixture {
       o.staging.threads = 2;
       o.staging.piece_bytes = 2 * MiB;
     });
-    // 16 pieces in 7 chunks: every piece and chunk boundary kind, few enough that a fault at every
+    // 19 pieces in 7 chunks: every piece and chunk boundary kind, few enough that a fault at every
     // point stays quick under the sanitizers.
     const uint64_t sizes[] = {3 * 64 * KiB + 5, 256 * KiB, 17, 320 * KiB + 1, 200 * KiB};
     for (size_t i = 0; i < 5; ++i) {
-      Row r{allocator->allocate(sizes[i], 0, "weights"), make_data(sizes[i], static_cast<uint32_t>(i), i != 4)};
+      Row r{allocator->allocate(sizes[i], 0, "weights"), make_data(sizes[i], static_cast<uint32_t>(i), compressible && i != 4)};
       std::memcpy(reinterpret_cast<void*>(r.address), r.data.data(), r.data.size());
       rows.push_back(std::move(r));
     }
@@ -214,10 +217,11 @@ void sleep_faults(bool async, Fault FaultyBackend::*which) {
   CHECK(failures > 0);
 }
 
-void wake_faults(bool async, Fault FaultyBackend::*which) {
+void wake_faults(bool async, Fault FaultyBackend::*which, vse::CompressMode mode = vse::CompressMode::On,
+                 bool compressible = true) {
   int failures = 0;
   for (int k = 0; k < 200; ++k) {
-    Fixture f(async, vse::CompressMode::On);
+    Fixture f(async, mode, compressible);
     f.allocator->sleep({"weights"}, {}, {});
     (f.backend->*which).arm(k);
     bool failed = false;
@@ -248,6 +252,48 @@ void test_wake_copy_fault_host() { wake_faults(false, &FaultyBackend::copy_fault
 void test_wake_copy_fault_async() { wake_faults(true, &FaultyBackend::copy_fault); }
 void test_wake_codec_fault_host() { wake_faults(false, &FaultyBackend::codec_fault); }
 void test_wake_codec_fault_async() { wake_faults(true, &FaultyBackend::codec_fault); }
+
+// A wake of backups whose pieces auto sent all plain costs what a plain backup's does: the same copies
+// (runs of adjacent pieces as one), no staging, no codec work.
+void plain_pieces_wake_as_a_plain_backup(bool async) {
+  Fixture off(async, vse::CompressMode::Off, false);
+  off.allocator->sleep({"weights"}, {}, {});
+  off.backend->to_device_spans = 0;
+  off.allocator->wake(std::nullopt);
+  CHECK(off.all_exact());
+  const uint64_t plain_spans = off.backend->to_device_spans;
+  CHECK(plain_spans >= 5);  // a copy per row at least
+
+  Fixture f(async, vse::CompressMode::Auto, false);
+  f.allocator->sleep({"weights"}, {}, {});
+  const vse::OpStats s = *f.allocator->last_sleep();
+  CHECK(s.compress.pieces_packed == 0);
+  CHECK(s.compress.pieces_plain > plain_spans);  // more pieces than the plain wake's copies
+  f.backend->codec_fault.arm(0);  // the wake must not touch the codec stream
+  f.backend->to_device_spans = 0;
+  f.allocator->wake(std::nullopt);
+  f.backend->codec_fault.disarm();
+  CHECK(f.all_exact());
+  CHECK(f.backend->to_device_spans == plain_spans);
+  const vse::OpStats w = *f.allocator->last_wake();
+  CHECK(w.compress.staging_bytes == 0);
+  CHECK(w.compress.pieces_plain == s.compress.pieces_plain && w.compress.pieces_packed == 0);
+  CHECK(w.compress.plain_bytes == s.compress.plain_bytes && w.compress.stored_bytes == s.compress.stored_bytes);
+  if (f.backend->async_) CHECK(f.backend->async_->early_releases() == 0);
+}
+
+void test_plain_pieces_wake_host() { plain_pieces_wake_as_a_plain_backup(false); }
+void test_plain_pieces_wake_async() { plain_pieces_wake_as_a_plain_backup(true); }
+void test_wake_copy_fault_plain_pieces_host() {
+  wake_faults(false, &FaultyBackend::copy_fault, vse::CompressMode::Auto, false);
+}
+void test_wake_copy_fault_plain_pieces_async() {
+  wake_faults(true, &FaultyBackend::copy_fault, vse::CompressMode::Auto, false);
+}
+void test_wake_copy_fault_mixed_auto_async() { wake_faults(true, &FaultyBackend::copy_fault, vse::CompressMode::Auto); }
+void test_wake_codec_fault_mixed_auto_async() {
+  wake_faults(true, &FaultyBackend::codec_fault, vse::CompressMode::Auto);
+}
 
 void test_reference_codec_round_trips_and_rejects_corrupt_streams() {
   vse::ReferenceCodec codec;
@@ -290,6 +336,12 @@ int main(int argc, char** argv) {
       {"wake_copy_fault_async", test_wake_copy_fault_async},
       {"wake_codec_fault_host", test_wake_codec_fault_host},
       {"wake_codec_fault_async", test_wake_codec_fault_async},
+      {"plain_pieces_wake_host", test_plain_pieces_wake_host},
+      {"plain_pieces_wake_async", test_plain_pieces_wake_async},
+      {"wake_copy_fault_plain_pieces_host", test_wake_copy_fault_plain_pieces_host},
+      {"wake_copy_fault_plain_pieces_async", test_wake_copy_fault_plain_pieces_async},
+      {"wake_copy_fault_mixed_auto_async", test_wake_copy_fault_mixed_auto_async},
+      {"wake_codec_fault_mixed_auto_async", test_wake_codec_fault_mixed_auto_async},
       {"reference_codec", test_reference_codec_round_trips_and_rejects_corrupt_streams},
       {"bad_options", test_bad_compress_options_are_rejected},
   };
