@@ -107,7 +107,8 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
             "host_bytes": last["sleep"].compress_stored_bytes if mode != "off" else last["sleep"].bytes_copied,
             "host_pinned_bytes": last["pinned"],
             "pieces_packed": last["sleep"].pieces_packed, "pieces_plain": last["sleep"].pieces_plain,
-            "staging_bytes": max(last["sleep"].staging_device_bytes, last["wake"].staging_device_bytes),
+            "staging_bytes": last["sleep"].staging_device_bytes,
+            "wake_staging_bytes": last["wake"].staging_device_bytes,
             "exact": exact,
             "sleep_all_s": [r["sleep_s"] for r in runs], "wake_all_s": [r["wake_s"] for r in runs],
         }
@@ -121,7 +122,7 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
 
 def report(rows: list[dict], limit: dict) -> tuple[str, list[str]]:
     lines = ["| data | mode | first sleep s | sleep s | sleep GB/s | x limit | wake s | wake GB/s | x limit | "
-             "host x model (stored / pinned) | pieces packed / plain | staging MiB | exact |",
+             "host x model (stored / pinned) | pieces packed / plain | staging MiB sleep / wake | exact |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines.append(f"| pinned-copy limit | | | | {limit['d2h_gbps']:.1f} | 1.00 | | {limit['h2d_gbps']:.1f} | 1.00 | "
                  "| | | |")
@@ -133,7 +134,8 @@ def report(rows: list[dict], limit: dict) -> tuple[str, list[str]]:
         lines.append(f"| {r['dataset']} | {r['mode']} | {r['first_sleep_s']:.3f} | {r['sleep_s']:.3f} | {sg:.1f} | "
                      f"{r['sleep_x_limit']:.2f} | {r['wake_s']:.3f} | {wg:.1f} | {r['wake_x_limit']:.2f} | "
                      f"{r['host_x_model']:.3f} / {r['host_pinned_bytes'] / r['model_bytes']:.3f} | "
-                     f"{r['pieces_packed']} / {r['pieces_plain']} | {r['staging_bytes'] / MiB:.0f} | {r['exact']} |")
+                     f"{r['pieces_packed']} / {r['pieces_plain']} | {r['staging_bytes'] / MiB:.0f} / "
+                     f"{r['wake_staging_bytes'] / MiB:.0f} | {r['exact']} |")
     verdicts = []
     by = {(r["dataset"], r["mode"]): r for r in rows}
     for mode in ("auto", "on"):

@@ -434,27 +434,26 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
                              " free. Nothing was changed: every backup and sleeping allocation is intact; "
                              "retry once memory is free" + (why.empty() ? "" : " (" + why + ")"));
   };
-  // Compressed backups: packed pieces decode through staging on the device, counted in what the wake
-  // needs; a device whose pieces are all plain gets neither staging nor codec (Note [Compressed backups]).
-  std::map<int, bool> decodes;  // device with compressed backups -> whether one of its pieces is packed
+  // Compressed backups: packed pieces decode through staging on the device, sized to them and counted
+  // in what the wake needs; a device whose pieces are all plain gets neither staging nor codec
+  // (Note [Compressed backups]).
+  std::map<int, uint64_t> packed;  // device with compressed backups -> how many of its pieces are packed
+  for (Allocation* a : rows)
+    if (a->backup && !a->backup->pieces.empty()) packed[a->device()] += packed_pieces(a->backup->pieces);
   std::shared_ptr<Codec> codec;
-  for (Allocation* a : rows) {
-    if (!a->backup || a->backup->pieces.empty()) continue;
-    bool& decode = decodes[a->device()];
-    if (decode || !any_packed(a->backup->pieces)) continue;
+  for (const auto& [device, count] : packed) {
+    if (count == 0) continue;
     if (!codec && !(codec = codecs_.get(*backend_)))
       throw Error("a compressed backup cannot be restored: " + codecs_.why() + ". Nothing was changed");
-    decode = true;
-    needed[a->device()] += Staging::device_bytes(*backend_, *codec, a->device(), options_.compress);
+    needed[device] += CompressedWake::staging_bytes(*backend_, *codec, device, options_.compress, count);
   }
   if (wait_seconds == 0)
     for (const auto& [device, bytes] : needed)
       if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
   std::map<int, std::unique_ptr<CompressedWake>> unpack;  // device -> its compressed backups' restore
-  for (const auto& [device, decode] : decodes) {
+  for (const auto& [device, count] : packed) {
     try {
-      unpack[device] = std::make_unique<CompressedWake>(*backend_, device, options_.compress,
-                                                        decode ? codec.get() : nullptr);
+      unpack[device] = std::make_unique<CompressedWake>(*backend_, device, options_.compress, codec.get(), count);
     } catch (const DeviceOutOfMemory& e) {
       throw no_room(device, std::string("compression staging: ") + e.what());
     }

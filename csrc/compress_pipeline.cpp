@@ -276,14 +276,29 @@ std::vector<PackedPiece> CompressedSleep::pieces_of(size_t step) const {
 
 // ---- wake ----------------------------------------------------------------------------------------
 
-bool any_packed(const std::vector<PackedPiece>& pieces) {
-  return std::any_of(pieces.begin(), pieces.end(), [](const PackedPiece& p) { return p.packed; });
+uint64_t packed_pieces(const std::vector<PackedPiece>& pieces) {
+  return static_cast<uint64_t>(
+      std::count_if(pieces.begin(), pieces.end(), [](const PackedPiece& p) { return p.packed; }));
 }
 
-CompressedWake::CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec)
-    : options_(options), backend_(backend), device_(device) {
-  if (!codec) return;
-  staging_ = std::make_unique<Staging>(backend, *backend.codec_stream(device), *codec, device, options);
+CompressOptions CompressedWake::sized(const CompressOptions& options, uint64_t packed) {
+  CompressOptions o = options;
+  o.chunk_pieces = static_cast<unsigned>(std::clamp<uint64_t>(packed, 1, o.chunk_pieces));
+  const uint64_t chunks = (packed + o.chunk_pieces - 1) / o.chunk_pieces;
+  o.slots = static_cast<unsigned>(std::clamp<uint64_t>(chunks, 1, o.slots));  // one chunk needs one slot
+  return o;
+}
+
+uint64_t CompressedWake::staging_bytes(DeviceBackend& backend, Codec& codec, int device,
+                                       const CompressOptions& options, uint64_t packed) {
+  return packed == 0 ? 0 : Staging::device_bytes(backend, codec, device, sized(options, packed));
+}
+
+CompressedWake::CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec,
+                               uint64_t packed)
+    : options_(sized(options, packed)), backend_(backend), device_(device), packed_left_(packed) {
+  if (packed == 0) return;
+  staging_ = std::make_unique<Staging>(backend, *backend.codec_stream(device), *codec, device, options_);
   totals_.staging_bytes = staging_->bytes();
 }
 
@@ -305,7 +320,8 @@ void CompressedWake::add(uintptr_t address, const uint8_t* host_base, const Host
     uint8_t* host = const_cast<uint8_t*>(host_base + p.host_offset);
     const uintptr_t device = address + p.row_offset;
     if (p.packed) {
-      if (!staging_) throw Error("a packed piece reached a wake made without staging on its device");
+      if (packed_left_ == 0) throw Error("a wake was made for fewer packed pieces than its backups hold");
+      packed_left_ -= 1;
       totals_.pieces_packed += 1;
       pending_.push_back({{device, p.plain_bytes, 0, p.stored_bytes}, host, &arena});
       continue;
@@ -321,6 +337,7 @@ void CompressedWake::add(uintptr_t address, const uint8_t* host_base, const Host
   end_run();
   if (!plain.empty()) backend_.enqueue_copies(device_, CopyDirection::ToDevice, plain);
   while (pending_.size() >= options_.chunk_pieces) flush();
+  if (packed_left_ == 0) flush();  // the last chunk, short: decoded beside the plain copies still to come
 }
 
 // The next chunk of pending packed pieces: into slot c % slots once that slot's last decode is done,
@@ -352,7 +369,8 @@ void CompressedWake::flush() {
   staging_->marks.push_back(0);
   {
     CodecScope scope(staging_->stream);
-    staging_->codec.decompress(batch, staging_->temp(), staging_->temp_bytes(), staging_->sizes(slot), staging_->stream);
+    Staging& st = *staging_;
+    st.codec.decompress(batch, st.temp(), st.temp_bytes(), st.sizes(slot), st.stream);
   }
   staging_->stream.to_host(staging_->sizes(slot), staging_->host_sizes(slot), 8 * n);
   staging_->marks[chunk] = staging_->stream.record();

@@ -22,10 +22,13 @@
 // Wake: plain pieces are copied straight into the allocation, each run of them adjacent in the
 // allocation and in the arena as one copy (as a plain backup is); packed ones into a slot, then decoded
 // into the allocation on the codec stream after the copies; a slot is filled again only after its
-// decode (the copy queue waits for the codec's mark). Staging and the codec are used only on a device
-// where some piece is packed: a backup that auto sent all plain (incompressible data) wakes at the cost
-// of a plain one, with no staging counted in the memory the wake needs. Every decoded size is checked
-// on the host before the wake succeeds; a failure undoes the wake as any other, the backup stays as it was.
+// decode (the copy queue waits for the codec's mark). The wake's staging is sized to the packed pieces it
+// decodes on the device (no more pieces per chunk, nor slots, than they fill), and made, with the codec
+// used, only where one is packed: a backup that auto sent all plain (incompressible data) wakes at the
+// cost of a plain one, with no staging counted in the memory the wake needs; one packed piece among many
+// plain (a segment's zero slack beside random bytes) takes one slot of one piece, decoded as soon as it is
+// copied rather than after every plain copy. Every decoded size is checked on the host before the wake
+// succeeds; a failure undoes the wake as any other, the backup stays as it was.
 // The host arena keeps only what is stored: its ready (resident, pinned) prefix grows with the
 // compressed bytes, chunk by chunk, so a compressed backup holds about ratio x the model's bytes.
 #pragma once
@@ -66,8 +69,7 @@ struct PackedPiece {
   uint64_t stored_bytes = 0;  // packed size, or plain_bytes when sent plain
   bool packed = false;
 };
-// Whether a wake of these pieces decodes anything (needs the codec and staging).
-bool any_packed(const std::vector<PackedPiece>& pieces);
+uint64_t packed_pieces(const std::vector<PackedPiece>& pieces);  // those a wake decodes
 
 // What one compressed operation moved (OpStats::compress).
 struct CompressTotals {
@@ -195,8 +197,11 @@ class CompressedSleep final : public BackupCopies {
 // A wake's copies of compressed backups on one device.
 class CompressedWake {
  public:
-  // `codec` null: no piece on `device` is packed, and the wake makes no staging (add() then refuses one).
-  CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec);
+  // `packed`: how many packed pieces the rows added will hold (0: no staging, no codec; `codec` unused).
+  CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec, uint64_t packed);
+  // Device bytes of the staging for `packed` pieces (0 for none), rounded to the granularity.
+  static uint64_t staging_bytes(DeviceBackend& backend, Codec& codec, int device, const CompressOptions& options,
+                                uint64_t packed);
   ~CompressedWake();  // waits for codec work still in flight (warning of failures)
   CompressedWake(const CompressedWake&) = delete;
   CompressedWake& operator=(const CompressedWake&) = delete;
@@ -216,12 +221,14 @@ class CompressedWake {
   };
   void flush();
   void check(size_t chunk);
+  static CompressOptions sized(const CompressOptions& options, uint64_t packed);
 
-  const CompressOptions options_;
+  const CompressOptions options_;  // chunk_pieces and slots cut to the packed pieces
   DeviceBackend& backend_;
   const int device_;
   std::unique_ptr<Staging> staging_;  // only where a piece is packed
   std::vector<Pending> pending_;
+  uint64_t packed_left_;  // packed pieces not added yet
   std::vector<std::vector<CodecPiece>> chunks_;  // per chunk: what it decodes (to check its sizes)
   size_t checked_ = 0;                           // chunks [0, checked_) are decoded and checked
   CompressTotals totals_;

@@ -17,7 +17,7 @@ def row(dataset: str, mode: str, sleep_s: float, wake_s: float, host: float, pin
     model = 16 * GB
     return {"dataset": dataset, "mode": mode, "model_bytes": model, "first_sleep_s": sleep_s, "sleep_s": sleep_s,
             "wake_s": wake_s, "host_bytes": host * model, "host_pinned_bytes": pinned * model, "pieces_packed": 1,
-            "pieces_plain": 0, "staging_bytes": 800 << 20, "exact": exact}
+            "pieces_plain": 0, "staging_bytes": 800 << 20, "wake_staging_bytes": 800 << 20, "exact": exact}
 
 
 def test_bf16_targets_met_when_both_directions_beat_the_limit_and_host_shrinks() -> None:

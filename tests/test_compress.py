@@ -260,8 +260,9 @@ def test_wake_makes_staging_only_when_a_backup_it_restores_has_a_packed_piece(ba
     overwrite_free_memory(a)
     a.wake(["noise"])  # all plain: no staging
     assert a.last_wake.staging_device_bytes == 0 and a.last_wake.pieces_packed == 0
-    a.wake(["weights"])  # packed pieces: staging
-    assert a.last_wake.staging_device_bytes > 0 and a.last_wake.pieces_packed > 0
+    a.wake(["weights"])  # 4 packed pieces: staging of one slot of 4, less than the sleep's 2 slots
+    assert a.last_wake.pieces_packed == 4
+    assert 0 < a.last_wake.staging_device_bytes < a.last_sleep.staging_device_bytes
     assert read(noise_ptr, len(noise)) == noise and read(weights_ptr, len(weights)) == weights
     # Both in one wake: a mixed device decodes, and the plain backup beside it comes back as well.
     a.sleep(["noise", "weights"])

@@ -103,7 +103,7 @@ class OpStats:
     compress_stored_bytes: int
     pieces_packed: int  # pieces kept compressed
     pieces_plain: int  # pieces sent as they are (did not pay, or could not be coded)
-    staging_device_bytes: int  # device memory the operation used for compression staging
+    staging_device_bytes: int  # device memory the operation used for compression staging (wake: 0 if none packed)
 
     @property
     def compress_ratio(self) -> float:

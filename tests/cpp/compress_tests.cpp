@@ -119,13 +119,19 @@ struct Row {
   std::vector<uint8_t> data;
 };
 
+// Which of the fixture's 5 rows hold bf16-like words (the rest random bytes, which auto sends plain).
+using Kinds = std::vector<bool>;
+const Kinds kMixed = {true, true, true, true, false};
+const Kinds kAllRandom = {false, false, false, false, false};
+const Kinds kFirstRowPacks = {true, false, false, false, false};  // 3 packed pieces: one chunk, one slot
+const Kinds kFourthRowPacks = {false, false, false, true, false};  // 5 packed: a short chunk before the last row
+
 struct Fixture {
   FaultyBackend* backend;
   std::unique_ptr<Allocator> allocator;
   std::vector<Row> rows;
 
-  // `compressible`: rows like bf16 but one (the mixed case); else all random (auto sends every piece plain).
-  Fixture(bool async, vse::CompressMode mode, bool compressible = true) {
+  Fixture(bool async, vse::CompressMode mode, const Kinds& compressible = kMixed) {
     auto b = std::make_unique<FaultyBackend>(async, 64 * MiB);
     backend = b.get();
     allocator = std::make_unique<Allocator>(std::move(b));
@@ -141,7 +147,8 @@ struct Fixture {
     // point stays quick under the sanitizers.
     const uint64_t sizes[] = {3 * 64 * KiB + 5, 256 * KiB, 17, 320 * KiB + 1, 200 * KiB};
     for (size_t i = 0; i < 5; ++i) {
-      Row r{allocator->allocate(sizes[i], 0, "weights"), make_data(sizes[i], static_cast<uint32_t>(i), compressible && i != 4)};
+      Row r{allocator->allocate(sizes[i], 0, "weights"),
+            make_data(sizes[i], static_cast<uint32_t>(i), compressible[i])};
       std::memcpy(reinterpret_cast<void*>(r.address), r.data.data(), r.data.size());
       rows.push_back(std::move(r));
     }
@@ -218,7 +225,7 @@ void sleep_faults(bool async, Fault FaultyBackend::*which) {
 }
 
 void wake_faults(bool async, Fault FaultyBackend::*which, vse::CompressMode mode = vse::CompressMode::On,
-                 bool compressible = true) {
+                 const Kinds& compressible = kMixed) {
   int failures = 0;
   for (int k = 0; k < 200; ++k) {
     Fixture f(async, mode, compressible);
@@ -256,7 +263,7 @@ void test_wake_codec_fault_async() { wake_faults(true, &FaultyBackend::codec_fau
 // A wake of backups whose pieces auto sent all plain costs what a plain backup's does: the same copies
 // (runs of adjacent pieces as one), no staging, no codec work.
 void plain_pieces_wake_as_a_plain_backup(bool async) {
-  Fixture off(async, vse::CompressMode::Off, false);
+  Fixture off(async, vse::CompressMode::Off, kAllRandom);
   off.allocator->sleep({"weights"}, {}, {});
   off.backend->to_device_spans = 0;
   off.allocator->wake(std::nullopt);
@@ -264,7 +271,7 @@ void plain_pieces_wake_as_a_plain_backup(bool async) {
   const uint64_t plain_spans = off.backend->to_device_spans;
   CHECK(plain_spans >= 5);  // a copy per row at least
 
-  Fixture f(async, vse::CompressMode::Auto, false);
+  Fixture f(async, vse::CompressMode::Auto, kAllRandom);
   f.allocator->sleep({"weights"}, {}, {});
   const vse::OpStats s = *f.allocator->last_sleep();
   CHECK(s.compress.pieces_packed == 0);
@@ -285,15 +292,36 @@ void plain_pieces_wake_as_a_plain_backup(bool async) {
 void test_plain_pieces_wake_host() { plain_pieces_wake_as_a_plain_backup(false); }
 void test_plain_pieces_wake_async() { plain_pieces_wake_as_a_plain_backup(true); }
 void test_wake_copy_fault_plain_pieces_host() {
-  wake_faults(false, &FaultyBackend::copy_fault, vse::CompressMode::Auto, false);
+  wake_faults(false, &FaultyBackend::copy_fault, vse::CompressMode::Auto, kAllRandom);
 }
 void test_wake_copy_fault_plain_pieces_async() {
-  wake_faults(true, &FaultyBackend::copy_fault, vse::CompressMode::Auto, false);
+  wake_faults(true, &FaultyBackend::copy_fault, vse::CompressMode::Auto, kAllRandom);
 }
 void test_wake_copy_fault_mixed_auto_async() { wake_faults(true, &FaultyBackend::copy_fault, vse::CompressMode::Auto); }
 void test_wake_codec_fault_mixed_auto_async() {
   wake_faults(true, &FaultyBackend::codec_fault, vse::CompressMode::Auto);
 }
+
+// A wake's staging is cut to the packed pieces it decodes: one chunk of 3 in one slot; 5 in two chunks,
+// the short one decoded before the last row's plain copies. Exact, and faults at every point lose nothing.
+// Mode on: only the bf16-like rows pack (auto may pause on the random rows first, by the table's order).
+void few_packed_pieces(bool async, const Kinds& kinds, uint64_t expected_packed) {
+  Fixture f(async, vse::CompressMode::On, kinds);
+  f.allocator->sleep({"weights"}, {}, {});
+  CHECK(f.allocator->last_sleep()->compress.pieces_packed == expected_packed);
+  f.allocator->wake(std::nullopt);
+  CHECK(f.all_exact());
+  const vse::OpStats w = *f.allocator->last_wake();
+  CHECK(w.compress.pieces_packed == expected_packed);
+  CHECK(w.compress.staging_bytes > 0);
+  for (Fault FaultyBackend::*which : {&FaultyBackend::copy_fault, &FaultyBackend::codec_fault})
+    wake_faults(async, which, vse::CompressMode::On, kinds);
+}
+
+void test_one_chunk_packed_host() { few_packed_pieces(false, kFirstRowPacks, 3); }
+void test_one_chunk_packed_async() { few_packed_pieces(true, kFirstRowPacks, 3); }
+void test_short_chunk_packed_host() { few_packed_pieces(false, kFourthRowPacks, 5); }
+void test_short_chunk_packed_async() { few_packed_pieces(true, kFourthRowPacks, 5); }
 
 void test_reference_codec_round_trips_and_rejects_corrupt_streams() {
   vse::ReferenceCodec codec;
@@ -342,6 +370,10 @@ int main(int argc, char** argv) {
       {"wake_copy_fault_plain_pieces_async", test_wake_copy_fault_plain_pieces_async},
       {"wake_copy_fault_mixed_auto_async", test_wake_copy_fault_mixed_auto_async},
       {"wake_codec_fault_mixed_auto_async", test_wake_codec_fault_mixed_auto_async},
+      {"one_chunk_packed_host", test_one_chunk_packed_host},
+      {"one_chunk_packed_async", test_one_chunk_packed_async},
+      {"short_chunk_packed_host", test_short_chunk_packed_host},
+      {"short_chunk_packed_async", test_short_chunk_packed_async},
       {"reference_codec", test_reference_codec_round_trips_and_rejects_corrupt_streams},
       {"bad_options", test_bad_compress_options_are_rejected},
   };
