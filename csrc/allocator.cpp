@@ -437,23 +437,23 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
   // Compressed backups: packed pieces decode through staging on the device, sized to them and counted
   // in what the wake needs; a device whose pieces are all plain gets neither staging nor codec
   // (Note [Compressed backups]).
-  std::map<int, uint64_t> packed;  // device with compressed backups -> how many of its pieces are packed
+  std::map<int, PackedLoad> packed;  // device with compressed backups -> the packed pieces it decodes
   for (Allocation* a : rows)
-    if (a->backup && !a->backup->pieces.empty()) packed[a->device()] += packed_pieces(a->backup->pieces);
+    if (a->backup && !a->backup->pieces.empty()) packed[a->device()].add(a->backup->pieces);
   std::shared_ptr<Codec> codec;
-  for (const auto& [device, count] : packed) {
-    if (count == 0) continue;
+  for (const auto& [device, load] : packed) {
+    if (load.pieces == 0) continue;
     if (!codec && !(codec = codecs_.get(*backend_)))
       throw Error("a compressed backup cannot be restored: " + codecs_.why() + ". Nothing was changed");
-    needed[device] += CompressedWake::staging_bytes(*backend_, *codec, device, options_.compress, count);
+    needed[device] += CompressedWake::staging_bytes(*backend_, *codec, device, options_.compress, load);
   }
   if (wait_seconds == 0)
     for (const auto& [device, bytes] : needed)
       if (backend_->memory_info(device).free < bytes) throw no_room(device, "");
   std::map<int, std::unique_ptr<CompressedWake>> unpack;  // device -> its compressed backups' restore
-  for (const auto& [device, count] : packed) {
+  for (const auto& [device, load] : packed) {
     try {
-      unpack[device] = std::make_unique<CompressedWake>(*backend_, device, options_.compress, codec.get(), count);
+      unpack[device] = std::make_unique<CompressedWake>(*backend_, device, options_.compress, codec.get(), load);
     } catch (const DeviceOutOfMemory& e) {
       throw no_room(device, std::string("compression staging: ") + e.what());
     }

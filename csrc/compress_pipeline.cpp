@@ -276,28 +276,33 @@ std::vector<PackedPiece> CompressedSleep::pieces_of(size_t step) const {
 
 // ---- wake ----------------------------------------------------------------------------------------
 
-uint64_t packed_pieces(const std::vector<PackedPiece>& pieces) {
-  return static_cast<uint64_t>(
-      std::count_if(pieces.begin(), pieces.end(), [](const PackedPiece& p) { return p.packed; }));
+void PackedLoad::add(const std::vector<PackedPiece>& backup) {
+  for (const PackedPiece& p : backup)
+    if (p.packed) {
+      pieces += 1;
+      largest = std::max(largest, p.plain_bytes);
+    }
 }
 
-CompressOptions CompressedWake::sized(const CompressOptions& options, uint64_t packed) {
+// The sleep cut the pieces by the piece size of its time; the slots fit the largest of them.
+CompressOptions CompressedWake::sized(const CompressOptions& options, const PackedLoad& load) {
   CompressOptions o = options;
-  o.chunk_pieces = static_cast<unsigned>(std::clamp<uint64_t>(packed, 1, o.chunk_pieces));
-  const uint64_t chunks = (packed + o.chunk_pieces - 1) / o.chunk_pieces;
+  o.piece_bytes = std::max<uint64_t>(load.largest, 1);
+  o.chunk_pieces = static_cast<unsigned>(std::clamp<uint64_t>(load.pieces, 1, o.chunk_pieces));
+  const uint64_t chunks = (load.pieces + o.chunk_pieces - 1) / o.chunk_pieces;
   o.slots = static_cast<unsigned>(std::clamp<uint64_t>(chunks, 1, o.slots));  // one chunk needs one slot
   return o;
 }
 
 uint64_t CompressedWake::staging_bytes(DeviceBackend& backend, Codec& codec, int device,
-                                       const CompressOptions& options, uint64_t packed) {
-  return packed == 0 ? 0 : Staging::device_bytes(backend, codec, device, sized(options, packed));
+                                       const CompressOptions& options, const PackedLoad& load) {
+  return load.pieces == 0 ? 0 : Staging::device_bytes(backend, codec, device, sized(options, load));
 }
 
 CompressedWake::CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec,
-                               uint64_t packed)
-    : options_(sized(options, packed)), backend_(backend), device_(device), packed_left_(packed) {
-  if (packed == 0) return;
+                               const PackedLoad& load)
+    : options_(sized(options, load)), backend_(backend), device_(device), packed_left_(load.pieces) {
+  if (load.pieces == 0) return;
   staging_ = std::make_unique<Staging>(backend, *backend.codec_stream(device), *codec, device, options_);
   totals_.staging_bytes = staging_->bytes();
 }
@@ -320,7 +325,8 @@ void CompressedWake::add(uintptr_t address, const uint8_t* host_base, const Host
     uint8_t* host = const_cast<uint8_t*>(host_base + p.host_offset);
     const uintptr_t device = address + p.row_offset;
     if (p.packed) {
-      if (packed_left_ == 0) throw Error("a wake was made for fewer packed pieces than its backups hold");
+      if (packed_left_ == 0 || p.plain_bytes > options_.piece_bytes)
+        throw Error("a wake was made for other packed pieces than its backups hold");
       packed_left_ -= 1;
       totals_.pieces_packed += 1;
       pending_.push_back({{device, p.plain_bytes, 0, p.stored_bytes}, host, &arena});

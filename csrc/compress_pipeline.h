@@ -23,7 +23,8 @@
 // allocation and in the arena as one copy (as a plain backup is); packed ones into a slot, then decoded
 // into the allocation on the codec stream after the copies; a slot is filled again only after its
 // decode (the copy queue waits for the codec's mark). The wake's staging is sized to the packed pieces it
-// decodes on the device (no more pieces per chunk, nor slots, than they fill), and made, with the codec
+// decodes on the device (no more pieces per chunk, nor slots, than they fill; slots as wide as the largest
+// of them, whatever the piece size is set to now), and made, with the codec
 // used, only where one is packed: a backup that auto sent all plain (incompressible data) wakes at the
 // cost of a plain one, with no staging counted in the memory the wake needs; one packed piece among many
 // plain (a segment's zero slack beside random bytes) takes one slot of one piece, decoded as soon as it is
@@ -69,7 +70,12 @@ struct PackedPiece {
   uint64_t stored_bytes = 0;  // packed size, or plain_bytes when sent plain
   bool packed = false;
 };
-uint64_t packed_pieces(const std::vector<PackedPiece>& pieces);  // those a wake decodes
+// What a wake decodes on one device: how many packed pieces, and the plain size of the largest.
+struct PackedLoad {
+  uint64_t pieces = 0;
+  uint64_t largest = 0;
+  void add(const std::vector<PackedPiece>& backup);
+};
 
 // What one compressed operation moved (OpStats::compress).
 struct CompressTotals {
@@ -197,11 +203,12 @@ class CompressedSleep final : public BackupCopies {
 // A wake's copies of compressed backups on one device.
 class CompressedWake {
  public:
-  // `packed`: how many packed pieces the rows added will hold (0: no staging, no codec; `codec` unused).
-  CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec, uint64_t packed);
-  // Device bytes of the staging for `packed` pieces (0 for none), rounded to the granularity.
+  // `load`: the packed pieces of the rows that will be added (none: no staging, no codec; `codec` unused).
+  CompressedWake(DeviceBackend& backend, int device, const CompressOptions& options, Codec* codec,
+                 const PackedLoad& load);
+  // Device bytes of the staging for `load` (0 for none), rounded to the granularity.
   static uint64_t staging_bytes(DeviceBackend& backend, Codec& codec, int device, const CompressOptions& options,
-                                uint64_t packed);
+                                const PackedLoad& load);
   ~CompressedWake();  // waits for codec work still in flight (warning of failures)
   CompressedWake(const CompressedWake&) = delete;
   CompressedWake& operator=(const CompressedWake&) = delete;
@@ -221,9 +228,9 @@ class CompressedWake {
   };
   void flush();
   void check(size_t chunk);
-  static CompressOptions sized(const CompressOptions& options, uint64_t packed);
+  static CompressOptions sized(const CompressOptions& options, const PackedLoad& load);
 
-  const CompressOptions options_;  // chunk_pieces and slots cut to the packed pieces
+  const CompressOptions options_;  // cut to the load: piece_bytes its largest, chunk_pieces and slots
   DeviceBackend& backend_;
   const int device_;
   std::unique_ptr<Staging> staging_;  // only where a piece is packed

@@ -273,6 +273,21 @@ def test_wake_makes_staging_only_when_a_backup_it_restores_has_a_packed_piece(ba
     assert read(noise_ptr, len(noise)) == noise and read(weights_ptr, len(weights)) == weights
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wake_after_the_piece_size_changed_restores_the_pieces_as_the_sleep_cut_them(backend: str) -> None:
+    # The wake's staging fits the pieces stored, not today's setting (slots as wide as the old pieces).
+    a = make(backend, "on", piece=MiB, chunk_pieces=4)
+    data = bf16_like(6 * MiB + 3, seed=12)
+    ptr = fill(a, data)
+    a.sleep(["weights"])
+    a.compress_piece_bytes = 64 * KiB
+    a.compress_chunk_pieces = 16
+    overwrite_free_memory(a)
+    a.wake(None)
+    assert read(ptr, len(data)) == data
+    assert a.last_wake.pieces_packed == a.last_sleep.pieces_packed == 6
+
+
 def test_compress_options_reject_bad_values_naming_them() -> None:
     a = _core.Allocator("host", 64 * MiB)
     with pytest.raises(ValueError, match=r"compress must be one of 'off', 'auto', 'on', got 'maybe'"):
