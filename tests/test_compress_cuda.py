@@ -83,6 +83,12 @@ def test_level1_compressed_round_trip_is_bit_exact(alloc: CuMemAllocator, mode: 
     data_bytes = sum(t.numel() for t in tensors)
     assert sleep.compress_plain_bytes == sleep.bytes_copied >= data_bytes
     assert wake.compress_plain_bytes == sleep.compress_plain_bytes
+    assert (wake.pieces_packed, wake.pieces_plain) == (sleep.pieces_packed, sleep.pieces_plain)
+    # The wake makes staging only for packed pieces, sized to them: none when all went plain.
+    if sleep.pieces_packed == 0:
+        assert wake.staging_device_bytes == 0
+    else:
+        assert 0 < wake.staging_device_bytes <= sleep.staging_device_bytes
     if kind == "bf16":
         assert sleep.compress_ratio <= 0.75
         assert sleep.pieces_packed > 0

@@ -11,6 +11,8 @@
 #             ".whl/nvidia_libnvcomp_cu13-6.0.0.12-py3-none-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl"]
 #   timeout: 420 s
 # Read: $OUT/bench_compress.md (table + verdict lines "... MET / NOT MET"), $OUT/tests.log (pytest summary).
+# Branch plainwake: "random auto vs plain: ... wake" should reach >= 0.97 x (0.914 x before), the random rows'
+# "staging MiB sleep / wake" showing a wake staging of one piece's slot (or 0), not 866 (tools/vllm_gpu_calls.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
