@@ -1,8 +1,10 @@
 """Issue 17 item 1's probe: why is the level-1 wake not at the pinned-copy limit when memory with no backup
 (a KV cache) is mapped while the backups are copied back? The core's wake (csrc/allocator.cpp
-Allocator::wake) maps the segments with backups and enqueues their host-to-device copies first, then creates
-and maps the rest while the copies run. In vLLM (Llama-3-8B shape, H200) 15.5 GiB came back in 0.45 s
-(37 GB/s) with 0.25 s of driver map calls, against 0.30 s at the limit: something serializes them.
+Allocator::wake) mapped the segments with backups and enqueued each one's host-to-device copies right after
+its map, then created and mapped the rest while the copies ran. In vLLM (Llama-3-8B shape, H200) 15.5 GiB came
+back in 0.45 s (37 GB/s) with 0.25 s of driver map calls, against 0.30 s at the limit. Variants a-f (run
+2026-12-03, RESULTS.md section 15) showed that one large map beside the copies costs nothing; g and h compare
+many maps between the copies (the old order) with all maps first (the core's order since then).
 
 On one GPU, with the libcuda calls made through ctypes (benchmarks/cuvmm.py), B bytes (--copy-gib, default 16)
 are copied from pinned host memory into a VMM-mapped destination as --piece-mib copies on a non-blocking
@@ -15,6 +17,9 @@ default 96, capped at free memory - B - --headroom-gib) are created, mapped and 
   d  K created before the copies are enqueued, mapped + accessed after (is it create or map/access that collides?)
   e  as c with K in --split-gib handles (many smaller calls)
   f  K's calls on a second thread while the first enqueues the copies
+  g  the copies' destination in --segments separately created and mapped segments (vLLM's 8B weights: 118),
+     each segment's copies enqueued right after its map, then K (the core's wake order until 2026-12-03)
+  h  every segment and K created and mapped first, then every copy (the core's order since then)
 
 Each variant --reps times (rounds a..f interleaved, K released and a --pause-s pause between runs), after one
 unmeasured a and b; medians. Times are seconds from the variant's first call; the copies' completion comes
@@ -53,6 +58,8 @@ VARIANTS = {
     "d": "K created, copies, then K map+access",
     "e": "as c, K in smaller handles",
     "f": "K's calls on a 2nd thread",
+    "g": "copies into N segments, each mapped first",
+    "h": "N segments and K mapped, then the copies",
 }
 OVERLAP_TOLERANCE = 1.05  # total <= this x max(a, b) counts as overlapped
 CALLS = ("create", "map", "access")
@@ -129,8 +136,26 @@ FIXES = {
 }
 
 
+def many_maps(summary: dict[str, Any]) -> list[str]:
+    """g against h: do many maps made while copies are in flight cost what mapping them first costs?"""
+    v = summary["variants"]
+    if "g" not in v or "h" not in v:
+        return []
+    g, h, a = v["g"], v["h"], v["a"]
+    return [f"many segments: mapped between the copies (g) {g['total_s']:.3f} s (driver {g['driver_s']:.3f} s), mapped "
+            f"before them (h) {h['total_s']:.3f} s (driver {h['driver_s']:.3f} s); copies alone {a['total_s']:.3f} s: "
+            + ("mapping first is faster" if h["total_s"] < 0.97 * g["total_s"] else
+               "mapping first is slower" if h["total_s"] > 1.03 * g["total_s"] else "the two orders cost the same")]
+
+
 def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> list[str]:
-    """What the medians say: does the core's order (c) overlap, what collides if not, which variant fixes it."""
+    """What the medians say: does the core's order (c) overlap, what collides if not, which variant fixes it;
+    and g against h (many maps between the copies or before them)."""
+    lines = _diagnose_k(summary, tolerance)
+    return lines + many_maps(summary)
+
+
+def _diagnose_k(summary: dict[str, Any], tolerance: float) -> list[str]:
     v, ideal = summary["variants"], summary["ideal_s"]
     a, b = v["a"], v["b"]
     lines = [f"fully overlapped would be max(a, b) = {ideal:.3f} s; one after the other a + b = "
@@ -185,7 +210,8 @@ def _f(x: Optional[float], fmt: str) -> str:
 def table(res: dict[str, Any]) -> str:
     s = res["summary"]
     lines = [f"-- wake overlap: {res['copy_bytes'] / GiB:.2f} GiB host-to-device in {res['piece_bytes'] // MiB} MiB "
-             f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e), median of "
+             f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e; the copies' "
+             f"destination in {res.get('segments', '-')} handles in g and h), median of "
              f"{res['reps']} (seconds from the variant's first call)",
              f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'copies s':>8} {'calls-done s':>12} {'driver s':>9} "
              f"{'create/map/access s':>20} {'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
@@ -213,11 +239,12 @@ class Probe:
     """The pinned source, the mapped destination, K's address range; one method per variant."""
 
     def __init__(self, drv, host_ptr: int, copy_bytes: int, piece_bytes: int, event_every: int, k_bytes: int,
-                 split_bytes: int):
+                 split_bytes: int, segments: int = 118):
         self.drv, self.host_ptr = drv, host_ptr
         self.stream = drv.stream()
         self.gran = drv.granularity()
         self.copy_bytes = copy_bytes
+        self.piece_bytes = piece_bytes
         self.pieces = chunk_sizes(copy_bytes, piece_bytes)
         per_event = max(1, event_every // piece_bytes)
         self.groups = [self.pieces[i:i + per_event] for i in range(0, len(self.pieces), per_event)]
@@ -231,8 +258,13 @@ class Probe:
         split = max(self.gran, split_bytes // self.gran * self.gran)
         self.k_split = chunk_sizes(self.k_bytes, split)
         self.k_base = drv.reserve(self.k_bytes)
-        self.k_handles: list[int] = []
+        self.k_handles: list[int] = []  # K's and g/h's segments', released by release_k
         self.k_maps: list[tuple[int, int]] = []  # (address, bytes) mapped, unmapped by release_k
+        # g and h: the copies' destination again, in `segments` handles of their own
+        seg = -(-dst_size // max(1, segments) // self.gran) * self.gran
+        self.seg_sizes = chunk_sizes(dst_size, seg)
+        self.seg_base = drv.reserve(dst_size)
+        self.seg_events = (drv.event(), drv.event())
 
     def close(self) -> None:
         self.drv.sync(self.stream)  # no copy may still write into the destination once it is unmapped
@@ -241,6 +273,7 @@ class Probe:
         self.drv.release(self.dst_handle)
         self.drv.address_free(*self.dst)
         self.drv.address_free(self.k_base, self.k_bytes)
+        self.drv.address_free(self.seg_base, self.dst[1])
 
     # -- pieces of a run
     def _timed(self, calls: list, t0: float, name: str, fn, *args) -> Any:
@@ -287,6 +320,48 @@ class Probe:
             self._map_one(calls, t0, at, size, self.k_handles[-1])
             at += size
 
+    def _segments_run(self, calls: list, t0: float, interleave: bool) -> dict[str, Any]:
+        """g (interleave) and h: each segment created, mapped and given access; its copies enqueued right after
+        it (g) or once every segment and K are mapped (h); K after the segments."""
+        drv, start_ev, end_ev = self.drv, *self.seg_events
+        info: dict[str, Any] = {}
+
+        def start() -> None:
+            info["copy_start_s"] = time.perf_counter() - t0
+            drv.record(start_ev, self.stream)
+
+        def enqueue(lo: int, hi: int) -> None:
+            for size in chunk_sizes(hi - lo, self.piece_bytes) if hi > lo else []:
+                drv.copy_h2d(self.seg_base + lo, self.host_ptr + lo, size, self.stream)
+                lo += size
+
+        at = 0
+        for size in self.seg_sizes:
+            self.k_handles.append(self._timed(calls, t0, "create", drv.create, size))
+            self._map_one(calls, t0, self.seg_base + at, size, self.k_handles[-1])
+            if interleave:
+                if not info:
+                    start()
+                enqueue(at, min(at + size, self.copy_bytes))
+            at += size
+        if not interleave:
+            self._create_k(calls, t0)
+            self._map_k(calls, t0)
+            start()
+            at = 0
+            for size in self.seg_sizes:  # per segment, as the core copies per allocation
+                enqueue(at, min(at + size, self.copy_bytes))
+                at += size
+        enqueued = time.perf_counter() - t0
+        drv.record(end_ev, self.stream)
+        if interleave:
+            self._create_k(calls, t0)
+            self._map_k(calls, t0)
+        drv.sync(self.stream)
+        info.update(enqueue_s=enqueued - info["copy_start_s"], copy_sizes=[self.copy_bytes],
+                    copy_ends_s=[info["copy_start_s"] + drv.elapsed_s(start_ev, end_ev)])
+        return info
+
     def release_k(self) -> None:
         while self.k_maps:
             self.drv.unmap(*self.k_maps.pop())
@@ -321,6 +396,8 @@ class Probe:
         elif variant == "f":
             info = self._run_two_threads(calls)
             t0 = info.pop("t0")
+        elif variant in ("g", "h"):
+            info = self._segments_run(calls, t0, interleave=variant == "g")
         else:
             raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
         return {"variant": variant, "total_s": time.perf_counter() - t0, "calls": calls, **info}
@@ -376,13 +453,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--piece-mib", type=int, default=64, help="size of each copy (default 64)")
     ap.add_argument("--event-every-mib", type=int, default=1024, help="bytes between timing events (default 1024)")
     ap.add_argument("--split-gib", type=float, default=2.0, help="handle size of K in variant e (default 2)")
+    ap.add_argument("--segments", type=int, default=118,
+                    help="handles of the copies' destination in variants g and h (default 118, vLLM's 8B weights)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pause-s", type=float, default=1.0, help="pause after releasing K, between runs (default 1)")
     ap.add_argument("--headroom-gib", type=float, default=4.0, help="device memory left free (default 4)")
     ap.add_argument("--out", default=None, help="directory for probe_wake_overlap.json")
     a = ap.parse_args(argv)
     bad = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-           if k in ("copy_gib", "kv_gib", "piece_mib", "event_every_mib", "split_gib", "reps") and not v > 0]
+           if k in ("copy_gib", "kv_gib", "piece_mib", "event_every_mib", "split_gib", "reps", "segments") and not v > 0]
     bad += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in ("pause_s", "headroom_gib") and v < 0]
     if bad:
         ap.error(f"sizes and --reps must be > 0, --pause-s and --headroom-gib >= 0; got {', '.join(bad)}")
@@ -403,9 +482,9 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     host = torch.empty(copy_bytes, dtype=torch.uint8, pin_memory=True)
     host.fill_(7)  # every page touched before any copy is timed
     probe = Probe(drv, host.data_ptr(), copy_bytes, a.piece_mib * MiB, a.event_every_mib * MiB, k_bytes,
-                  int(a.split_gib * GiB))
+                  int(a.split_gib * GiB), a.segments)
     res: dict[str, Any] = {"probe": "wake_overlap", "copy_bytes": copy_bytes, "k_bytes": probe.k_bytes,
-                           "piece_bytes": a.piece_mib * MiB, "split_bytes": int(a.split_gib * GiB), "reps": a.reps,
+                           "piece_bytes": a.piece_mib * MiB, "split_bytes": int(a.split_gib * GiB), "segments": a.segments, "reps": a.reps,
                            "pause_s": a.pause_s, "note": note, "device_free_bytes": free, "device_total_bytes": total,
                            "env": {"torch": torch.__version__, "cuda": torch.version.cuda,
                                    "device": torch.cuda.get_device_name(0)}}
