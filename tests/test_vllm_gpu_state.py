@@ -300,3 +300,28 @@ def test_e2e_a_changed_tensor_outside_the_pools_is_not_the_allocators(monkeypatc
     run = make_run(monkeypatch, worker, FakeEngine(worker, touch_input_ids), ours=True)
     run.level1()
     assert run.check("level1") is True and run.result["state"]["level1"]["flows"][0]["changed"] == ["other:none"]
+
+
+def test_e2e_cycles_measure_while_asleep_and_judge_every_sleep(monkeypatch, worker) -> None:
+    import e2e
+
+    events: list[str] = []
+
+    class Recording(FakeEngine):
+        def sleep(self, level: int) -> None:
+            events.append(f"sleep{level}")
+
+        def wake_up(self, tags=None) -> None:
+            events.append("wake")
+            super().wake_up(tags)
+
+    engine = Recording(worker)
+    run = make_run(monkeypatch, worker, engine, ours=True)
+    run.args.cycles = 10
+    monkeypatch.setattr(e2e, "save_params", lambda w: 0)
+    monkeypatch.setattr(e2e, "pool_bytes", lambda w: {"weights": 64})
+    monkeypatch.setattr(e2e, "gpu_used_mib", lambda: (events.append("measured"), [900])[1])
+    e2e.cmd_cycles(run)
+    assert events[:7] == ["sleep1", "measured", "wake", "sleep2", "measured", "wake", "wake"]  # level 2: 2 wakes
+    assert run.result["checks"] == {"cycle10": True, "memory_flat": True}
+    assert len(run.result["state"]["cycle10"]["flows"]) == 10 and not run.failed

@@ -410,13 +410,16 @@ class Run:
     def compare(self, flow: str) -> None:
         """After the wake (level 2: after the trainer's reload): what changed, per worker."""
         reports = self.rpc(state.compare_state)
-        changed = sorted({c for r in reports for c in state.state_differs(r)})
+        examples: dict[str, list] = {}  # changed category -> a few of its tensors (the last worker's)
+        for r in reports:
+            for c in state.state_differs(r):
+                examples[c] = r["categories"][c]["examples"][:2]
+        changed = sorted(examples)
         missing = sum(r["missing_count"] for r in reports)
         # Outside the sleep-mode pools ("other:none") nothing is the allocator's: reported, not judged.
         self.flows_since_check.append({"flow": flow, "changed": changed, "missing": missing,
                                        "lost": [c for c in changed if c != "other:none"] + (["(missing)"] if missing else []),
-                                       "examples": {c: r["categories"][c]["examples"][:2] for r in reports
-                                                    for c in state.state_differs(r)}})
+                                       "examples": examples})
 
     def check(self, name: str) -> bool:
         """The state of every sleep-wake since the last check (the judge), then the outputs (reported).
@@ -450,18 +453,24 @@ class Run:
         fn(*a, **kw)
         return time.perf_counter() - t0
 
-    def level1(self, overwrite: bool = True) -> tuple[float, float]:
+    def level1(self, overwrite: bool = True, asleep=None) -> tuple[float, float]:
+        """Sleep, [asleep()], [overwrite the freed memory], wake; the state compared across it."""
         self.capture()
         s = self.timed(self.llm.sleep, level=1)
+        if asleep:
+            asleep()
         if overwrite:
             scribble(self.args.tp)
         w = self.timed(self.llm.wake_up)
         self.compare("level1")
         return s, w
 
-    def level2(self, overwrite: bool = True, pause: float = 0.0) -> tuple[float, float, float]:
+    def level2(self, overwrite: bool = True, pause: float = 0.0, asleep=None) -> tuple[float, float, float]:
+        """The RLHF flow (sleep, [asleep()], [overwrite], wake weights, reload, wake kv_cache), compared."""
         self.capture()
         s = self.timed(self.llm.sleep, level=2)
+        if asleep:
+            asleep()
         if overwrite:
             scribble(self.args.tp)
         time.sleep(pause)
@@ -512,28 +521,18 @@ def cmd_timing(run: Run) -> None:
     run.check("level1_warm")
     l2 = [run.level2(overwrite=(i == 0), pause=1.0) for i in range(3)]
     run.check("level2_rlhf")
-    # Device memory in use while asleep (every process on the GPU: this driver's scribble context too).
-    run.capture()
-    run.llm.sleep(level=1)
-    r["asleep_mib_level1"] = sum(gpu_used_mib()[:run.args.tp])
-    run.llm.wake_up()
-    run.compare("level1")
-    run.capture()
-    run.llm.sleep(level=2)
-    r["asleep_mib_level2"] = sum(gpu_used_mib()[:run.args.tp])
-    run.llm.wake_up(tags=["weights"])
-    run.rpc(load_params)
-    run.llm.wake_up(tags=["kv_cache"])
-    run.compare("level2")
+
+    def used_mib() -> int:  # device memory in use (every process on the GPU: this driver's scribble context too)
+        return sum(gpu_used_mib()[:run.args.tp])
+
+    def keep(key: str, fn):  # while asleep: fn()'s value into the result as `key`
+        return lambda: r.update({key: fn()})
+
+    run.level1(overwrite=False, asleep=keep("asleep_mib_level1", used_mib))  # memory in use while asleep
+    run.level2(overwrite=False, asleep=keep("asleep_mib_level2", used_mib))
     run.check("memory_probe_cycle")
     # The driver's floor for the same handles, measured in the worker while the engine sleeps at level 2.
-    run.capture()
-    run.llm.sleep(level=2)
-    r["level2_driver_floor"] = run.rpc(level2_driver_floor)
-    run.llm.wake_up(tags=["weights"])
-    run.rpc(load_params)
-    run.llm.wake_up(tags=["kv_cache"])
-    run.compare("level2")
+    run.level2(overwrite=False, asleep=keep("level2_driver_floor", lambda: run.rpc(level2_driver_floor)))
     run.check("after_driver_floor")
     gb = r["weights_bytes"] / 1e9
     r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
@@ -660,19 +659,13 @@ def cmd_cycles(run: Run) -> None:
     """Many cycles, alternating level 1 and the level-2 RLHF flow; memory while asleep must stay flat."""
     run.rpc(save_params)
     asleep_mib, pools = [], []
-    for i in range(run.args.cycles):
-        level = 1 if i % 2 == 0 else 2
-        run.capture()
-        run.llm.sleep(level=level)
+
+    def measure() -> None:  # while asleep
         asleep_mib.append(sum(gpu_used_mib()[:run.args.tp]))
         pools.append(sum(sum(d.values()) for d in run.rpc(pool_bytes)))
-        if level == 1:
-            run.llm.wake_up()
-        else:
-            run.llm.wake_up(tags=["weights"])
-            run.rpc(load_params)
-            run.llm.wake_up(tags=["kv_cache"])
-        run.compare(f"level{level}")
+
+    for i in range(run.args.cycles):
+        (run.level1 if i % 2 == 0 else run.level2)(overwrite=False, asleep=measure)
         if i % 10 == 9:
             run.check(f"cycle{i + 1}")
     r = run.result
