@@ -37,6 +37,7 @@ recorded runs, tested on made-up timings in tests/test_probe_wake_overlap_cpu.py
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -335,23 +336,20 @@ class Probe:
                 drv.copy_h2d(self.seg_base + lo, self.host_ptr + lo, size, self.stream)
                 lo += size
 
-        at = 0
-        for size in self.seg_sizes:
+        segments = list(zip(itertools.accumulate(self.seg_sizes, initial=0), self.seg_sizes))  # (offset, size)
+        for at, size in segments:
             self.k_handles.append(self._timed(calls, t0, "create", drv.create, size))
             self._map_one(calls, t0, self.seg_base + at, size, self.k_handles[-1])
             if interleave:
                 if not info:
                     start()
                 enqueue(at, min(at + size, self.copy_bytes))
-            at += size
         if not interleave:
             self._create_k(calls, t0)
             self._map_k(calls, t0)
             start()
-            at = 0
-            for size in self.seg_sizes:  # per segment, as the core copies per allocation
+            for at, size in segments:  # per segment, as the core copies per allocation
                 enqueue(at, min(at + size, self.copy_bytes))
-                at += size
         enqueued = time.perf_counter() - t0
         drv.record(end_ev, self.stream)
         if interleave:
