@@ -350,46 +350,47 @@ void CompressedWake::add(uintptr_t address, const uint8_t* host_base, const Host
 // then decoded into place on the codec stream after the copies.
 void CompressedWake::flush() {
   if (pending_.empty()) return;
+  Staging& st = *staging_;
   const size_t chunk = chunks_.size();
   const unsigned slot = chunk % options_.slots;
   if (chunk >= options_.slots) {
     const size_t before = chunk - options_.slots;
     check(before);  // its sizes are read from the slot's host array, which this chunk reuses
-    staging_->stream.copies_after(staging_->marks[before]);
-    staging_->stream.release(staging_->marks[before]);
-    staging_->marks[before] = 0;
+    st.stream.copies_after(st.marks[before]);
+    st.stream.release(st.marks[before]);
+    st.marks[before] = 0;
   }
   const size_t n = std::min<size_t>(pending_.size(), options_.chunk_pieces);
   std::vector<CodecPiece> batch;
   std::vector<CopySpan> spans;
   for (size_t i = 0; i < n; ++i) {
     Pending& p = pending_[i];
-    p.piece.packed_address = staging_->packed(slot, i);
+    p.piece.packed_address = st.packed(slot, i);
     p.arena->split_at_registrations({p.piece.packed_address, p.host, p.piece.packed_bytes}, spans);
     batch.push_back(p.piece);
   }
   pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
-  staging_->backend.enqueue_copies(staging_->device, CopyDirection::ToDevice, spans);
-  staging_->stream.after_copies();
+  st.backend.enqueue_copies(st.device, CopyDirection::ToDevice, spans);
+  st.stream.after_copies();
   chunks_.push_back(batch);
-  staging_->marks.push_back(0);
+  st.marks.push_back(0);
   {
-    CodecScope scope(staging_->stream);
-    Staging& st = *staging_;
+    CodecScope scope(st.stream);
     st.codec.decompress(batch, st.temp(), st.temp_bytes(), st.sizes(slot), st.stream);
   }
-  staging_->stream.to_host(staging_->sizes(slot), staging_->host_sizes(slot), 8 * n);
-  staging_->marks[chunk] = staging_->stream.record();
+  st.stream.to_host(st.sizes(slot), st.host_sizes(slot), 8 * n);
+  st.marks[chunk] = st.stream.record();
 }
 
 void CompressedWake::check(size_t chunk) {
+  Staging& st = *staging_;
   for (; checked_ <= chunk; ++checked_) {
-    staging_->stream.wait(staging_->marks[checked_]);
+    st.stream.wait(st.marks[checked_]);
     const std::vector<CodecPiece>& batch = chunks_[checked_];
-    const uint64_t* sizes = staging_->host_sizes(checked_ % options_.slots);
+    const uint64_t* sizes = st.host_sizes(checked_ % options_.slots);
     for (size_t i = 0; i < batch.size(); ++i)
       if (sizes[i] != batch[i].plain_bytes)
-        throw Error(std::string(staging_->codec.name()) + " could not decode a piece of " +
+        throw Error(std::string(st.codec.name()) + " could not decode a piece of " +
                     format_bytes(batch[i].plain_bytes) + " (" + format_bytes(batch[i].packed_bytes) +
                     " stored) for 0x" + [&] {
                       char buf[32];
