@@ -175,7 +175,7 @@ for s in "${scenarios[@]}"; do
             # holds (allocation stacks recorded from the allocator's creation; attribute paths from the worker), ours
       VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 engine ours scope --model llama3-8b --gpu-memory-utilization 0.85 ;;
     swap)  # issue 18: two 8B-shaped engines on one GPU, A.sleep + B.wake overlapped (ours) vs sequential, then stock
-      for who in ours stock; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
+      for who in ${WHO:-ours stock}; do run_script "$who" "$REPO/tests/vllm_gpu/swap.py" --floor-json "$OUT/probe_duplex.json"; done ;;
     *) echo "unknown scenario $s"; status=1 ;;
   esac
 done
