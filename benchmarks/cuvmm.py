@@ -48,6 +48,7 @@ class Driver:
         self.access = device_access(device)
         u64, size = ctypes.c_ulonglong, ctypes.c_size_t
         self.cu.cuMemcpyHtoDAsync_v2.argtypes = [u64, ctypes.c_void_p, size, ctypes.c_void_p]
+        self.cu.cuMemsetD8Async.argtypes = [u64, ctypes.c_ubyte, size, ctypes.c_void_p]
         self.cu.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         # CUDA 12.8 added a _v2 (the same call for timing events); older drivers have only the first
         self._elapsed = getattr(self.cu, "cuEventElapsedTime_v2", None) or self.cu.cuEventElapsedTime
@@ -137,6 +138,9 @@ class Driver:
 
     def copy_h2d(self, dst: int, src: int, size: int, stream: ctypes.c_void_p) -> None:
         self.check(self.cu.cuMemcpyHtoDAsync_v2(dst, ctypes.c_void_p(src), size, stream), "cuMemcpyHtoDAsync")
+
+    def memset_d8(self, dst: int, value: int, size: int, stream: ctypes.c_void_p) -> None:
+        self.check(self.cu.cuMemsetD8Async(dst, value, size, stream), "cuMemsetD8Async")
 
 
 def round_down(n: int, step: int) -> int:

@@ -4,7 +4,10 @@ Allocator::wake) mapped the segments with backups and enqueued each one's host-t
 its map, then created and mapped the rest while the copies ran. In vLLM (Llama-3-8B shape, H200) 15.5 GiB came
 back in 0.45 s (37 GB/s) with 0.25 s of driver map calls, against 0.30 s at the limit. Variants a-f (run
 2026-12-03, RESULTS.md section 15) showed that one large map beside the copies costs nothing; g and h compare
-many maps between the copies (the old order) with all maps first (the core's order since then).
+many maps between the copies (the old order) with all maps first (the core's order since then); run on
+2026-12-03 (section 16), mapping first was 17 ms slower, and both far from the 150 ms of driver time of the warm
+wakes in vLLM, which come right after their sleep. i and j repeat g and h right after the same memory was
+written and released, as a wake that follows its sleep at once: does re-creating just-freed memory cost more?
 
 On one GPU, with the libcuda calls made through ctypes (benchmarks/cuvmm.py), B bytes (--copy-gib, default 16)
 are copied from pinned host memory into a VMM-mapped destination as --piece-mib copies on a non-blocking
@@ -20,8 +23,11 @@ default 96, capped at free memory - B - --headroom-gib) are created, mapped and 
   g  the copies' destination in --segments separately created and mapped segments (vLLM's 8B weights: 118),
      each segment's copies enqueued right after its map, then K (the core's wake order until 2026-12-03)
   h  every segment and K created and mapped first, then every copy (the core's order since then)
+  i  as g, right after the same segments and K were created, mapped, written (cuMemsetD8Async) and released,
+     with no pause: a wake that follows its sleep at once (the release's seconds are recorded, not counted)
+  j  as h, right after the same release
 
-Each variant --reps times (rounds a..f interleaved, K released and a --pause-s pause between runs), after one
+Each variant --reps times (rounds a..j interleaved, K released and a --pause-s pause between runs), after one
 unmeasured a and b; medians. Times are seconds from the variant's first call; the copies' completion comes
 from their events (their origin is the host time of the start event's record, on an idle stream). The table
 shows each variant's total, when the copies were done and how long they took from their enqueue, when the
@@ -61,6 +67,8 @@ VARIANTS = {
     "f": "K's calls on a 2nd thread",
     "g": "copies into N segments, each mapped first",
     "h": "N segments and K mapped, then the copies",
+    "i": "as g, right after releasing the same",
+    "j": "as h, right after releasing the same",
 }
 OVERLAP_TOLERANCE = 1.05  # total <= this x max(a, b) counts as overlapped
 CALLS = ("create", "map", "access")
@@ -149,11 +157,27 @@ def many_maps(summary: dict[str, Any]) -> list[str]:
                "mapping first is slower" if h["total_s"] > 1.03 * g["total_s"] else "the two orders cost the same")]
 
 
+def just_released(summary: dict[str, Any]) -> list[str]:
+    """i and j against g and h: does re-creating memory released just before cost more than after a pause?"""
+    v = summary["variants"]
+    lines = []
+    for after, before in (("i", "g"), ("j", "h")):
+        if after not in v or before not in v:
+            continue
+        a, b = v[after], v[before]
+        extra = a["total_s"] - b["total_s"]
+        lines.append(f"just released: {before}'s order {b['total_s']:.3f} s (driver {b['driver_s']:.3f} s) after a pause, "
+                     f"{a['total_s']:.3f} s (driver {a['driver_s']:.3f} s) right after the release ({after}): " +
+                     (f"re-creating just-freed memory costs {extra:.3f} s more" if extra > 0.03 * b["total_s"] else
+                      "re-creating just-freed memory costs nothing more"))
+    return lines
+
+
 def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> list[str]:
     """What the medians say: does the core's order (c) overlap, what collides if not, which variant fixes it;
-    and g against h (many maps between the copies or before them)."""
+    g against h (many maps between the copies or before them); i and j against g and h (memory just released)."""
     lines = _diagnose_k(summary, tolerance)
-    return lines + many_maps(summary)
+    return lines + many_maps(summary) + just_released(summary)
 
 
 def _diagnose_k(summary: dict[str, Any], tolerance: float) -> list[str]:
@@ -212,7 +236,7 @@ def table(res: dict[str, Any]) -> str:
     s = res["summary"]
     lines = [f"-- wake overlap: {res['copy_bytes'] / GiB:.2f} GiB host-to-device in {res['piece_bytes'] // MiB} MiB "
              f"pieces, K = {res['k_bytes'] / GiB:.2f} GiB ({res['split_bytes'] / GiB:g} GiB handles in e; the copies' "
-             f"destination in {res.get('segments', '-')} handles in g and h), median of "
+             f"destination in {res.get('segments', '-')} handles in g to j), median of "
              f"{res['reps']} (seconds from the variant's first call)",
              f"{'variant':40} {'total s':>8} {'copy-done s':>11} {'copies s':>8} {'calls-done s':>12} {'driver s':>9} "
              f"{'create/map/access s':>20} {'enqueue s':>9} {'copy GB/s':>9} {'during calls':>12} {'x max(a,b)':>10}"]
@@ -360,6 +384,25 @@ class Probe:
                     copy_ends_s=[info["copy_start_s"] + drv.elapsed_s(start_ev, end_ev)])
         return info
 
+    def _release_what_a_sleep_held(self) -> float:
+        """i and j's start: the segments and K created, mapped, written and released, as a sleep leaves them;
+        the release's seconds (not part of the run)."""
+        calls: list = []  # not the run's
+        t0 = time.perf_counter()
+        at = self.seg_base
+        for size in self.seg_sizes:
+            self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, size))
+            self._map_one(calls, t0, at, size, self.k_handles[-1])
+            at += size
+        self._create_k(calls, t0)
+        self._map_k(calls, t0)
+        for ptr, size in self.k_maps:  # every page written, as an engine's memory is
+            self.drv.memset_d8(ptr, 0x5A, size, self.stream)
+        self.drv.sync(self.stream)
+        start = time.perf_counter()
+        self.release_k()
+        return time.perf_counter() - start
+
     def release_k(self) -> None:
         while self.k_maps:
             self.drv.unmap(*self.k_maps.pop())
@@ -396,6 +439,10 @@ class Probe:
             t0 = info.pop("t0")
         elif variant in ("g", "h"):
             info = self._segments_run(calls, t0, interleave=variant == "g")
+        elif variant in ("i", "j"):
+            released_s = self._release_what_a_sleep_held()
+            t0 = time.perf_counter()  # the run starts right after the release
+            info = {"release_s": released_s, **self._segments_run(calls, t0, interleave=variant == "i")}
         else:
             raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
         return {"variant": variant, "total_s": time.perf_counter() - t0, "calls": calls, **info}

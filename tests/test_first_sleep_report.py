@@ -96,11 +96,33 @@ def test_level2_table_against_the_floor_and_stock(tmp_path, capsys) -> None:
     results = tmp_path / "vllm-results.jsonl"
     results.write_text("\n".join(json.dumps(x) for x in (timing("stock", 0.066, 0.3, 0.261, 0.2),
                                                           timing("ours", 0.064, 0.1, 0.12, 0.26))) + "\n")
-    assert report.main([str(results), str(tmp_path / "none.json"), "--level2"]) == 0
+    assert report.main([str(results), str(tmp_path / "none.json"), "--timing"]) == 0
     out = capsys.readouterr().out
     assert "| ours | 0.064 s | 0.100 s | 0.120 s | 0.284 s | 0.260 s (0.087 + 0.173; 120 handles) | 1.09 |" in out
     assert "LEVEL2 level2_vs_floor: 1.092 (target <= 1.1) MET" in out
     assert "LEVEL2 level2_vs_stock: 0.453 (target <= 0.5) MET" in out
+
+
+def test_warm_wakes_against_the_h2d_limit_at_once_and_after_a_while_asleep(tmp_path, capsys) -> None:
+    def timing(who: str, at_once: float, rested: float) -> dict:
+        r = {"command": "timing", "level1_offload_bytes": 16.5 * GB, "level1_warm_wake_s": at_once,
+             "level1_rested_asleep_s": 2.0, "level1_rested_wake_s": rested, "level2_sleep_s": 0.07,
+             "level2_wake_weights_s": 0.06, "level2_wake_kv_s": 0.01, "level2_driver_floor": []}
+        return {"kit": "0.33", "who": who, "rc": 0, "r": r}
+
+    results = tmp_path / "vllm-results.jsonl"
+    results.write_text("\n".join(json.dumps(x) for x in (timing("stock", 0.934, 0.9), timing("ours", 0.465, 0.31)))
+                       + "\n")
+    limit = tmp_path / "limit.json"
+    limit.write_text(json.dumps({"d2h_gbps": 55.0, "h2d_gbps": 55.0}))
+    assert report.main([str(results), str(limit), "--timing", "--kit", "0.33"]) == 0
+    out = capsys.readouterr().out
+    assert ("| warm level-1 wake, right after the sleep | 0.934 s (17.7 GB/s, 0.32 x) | 0.465 s (35.5 GB/s, 0.65 x) "
+            "| 0.300 s (55.0 GB/s) |") in out
+    assert "| warm level-1 wake after 2 s asleep | 0.900 s (18.3 GB/s, 0.33 x) | 0.310 s (53.2 GB/s, 0.97 x)" in out
+    assert "WAKE warm_wake_vs_limit: 0.645 (target >= 0.95) NOT MET" in out
+    assert "WAKE rested_wake_vs_limit: 0.968 (target >= 0.95) MET" in out
+    assert "LEVEL2" not in out.split("| level 2 |")[0]  # the wake table comes first, level 2 after it
 
 
 def test_handle_model_packs_small_allocations_into_slabs() -> None:

@@ -237,6 +237,10 @@ class FakeDriver:
     def record(self, event, stream):
         self.event_bytes[event] = self.bytes_enqueued
 
+    def memset_d8(self, dst, value, size, stream):
+        assert any(b <= dst and dst + size <= b + s for b, s in self.mapped.items()), "memset of unmapped memory"
+        self._note("memset", size)
+
     def copy_h2d(self, dst, src, size, stream):
         assert any(b <= dst and dst + size <= b + s for b, s in self.mapped.items()), "copy into unmapped memory"
         self.bytes_enqueued += size
@@ -372,3 +376,57 @@ def test_many_maps_line_compares_g_and_h():
     assert probe.many_maps(summary)[0].endswith("the two orders cost the same")
     del summary["variants"]["g"]
     assert probe.many_maps(summary) == []
+
+
+@pytest.mark.parametrize("variant,like", [("i", "g"), ("j", "h")])
+def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_before(variant, like):
+    def made(v):
+        drv = FakeDriver()
+        p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB - 6, piece_bytes=64 * MiB,
+                        event_every=128 * MiB, k_bytes=1000 * MiB, split_bytes=384 * MiB, segments=3)
+        drv.log.clear()
+        return drv, p, p.run(v)
+
+    drv, p, r = made(variant)
+    _, _, plain = made(like)
+    names = [e[0] for e in drv.log]
+    first_copy = names.index("copy")
+    prime = names[:names.index("memset")]
+    assert prime == ["create", "map", "access"] * 4  # three segments and K, as the run maps them
+    memsets = [e[2] for e in drv.log if e[0] == "memset"]
+    assert sum(memsets) == 256 * MiB + 1000 * MiB  # every byte of what the run then maps again was written
+    run_part = names[len(prime) + len(memsets):]
+    assert names.index("memset") < first_copy and "memset" not in run_part
+    assert run_part == [e[0] for e in _log_of(like)]  # then exactly g's or h's sequence
+    assert [c[0] for c in r["calls"]] == [c[0] for c in plain["calls"]]  # the priming's calls are not the run's
+    assert r["release_s"] >= 0 and "release_s" not in plain
+    p.release_k()
+    p.close()
+    assert not drv.handles and not drv.mapped and not drv.reserved
+
+
+def _log_of(variant):
+    drv = FakeDriver()
+    p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB - 6, piece_bytes=64 * MiB, event_every=128 * MiB,
+                    k_bytes=1000 * MiB, split_bytes=384 * MiB, segments=3)
+    drv.log.clear()
+    p.run(variant)
+    return drv.log
+
+
+def test_just_released_lines_compare_i_with_g_and_j_with_h():
+    def variant(total, driver):
+        return {"total_s": total, "driver_s": driver}
+    v = {"a": variant(0.31, 0.0), "g": variant(0.338, 0.039), "h": variant(0.355, 0.042),
+         "i": variant(0.470, 0.160), "j": variant(0.360, 0.045)}
+    lines = probe.just_released({"variants": v})
+    assert len(lines) == 2
+    assert lines[0].startswith("just released: g's order 0.338 s (driver 0.039 s) after a pause, 0.470 s (driver 0.160 s)")
+    assert lines[0].endswith("re-creating just-freed memory costs 0.132 s more")
+    assert lines[1].endswith("re-creating just-freed memory costs nothing more")
+    del v["i"], v["j"]
+    assert probe.just_released({"variants": v}) == []
+    slow = run(0.50, calls=K_ALONE["calls"], copy=(0.0, 0.01, [0.08, 0.16, 0.235, 0.31]))
+    lines = probe.diagnose(probe.summarize(scenario(g=CREATED_FIRST, h=CREATED_FIRST, i=slow, j=CREATED_FIRST)))
+    assert lines[-2].startswith("just released: g's order 0.310 s") and lines[-2].endswith("costs 0.190 s more")
+    assert lines[-1].endswith("costs nothing more")

@@ -256,6 +256,21 @@ class FakeEngine:
         pass
 
 
+class RecordingEngine(FakeEngine):
+    """A FakeEngine that appends each sleep ("sleep1", "sleep2") and wake ("wake") to `events`."""
+
+    def __init__(self, worker, events: list[str]) -> None:
+        super().__init__(worker)
+        self.events = events
+
+    def sleep(self, level: int) -> None:
+        self.events.append(f"sleep{level}")
+
+    def wake_up(self, tags=None) -> None:
+        self.events.append("wake")
+        super().wake_up(tags)
+
+
 def make_run(monkeypatch, worker, engine: FakeEngine, ours: bool):
     import e2e
 
@@ -307,16 +322,7 @@ def test_e2e_cycles_measure_while_asleep_and_judge_every_sleep(monkeypatch, work
 
     events: list[str] = []
 
-    class Recording(FakeEngine):
-        def sleep(self, level: int) -> None:
-            events.append(f"sleep{level}")
-
-        def wake_up(self, tags=None) -> None:
-            events.append("wake")
-            super().wake_up(tags)
-
-    engine = Recording(worker)
-    run = make_run(monkeypatch, worker, engine, ours=True)
+    run = make_run(monkeypatch, worker, RecordingEngine(worker, events), ours=True)
     run.args.cycles = 10
     monkeypatch.setattr(e2e, "save_params", lambda w: 0)
     monkeypatch.setattr(e2e, "pool_bytes", lambda w: {"weights": 64})
@@ -325,3 +331,27 @@ def test_e2e_cycles_measure_while_asleep_and_judge_every_sleep(monkeypatch, work
     assert events[:7] == ["sleep1", "measured", "wake", "sleep2", "measured", "wake", "wake"]  # level 2: 2 wakes
     assert run.result["checks"] == {"cycle10": True, "memory_flat": True}
     assert len(run.result["state"]["cycle10"]["flows"]) == 10 and not run.failed
+
+
+def test_e2e_timing_times_wakes_at_once_and_after_a_while_asleep(monkeypatch, worker, capsys) -> None:
+    import e2e
+
+    events: list[str] = []
+
+    run = make_run(monkeypatch, worker, RecordingEngine(worker, events), ours=False)
+    run.args.asleep_s = 2.0
+    run.workers = [{"allocator": "vllm.device_allocator.cumem.CuMemAllocator"}]  # stock: no ours-only steps
+    monkeypatch.setattr(e2e, "save_params", lambda w: 1_000_000_000)
+    monkeypatch.setattr(e2e, "pool_bytes", lambda w: {"weights": 10**9, "kv_cache": 10**10})
+    monkeypatch.setattr(e2e, "weights_pool_nonparams", lambda w: {})
+    monkeypatch.setattr(e2e, "gpu_used_mib", lambda: [900])
+    monkeypatch.setattr(e2e, "level2_driver_floor", lambda w: {"total_s": 0.1, "handles": 3, "bytes": 1 << 30})
+    monkeypatch.setattr(e2e.time, "sleep", lambda s: events.append(f"asleep {s:g}"))
+    e2e.cmd_timing(run)
+    level1 = [i for i, e in enumerate(events) if e == "sleep1"]
+    # the first and three warm cycles wake at once, the next three stay asleep 2 s, then level 2 (1 s pauses)
+    assert [events[i + 1] for i in level1[:7]] == ["wake"] * 4 + ["asleep 2"] * 3
+    r = run.result
+    assert r["level1_rested_asleep_s"] == 2.0 and r["level1_rested_wake_s"] >= 0
+    assert set(r["checks"]) >= {"level1_warm", "level1_rested", "level2_rlhf"} and all(r["checks"].values())
+    assert "wake after 2 s asleep" in capsys.readouterr().out

@@ -4,7 +4,7 @@ One engine per run. Which allocator serves it is vLLM's choice through its plugi
 ``VLLM_PLUGINS=vllm_sleep_ext`` (ours) or ``VLLM_PLUGINS=""`` (stock), so the same command measures both.
 
     python tests/vllm_gpu/e2e.py flows  --model llama-tiny [--tp 2] [--inproc]   # state kept?
-    python tests/vllm_gpu/e2e.py timing --model llama3-8b                        # sleep/wake seconds
+    python tests/vllm_gpu/e2e.py timing --model llama3-8b [--asleep-s 2]         # sleep/wake seconds
     python tests/vllm_gpu/e2e.py cycles --model llama-tiny --cycles 50           # memory over cycles
     python tests/vllm_gpu/e2e.py first  --model qwen25-32b --first-sleep-after 10  # issue 17: the first sleep
     VLLM_SLEEP_EXT_RECORD_ALLOCATIONS=1 python tests/vllm_gpu/e2e.py scope --model llama3-8b  # who holds the kept
@@ -501,7 +501,8 @@ def cmd_flows(run: Run) -> None:
 
 
 def cmd_timing(run: Run) -> None:
-    """llm.sleep()/wake_up() seconds: the first level-1 sleep of the process, warm ones, level 2."""
+    """llm.sleep()/wake_up() seconds: the first level-1 sleep of the process, warm ones (waking at once, and
+    waking after --asleep-s asleep), level 2."""
     r = run.result
     r["weights_bytes"] = sum(run.rpc(save_params))
     r["pools_awake"] = run.rpc(pool_bytes)
@@ -519,6 +520,10 @@ def cmd_timing(run: Run) -> None:
     run.check("level1_first")
     warm = [run.level1(overwrite=False) for _ in range(3)]
     run.check("level1_warm")
+    # Warm cycles that stay asleep a while, as between an RL trainer's steps: the warm ones above wake at once,
+    # and then the driver's map time follows how recently the sleep released memory (RESULTS.md section 16).
+    rested = [run.level1(overwrite=False, asleep=lambda: time.sleep(run.args.asleep_s)) for _ in range(3)]
+    run.check("level1_rested")
     l2 = [run.level2(overwrite=(i == 0), pause=1.0) for i in range(3)]
     run.check("level2_rlhf")
 
@@ -538,13 +543,18 @@ def cmd_timing(run: Run) -> None:
     r["level1_first_sleep_s"], r["level1_first_wake_s"] = first
     r["level1_warm_sleep_s"] = sorted(s for s, _ in warm)[1]
     r["level1_warm_wake_s"] = sorted(w for _, w in warm)[1]
+    r["level1_rested_asleep_s"] = run.args.asleep_s
+    r["level1_rested_sleep_s"] = sorted(s for s, _ in rested)[1]
+    r["level1_rested_wake_s"] = sorted(w for _, w in rested)[1]
     r["level2_sleep_s"] = sorted(x[0] for x in l2)[1]
     r["level2_wake_weights_s"] = sorted(x[1] for x in l2)[1]
     r["level2_wake_kv_s"] = sorted(x[2] for x in l2)[1]
     print(f"weights {gb:.2f} GB; level 1 first sleep {first[0]:.3f} s ({gb / first[0]:.1f} GB/s), "
           f"wake {first[1]:.3f} s; warm sleep {r['level1_warm_sleep_s']:.3f} s "
           f"({gb / r['level1_warm_sleep_s']:.1f} GB/s), wake {r['level1_warm_wake_s']:.3f} s "
-          f"({gb / r['level1_warm_wake_s']:.1f} GB/s); level 2 sleep {r['level2_sleep_s']:.3f} s, "
+          f"({gb / r['level1_warm_wake_s']:.1f} GB/s), wake after {run.args.asleep_s:g} s asleep "
+          f"{r['level1_rested_wake_s']:.3f} s ({gb / r['level1_rested_wake_s']:.1f} GB/s); "
+          f"level 2 sleep {r['level2_sleep_s']:.3f} s, "
           f"wake weights {r['level2_wake_weights_s']:.3f} s, wake kv {r['level2_wake_kv_s']:.3f} s; "
           f"GPU used asleep: level 1 {r['asleep_mib_level1']} MiB, level 2 {r['asleep_mib_level2']} MiB; level 1 "
           f"offloads {r['level1_offload_bytes'] / 1e9:.2f} GB of pools {r['pools_awake']}", flush=True)
@@ -690,6 +700,8 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--first-sleep-after", type=float, default=10.0,
                    help="first: seconds after the engine is ready that the first sleep comes")
+    p.add_argument("--asleep-s", type=float, default=2.0,
+                   help="timing: seconds the rested warm level-1 cycles stay asleep (default 2)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.inproc:

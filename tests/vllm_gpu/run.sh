@@ -144,7 +144,7 @@ for s in "${scenarios[@]}"; do
       engine stock timing --model llama3-8b --gpu-memory-utilization 0.85
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
       limit
-      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" --level2 2>&1 | tee -a "$LOG" ;;
+      python3 "$REPO/tests/vllm_gpu/first_sleep_report.py" "$RESULTS" "$OUT/limit.json" --kit "$KIT" --timing 2>&1 | tee -a "$LOG" ;;
     timing-ours)  # ours and the limit only (stock measured in another call on the same machine)
       engine ours timing --model llama3-8b --gpu-memory-utilization 0.85
       limit ;;
