@@ -111,6 +111,7 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
             "wake_staging_bytes": last["wake"].staging_device_bytes,
             "exact": exact,
             "sleep_all_s": [r["sleep_s"] for r in runs], "wake_all_s": [r["wake_s"] for r in runs],
+            "parts": parts(runs),
         }
         rows.append(row)
         print(f"  {dataset} {mode}: sleep {row['sleep_s']:.3f} s, wake {row['wake_s']:.3f} s, host "
@@ -118,6 +119,32 @@ def run_dataset(alloc: CuMemAllocator, dataset: str, total: int, modes: list[str
     del tensors, reference
     torch.cuda.empty_cache()
     return rows
+
+
+def parts(runs: list[dict]) -> dict:
+    """Medians of the allocator's own figures for the measured cycles: where each operation's time went."""
+    def med(op: str, field: str) -> float:
+        return statistics.median(getattr(r[op], field) for r in runs)
+
+    out = {"sleep_core_s": med("sleep", "seconds"), "sleep_copy_wait_s": med("sleep", "copy_wait_seconds"),
+           "sleep_release_s": med("sleep", "release_seconds"), "wake_core_s": med("wake", "seconds"),
+           "wake_map_s": med("wake", "map_seconds"), "wake_copy_wait_s": med("wake", "copy_wait_seconds")}
+    out["wake_rest_s"] = out["wake_core_s"] - out["wake_map_s"] - out["wake_copy_wait_s"]
+    return out
+
+
+def parts_table(rows: list[dict]) -> list[str]:
+    """Where the time goes, by the allocator's own figures (medians): the wake's maps, its wait for the copies
+    and decodes at the end, and the rest (setting up staging and the codec, enqueueing)."""
+    lines = ["| data | mode | sleep s (core) | waiting for copies s | release s | wake s (core) | maps s | "
+             "waiting for copies / decodes s | rest s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        p = r.get("parts")
+        if p:
+            lines.append(f"| {r['dataset']} | {r['mode']} | {p['sleep_core_s']:.3f} | {p['sleep_copy_wait_s']:.3f} | "
+                         f"{p['sleep_release_s']:.3f} | {p['wake_core_s']:.3f} | {p['wake_map_s']:.3f} | "
+                         f"{p['wake_copy_wait_s']:.3f} | {p['wake_rest_s']:.3f} |")
+    return lines if len(lines) > 2 else []
 
 
 def report(rows: list[dict], limit: dict) -> tuple[str, list[str]]:
@@ -152,6 +179,9 @@ def report(rows: list[dict], limit: dict) -> tuple[str, list[str]]:
         ok = s >= 0.97 and w >= 0.97 and auto["exact"]
         verdicts.append(f"random auto vs plain: sleep {s:.3f} x, wake {w:.3f} x (target >= 0.97): "
                         f"{'MET' if ok else 'NOT MET'}")
+    breakdown = parts_table(rows)
+    if breakdown:
+        lines += ["", "Where the time goes (the allocator's own figures, medians):", *breakdown]
     return "\n".join(lines), verdicts
 
 

@@ -42,3 +42,22 @@ def test_incompressible_auto_is_compared_with_plain() -> None:
     assert verdicts == ["random auto vs plain: sleep 0.984 x, wake 1.000 x (target >= 0.97): MET"]
     rows[1]["exact"] = False
     assert bench_compress.report(rows, LIMIT)[1][0].endswith("NOT MET")
+
+
+def test_where_the_time_goes_from_the_allocators_own_figures() -> None:
+    import types
+
+    def stats(seconds, **fields):
+        base = {"seconds": seconds, "copy_wait_seconds": 0.0, "release_seconds": 0.0, "map_seconds": 0.0}
+        return types.SimpleNamespace(**{**base, **fields})
+
+    runs = [{"sleep": stats(0.30, copy_wait_seconds=0.2, release_seconds=0.05),
+             "wake": stats(w, map_seconds=0.01, copy_wait_seconds=w - 0.03)} for w in (0.32, 0.33, 0.31)]
+    p = bench_compress.parts(runs)
+    assert p["wake_core_s"] == 0.32 and p["wake_map_s"] == 0.01 and abs(p["wake_rest_s"] - 0.02) < 1e-12
+    r = row("random", "auto", 0.30, 0.32, 1.0, 1.0)
+    r["parts"] = p
+    table, _ = bench_compress.report([row("random", "off", 0.30, 0.30, 1.0, 1.0), r], LIMIT)
+    assert "Where the time goes" in table
+    assert "| random | auto | 0.300 | 0.200 | 0.050 | 0.320 | 0.010 | 0.290 | 0.020 |" in table
+    assert "| random | off | 0.300 | 0.300 |" not in table.split("Where the time goes")[1]  # no figures: no row
