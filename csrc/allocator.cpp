@@ -632,9 +632,9 @@ void Allocator::release_host_cache() {
   host_.release_idle();
 }
 
-void Allocator::prepare_host(uint64_t bytes, int device, bool wait) {
+void Allocator::prepare_host(uint64_t bytes, int device, bool wait, uint64_t hold_bytes) {
   std::unique_lock<std::mutex> lock(mutex_);
-  host_.prepare(bytes, device, wait, options_, lock);
+  host_.prepare(bytes, hold_bytes, device, wait, options_, lock);
 }
 
 void Allocator::wait_host() { host_.wait(); }

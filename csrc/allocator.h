@@ -249,9 +249,11 @@ class Allocator {
   void release_host_cache();
   uint64_t host_pinned_bytes() const;  // of host_bytes(), what is pinned now
   // Makes a cached arena for a backup of about `bytes` resident and pinned, so the next sleep of that
-  // size copies at once. In the background (throttled by host_prepare_rate) unless `wait`; never
-  // throws for the work itself: a failure is kept for host_error() and the sleep does it the usual way.
-  void prepare_host(uint64_t bytes, int device, bool wait);
+  // size copies at once; an arena that holds `hold_bytes` (0: bytes), of which `bytes` are made ready,
+  // for a compressed sleep, which takes an arena of its plain bytes and stores about `bytes`. In the
+  // background (throttled by host_prepare_rate) unless `wait`; never throws for the work itself: a
+  // failure is kept for host_error() and the sleep does it the usual way.
+  void prepare_host(uint64_t bytes, int device, bool wait, uint64_t hold_bytes = 0);
   void wait_host();         // until background host work is done
   std::string host_error();  // what background host work last failed with ("" none), cleared by reading
   void simulate_host_reclaim();  // test hook: the kernel takes every reclaimable arena's pages

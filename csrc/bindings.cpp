@@ -194,7 +194,8 @@ PYBIND11_MODULE(_core, m) {
                         },
                         Release()))
       .def_property("host_prepare_rate", host_prepare_rate.first, host_prepare_rate.second)
-      .def("prepare_host", &vse::Allocator::prepare_host, "bytes"_a, "device"_a = 0, "wait"_a = false, Release())
+      .def("prepare_host", &vse::Allocator::prepare_host, "bytes"_a, "device"_a = 0, "wait"_a = false,
+           "hold_bytes"_a = 0, Release())
       .def("wait_host", &vse::Allocator::wait_host, Release())
       .def("host_error", &vse::Allocator::host_error, Release())
       .def("host_pinned_bytes", &vse::Allocator::host_pinned_bytes, Release())

@@ -195,6 +195,8 @@ StagingTimes CompressedSleep::run(const StagingOptions& staging) {
   const int device = staging_.device;
   for (size_t c = 0; c < std::min<size_t>(chunks, options_.slots); ++c) compress_chunk(c);
   uint64_t stored_end = 0;
+  uint64_t plain_left = 0;  // plain bytes of the pieces not placed yet: stored_end + plain_left fits the arena
+  for (const Piece& p : pieces_) plain_left += p.stored.plain_bytes;
   std::vector<CopySpan> spans;
   for (size_t c = 0; c < chunks; ++c) {
     const unsigned slot = c % options_.slots;
@@ -228,8 +230,13 @@ StagingTimes CompressedSleep::run(const StagingOptions& staging) {
         paid = paid || s.packed;
         ++k;
       }
+      if (!s.packed) {  // Note [Compressed backups]: a plain piece starts on a page where the arena has room
+        const uint64_t aligned = align_up(stored_end, kPlainPieceAlign);
+        if (aligned + plain_left <= arena_.capacity()) stored_end = aligned;  // for every piece still to come
+      }
       s.host_offset = stored_end;
       stored_end += s.stored_bytes;
+      plain_left -= s.plain_bytes;
       (s.packed ? totals_.pieces_packed : totals_.pieces_plain) += 1;
       totals_.plain_bytes += s.plain_bytes;
       totals_.stored_bytes += s.stored_bytes;

@@ -32,6 +32,10 @@
 // succeeds; a failure undoes the wake as any other, the backup stays as it was.
 // The host arena keeps only what is stored: its ready (resident, pinned) prefix grows with the
 // compressed bytes, chunk by chunk, so a compressed backup holds about ratio x the model's bytes.
+// A plain piece starts on a page of the arena (kPlainPieceAlign), as a plain backup's copies do: after a
+// packed piece of odd size it would otherwise start at any byte, and its copies both ways with it. The
+// padding (under 4 KiB per plain piece) is taken only from what packed pieces saved before it: the arena
+// holds the plain bytes, so every piece still to come must fit at its plain size.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +65,7 @@ struct CompressOptions {
 void check_compress_options(const CompressOptions& options);  // throws InvalidArgument naming the bad value
 
 constexpr double kAutoKeepRatio = 0.95;  // auto keeps a piece packed only at or below this share of its size
+constexpr uint64_t kPlainPieceAlign = 4096;  // a plain piece's host offset, where the arena has room
 
 // One piece of a compressed backup (HostBackup::pieces).
 struct PackedPiece {

@@ -232,23 +232,26 @@ void HostCache::prepare_in_pieces(HostArena& arena, uint64_t bytes, const Stagin
   }
 }
 
-void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
+void HostCache::prepare(uint64_t bytes, uint64_t hold, int device, bool wait, const AllocatorOptions& options,
                         std::unique_lock<std::mutex>& lock) {
   // With a disk tier, what passes the limit goes to disk: only what stays is prepared (Note [Disk tier]).
   const uint64_t host_room = room(options);
   bytes = std::min(bytes, host_room);
+  hold = std::min(std::max(hold, bytes), host_room);
   if (bytes == 0) return;
   // vLLM leaves the CUDA-graph pool once per captured graph, each time with a few bytes more: while the
   // preparation under way covers them, it goes on undisturbed.
-  if (!wait && prepared_ && bytes <= prepared_target_ && !prepared_->unusable()) return;
+  if (!wait && prepared_ && bytes <= prepared_target_ && hold <= prepared_->capacity() && !prepared_->unusable())
+    return;
   settle();
-  // Half a percent over `bytes`: the sleep may back up a little more (preserved buffers of other
-  // tags) and still take this arena, which stays within 1% of its backup.
-  const uint64_t capacity = std::min(round_up(bytes + bytes / 200, 4096), host_room);
-  std::shared_ptr<HostArena> arena = smallest_idle(bytes);
+  // Half a percent over `bytes` and `hold`: the sleep may back up a little more (preserved buffers of
+  // other tags) and still take this arena, which stays within 1% of its backup.
+  const uint64_t ready = std::min(round_up(bytes + bytes / 200, 4096), host_room);
+  const uint64_t capacity = std::max(ready, std::min(round_up(hold + hold / 200, 4096), host_room));
+  std::shared_ptr<HostArena> arena = smallest_idle(hold);
   if (!arena) arena = extendable_idle(capacity);  // a preparation started for fewer bytes goes on from its ready part
   drop_prepared_unless(arena.get());
-  if (!arena || arena->capacity() < bytes) {
+  if (!arena || arena->capacity() < hold) {
     try {
       const uint64_t limit = options.host_memory_limit;
       const uint64_t held_after = held_bytes() - (arena ? arena->capacity() : 0) + capacity;
@@ -269,7 +272,7 @@ void HostCache::prepare(uint64_t bytes, int device, bool wait, const AllocatorOp
   }
   prepared_ = arena.get();
   // Up to the margin, so that a few bytes more later need no new start (see above).
-  const uint64_t target = std::min(capacity, arena->capacity());
+  const uint64_t target = std::min(ready, arena->capacity());
   prepared_target_ = target;
   if (arena->ready_bytes() >= target) return;  // an idle arena already ready
 

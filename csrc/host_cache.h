@@ -88,12 +88,13 @@ class HostCache {
   uint64_t held_bytes() const;    // host memory held, cached arenas included
   uint64_t pinned_bytes() const;  // of held_bytes(), what is pinned now
   void release_idle();            // every arena no backup uses goes, the prepared one too
-  // Makes the smallest idle arena that holds `bytes` (else one grown to them, else a new one) resident
-  // and pinned up to them, so the next sleep of that size copies at once. In the background (throttled
-  // by options.host_prepare_rate) unless `wait`, when it unlocks `lock` (the owner's) while it waits
-  // and throws if the memory could not be made ready; a background failure is kept for take_error().
-  // Reads `options` only before it first unlocks.
-  void prepare(uint64_t bytes, int device, bool wait, const AllocatorOptions& options,
+  // Makes the smallest idle arena that holds `hold` bytes (else one grown to them, else a new one)
+  // resident and pinned up to `bytes` (hold >= bytes; 0: bytes), so the next sleep that backs up `hold`
+  // bytes takes it and copies at once: a compressed sleep asks for an arena of its plain bytes and
+  // stores fewer (Note [Compressed backups]). In the background (throttled by options.host_prepare_rate)
+  // unless `wait`, when it unlocks `lock` (the owner's) while it waits and throws if the memory could not
+  // be made ready; a background failure is kept for take_error(). Reads `options` only before it first unlocks.
+  void prepare(uint64_t bytes, uint64_t hold, int device, bool wait, const AllocatorOptions& options,
                std::unique_lock<std::mutex>& lock);
   void wait();               // until background work is done; without the owner's lock
   std::string take_error();  // what background work last failed with ("" none); without the owner's lock

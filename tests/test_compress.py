@@ -381,6 +381,33 @@ def test_host_memory_prepared_ahead_is_the_expected_compressed_size() -> None:
     assert sizes["auto"] <= EXPECTED_RATIO * 64 * MiB + 2 * MiB  # rounded up to a huge page
 
 
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_the_first_sleep_takes_the_arena_prepared_ahead_and_prepares_nothing(mode: str) -> None:
+    # A compressed sleep asks for an arena of its plain bytes: the one prepared ahead must be that large
+    # (made ready only to the expected compressed size), or the sleep makes a new one from nothing and
+    # the preparation was for naught (vLLM 0.33, 8B shape: first compressed sleep 1.33 s, RESULTS.md 16).
+    from vllm_sleep_ext import CuMemAllocator
+
+    alloc = CuMemAllocator(backend="host", capacity_bytes=256 * MiB, compress=mode)
+    alloc._core.compress_piece_bytes = 1 * MiB  # staging that fits beside the weights on this backend
+    alloc._core.compress_chunk_pieces = 4
+    with alloc.use_memory_pool(tag="weights"):
+        weights = alloc.empty((64 * MiB,), torch.uint8)
+    weights.zero_()
+    alloc.prepare_host_backups()
+    held, prepared = alloc._core.host_bytes(), alloc._core.host_pinned_bytes()
+    alloc.sleep(offload_tags=("weights",))
+    s = alloc._core.last_sleep
+    assert alloc._core.host_bytes() == held, "the sleep made another arena beside the prepared one"
+    if mode == "off":
+        assert s.populate_seconds == 0 and s.pin_seconds == 0
+    else:  # the reference codec stores 0.75 of these bytes, a little more than was prepared: only that is added
+        assert s.pieces_packed > 0 and s.compress_stored_bytes < 0.8 * 64 * MiB
+        assert alloc._core.host_pinned_bytes() <= max(prepared, s.compress_stored_bytes + 2 * MiB)
+    alloc.wake_up()
+    assert torch.count_nonzero(weights) == 0
+
+
 def test_nvcomp_is_preloaded_from_a_wheel_installed_with_target(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # pip install --target DIR nvidia-libnvcomp-cu13 puts DIR/nvidia/libnvcomp/lib64/libnvcomp.so.6; the
     # core opens the library by its soname, so it must be loaded first. (A stand-in shared object here.)

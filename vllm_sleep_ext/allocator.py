@@ -627,11 +627,14 @@ class CuMemAllocator:
         mapped = [a for a in self._core.allocations() if a.tag in LEVEL1_OFFLOAD_TAGS and a.state == "mapped"]
         if not mapped:
             return
-        nbytes = sum(a.size for a in mapped)
-        if self.compress != "off":  # compressed backups hold less: what a sleep needs beyond, it makes ready
-            nbytes = int(nbytes * compression.EXPECTED_RATIO)
+        hold = sum(a.size for a in mapped)
+        nbytes = hold
+        if self.compress != "off":
+            # A compressed sleep takes an arena of its plain bytes and stores fewer: only those are made
+            # ready (what it needs beyond, it makes ready itself), in an arena it will take.
+            nbytes = int(hold * compression.EXPECTED_RATIO)
         try:
-            self._core.prepare_host(nbytes, mapped[0].device, wait)
+            self._core.prepare_host(nbytes, mapped[0].device, wait, hold_bytes=hold)
         except _core.SleepExtError as e:
             if wait:
                 raise

@@ -68,6 +68,7 @@ class FaultyBackend final : public vse::DeviceBackend {
   }
   Fault copy_fault, codec_fault, mark_fault;
   uint64_t to_device_spans = 0;  // copies asked for towards the device
+  std::vector<vse::CopySpan> to_host;  // every copy asked for towards the host
   vse::AsyncHostBackend* async_ = nullptr;
 
   const char* name() const override { return inner_->name(); }
@@ -86,6 +87,7 @@ class FaultyBackend final : public vse::DeviceBackend {
   void enqueue_copies(int d, vse::CopyDirection dir, const std::vector<vse::CopySpan>& spans) override {
     if (copy_fault.fire()) throw vse::Error("injected: copy");
     if (dir == vse::CopyDirection::ToDevice) to_device_spans += spans.size();
+    if (dir == vse::CopyDirection::ToHost) to_host.insert(to_host.end(), spans.begin(), spans.end());
     inner_->enqueue_copies(d, dir, spans);
   }
   void wait_copies(int d) override { inner_->wait_copies(d); }
@@ -289,6 +291,32 @@ void plain_pieces_wake_as_a_plain_backup(bool async) {
   if (f.backend->async_) CHECK(f.backend->async_->early_releases() == 0);
 }
 
+// Plain pieces start on a page of the arena, also right after a packed piece of odd size (a copy from
+// or to any byte of host memory is slower than one from a page); packed ones follow each other.
+void plain_pieces_start_on_a_page(bool async) {
+  for (vse::CompressMode mode : {vse::CompressMode::Auto, vse::CompressMode::On}) {
+    Fixture f(async, mode);
+    f.allocator->sleep({"weights"}, {}, {});
+    const vse::OpStats s = *f.allocator->last_sleep();
+    CHECK(s.compress.pieces_packed > 0 && s.compress.pieces_plain > 0);
+    uint64_t plain = 0, odd = 0;
+    for (const vse::CopySpan& c : f.backend->to_host) {
+      bool from_a_row = false;
+      for (const Row& r : f.rows) from_a_row = from_a_row || (c.device >= r.address && c.device < r.address + r.data.size());
+      if (!from_a_row) continue;  // a packed piece, from staging
+      plain += 1;
+      if (reinterpret_cast<uintptr_t>(c.host) % vse::kPlainPieceAlign != 0) odd += 1;
+    }
+    CHECK(plain >= 2);  // the random row's pieces and the 5-byte tail after the first row's packed ones
+    CHECK(odd == 0);
+    f.allocator->wake(std::nullopt);
+    CHECK(f.all_exact());
+  }
+}
+
+void test_plain_pieces_start_on_a_page_host() { plain_pieces_start_on_a_page(false); }
+void test_plain_pieces_start_on_a_page_async() { plain_pieces_start_on_a_page(true); }
+
 void test_plain_pieces_wake_host() { plain_pieces_wake_as_a_plain_backup(false); }
 void test_plain_pieces_wake_async() { plain_pieces_wake_as_a_plain_backup(true); }
 void test_wake_copy_fault_plain_pieces_host() {
@@ -364,6 +392,8 @@ int main(int argc, char** argv) {
       {"wake_copy_fault_async", test_wake_copy_fault_async},
       {"wake_codec_fault_host", test_wake_codec_fault_host},
       {"wake_codec_fault_async", test_wake_codec_fault_async},
+      {"plain_pieces_start_on_a_page_host", test_plain_pieces_start_on_a_page_host},
+      {"plain_pieces_start_on_a_page_async", test_plain_pieces_start_on_a_page_async},
       {"plain_pieces_wake_host", test_plain_pieces_wake_host},
       {"plain_pieces_wake_async", test_plain_pieces_wake_async},
       {"wake_copy_fault_plain_pieces_host", test_wake_copy_fault_plain_pieces_host},
