@@ -66,6 +66,8 @@ def vllm_log() -> Iterator[ListHandler]:
 
 def install_fake_vllm(monkeypatch: pytest.MonkeyPatch, platform: FakePlatform) -> types.SimpleNamespace:
     vllm = types.ModuleType("vllm")
+    vllm_envs = types.ModuleType("vllm.envs")
+    vllm_envs.environment_variables = {"VLLM_LOGGING_LEVEL": lambda: "INFO"}
     platforms = types.ModuleType("vllm.platforms")
     platforms.current_platform = platform
     device_allocator = types.ModuleType("vllm.device_allocator")
@@ -75,17 +77,19 @@ def install_fake_vllm(monkeypatch: pytest.MonkeyPatch, platform: FakePlatform) -
     worker = types.ModuleType("vllm.v1.worker.gpu_worker")
     worker.CuMemAllocator = VllmCuMemAllocator  # imported by name before plugins loaded
     vllm.platforms = platforms
+    vllm.envs = vllm_envs
     vllm.device_allocator = device_allocator
     device_allocator.cumem = cumem
     for name, module in [
         ("vllm", vllm),
         ("vllm.platforms", platforms),
+        ("vllm.envs", vllm_envs),
         ("vllm.device_allocator", device_allocator),
         ("vllm.device_allocator.cumem", cumem),
         ("vllm.v1.worker.gpu_worker", worker),
     ]:
         monkeypatch.setitem(sys.modules, name, module)
-    return types.SimpleNamespace(cumem=cumem, worker=worker)
+    return types.SimpleNamespace(cumem=cumem, worker=worker, envs=vllm_envs)
 
 
 def assert_vllm_keeps_its_allocator(fake: types.SimpleNamespace) -> None:
@@ -199,6 +203,30 @@ def test_bad_setting_is_named_in_vllms_log_at_start_and_fails_the_allocator_not_
     assert "not installed" not in vllm_log.text()
     with pytest.raises(ValueError, match=f"{name}={value!r} is not valid"):
         CuMemAllocator(backend="host", capacity_bytes=MiB)  # what the worker's get_instance() meets
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_our_variables_are_declared_to_vllm_so_it_neither_warns_nor_refuses(
+    monkeypatch: pytest.MonkeyPatch, vllm_log: ListHandler, disabled: bool
+) -> None:
+    # vLLM (0.26, 0.33) warns about each VLLM_* variable missing from vllm.envs.environment_variables, and
+    # raises with --fail-on-environ-validation: whoever set ours could not start vLLM that way.
+    from vllm_sleep_ext import envs
+
+    monkeypatch.setenv("VLLM_SLEEP_EXT_COMPRESS", "not a mode")  # a getter must not parse (nor raise)
+    if disabled:
+        monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    else:
+        monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    fake = install_fake_vllm(monkeypatch, FakePlatform(cuda=True, device_type="cuda"))
+    plugin.register()
+    registry = fake.envs.environment_variables
+    assert {s.name for s in envs.SETTINGS} <= set(registry), "declared whether or not the plugin serves"
+    assert registry["VLLM_SLEEP_EXT_COMPRESS"]() == "not a mode"
+    assert registry[plugin.DISABLE_ENV]() == ("1" if disabled else None)
+    assert registry["VLLM_LOGGING_LEVEL"]() == "INFO"  # vLLM's own left alone
+    unknown = [name for name in envs.os.environ if name.startswith("VLLM_") and name not in registry]
+    assert not [name for name in unknown if name.startswith("VLLM_SLEEP_EXT_")]
 
 
 def test_core_that_fails_to_load_leaves_vllms_allocator_and_says_why(

@@ -14,11 +14,16 @@ each use (``get_mem_allocator_instance()``, and the ``cumem`` backend of 0.33's
 before plugins were loaded, and asks for serving detection (vllm_sleep_ext/serving.py: the background
 host preparation runs at full speed until vLLM serves). Other settings (vllm_sleep_ext/envs.py) that are not valid are named in a
 warning here and make the allocator's constructor raise in the worker, where sleep mode is used.
+Whatever happens next, it first declares our ``VLLM_SLEEP_EXT_*`` names in vLLM's registry of its
+variables, where vLLM has one: vLLM warns at start-up about every ``VLLM_*`` variable it does not know,
+and with ``--fail-on-environ-validation`` refuses to start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Optional
@@ -45,6 +50,7 @@ def _install() -> None:
     except ImportError:
         return  # registered by pip, run without vLLM: nothing to do and no vLLM log to write to
     log.route_to_vllm()
+    _declare_settings()
     sleep_backend.register()  # "vllm_sleep_ext" for --sleep-mode-backend, where vLLM has the registry
     try:
         disabled = envs.get(envs.DISABLE)
@@ -79,6 +85,22 @@ def _install() -> None:
             return
         logger.info("vllm_sleep_ext: vLLM's sleep mode uses vllm_sleep_ext.CuMemAllocator (%s; %s=1 turns "
                     "it off)", describe(), DISABLE_ENV)
+
+
+def _declare_settings() -> None:
+    """Our variables into ``vllm.envs.environment_variables`` (name -> getter), which vLLM checks every
+    ``VLLM_*`` variable against at start-up (0.26, 0.33). A getter returns the text as set and never
+    raises (vLLM calls them all when it caches its variables, and hashes them into its compile cache
+    key); this package parses them itself. Names vLLM already has are left alone."""
+    try:
+        import vllm.envs as vllm_envs
+    except Exception:  # noqa: BLE001 - an unknown vLLM: nothing to declare into
+        return
+    registry = getattr(vllm_envs, "environment_variables", None)
+    if not isinstance(registry, dict):
+        return
+    for setting in envs.SETTINGS:
+        registry.setdefault(setting.name, functools.partial(os.environ.get, setting.name))
 
 
 def _swap_class(cumem: ModuleType, ours: type) -> None:

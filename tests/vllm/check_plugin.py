@@ -11,6 +11,8 @@ vLLM configures it; the parent checks the class vLLM ends up with and what vLLM'
 - platform: this machine's real platform (no GPU): vLLM keeps its allocator; the log says why.
 - disabled: VLLM_SLEEP_EXT_DISABLE=1 on CUDA: vLLM keeps its allocator; the log says why.
 - nocore: our compiled core fails to import: vLLM keeps its allocator, starts, and the log says why.
+In every scenario a VLLM_SLEEP_EXT_* variable is set and vLLM's own start-up check of VLLM_* variables,
+made strict (as --fail-on-environ-validation), must pass: the plugin declares our names to vLLM.
 """
 
 import ctypes
@@ -80,9 +82,33 @@ def run_scenario(name: str) -> dict:
     ours = cumem.CuMemAllocator.__module__.startswith("vllm_sleep_ext")
     facts = {"vllm": vllm.__version__, "installed": ours, "cumem_available": cumem.cumem_available,
              "named_backend": named_backend_facts()}
+    facts["environ_validation"] = strict_environ_validation()
     if name == "cuda":
         facts["backend_path"] = sleep_and_wake_through_vllms_backend(cumem.CuMemAllocator)
     return facts
+
+
+def strict_environ_validation() -> str:
+    """vLLM's start-up check of VLLM_* variables with hard_fail (0.33: the platform's validate_environ,
+    0.26: vllm.envs.validate_environ), over our variables only (whatever else this shell exports is not
+    ours to judge): "passed", or why it refused."""
+    import vllm.envs
+    from vllm.platforms import current_platform
+
+    check = getattr(current_platform, "validate_environ", None) or getattr(vllm.envs, "validate_environ", None)
+    if check is None:
+        return "no validate_environ in this vLLM"
+    saved = dict(os.environ)
+    try:
+        for key in [k for k in os.environ if k.startswith("VLLM_") and not k.startswith("VLLM_SLEEP_EXT_")]:
+            del os.environ[key]
+        check(True)
+    except ValueError as e:
+        return f"refused: {e}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return "passed"
 
 
 def named_backend_facts() -> dict:
@@ -129,7 +155,7 @@ def main() -> int:
     failures = 0
     for name, (env, installed, lines) in SCENARIOS.items():
         environ = {k: v for k, v in os.environ.items() if k != "VLLM_SLEEP_EXT_DISABLE"}
-        environ.update(env, VLLM_LOGGING_LEVEL="INFO", VLLM_CONFIGURE_LOGGING="1")
+        environ.update(env, VLLM_LOGGING_LEVEL="INFO", VLLM_CONFIGURE_LOGGING="1", VLLM_SLEEP_EXT_KEEP_HOST="1")
         run = subprocess.run([sys.executable, __file__, "--scenario", name], env=environ, capture_output=True,
                              text=True, timeout=600)
         log = run.stdout + run.stderr
@@ -140,6 +166,10 @@ def main() -> int:
         elif facts["installed"] != installed:
             problems.append(f"our class installed: {facts['installed']}, expected {installed}")
         problems += [f"vLLM's log lacks {line!r}" for line in lines if line not in log]
+        if facts and facts.get("environ_validation") not in ("passed", "no validate_environ in this vLLM"):
+            problems.append(f"vLLM's strict check of its variables: {facts.get('environ_validation')}")
+        if "Unknown vLLM environment variable detected: VLLM_SLEEP_EXT_" in log:
+            problems.append("vLLM's log warns of one of our variables as unknown")
         backend = (facts or {}).get("named_backend", {})
         if backend.get("registry") and not (
                 backend.get("registered") and backend.get("cumem_backend") and backend.get("supported") == installed):
