@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from types import ModuleType
 from typing import Optional
@@ -89,7 +88,7 @@ def _install() -> None:
 
 def _declare_settings() -> None:
     """Our variables into ``vllm.envs.environment_variables`` (name -> getter), which vLLM checks every
-    ``VLLM_*`` variable against at start-up (0.26, 0.33). A getter returns the text as set and never
+    ``VLLM_*`` variable against at start-up (0.26, 0.33). A getter returns the text as set ("" unset) and never
     raises (vLLM calls them all when it caches its variables, and hashes them into its compile cache
     key); this package parses them itself. Names vLLM already has are left alone."""
     try:
@@ -100,7 +99,7 @@ def _declare_settings() -> None:
     if not isinstance(registry, dict):
         return
     for setting in envs.SETTINGS:
-        registry.setdefault(setting.name, functools.partial(os.environ.get, setting.name))
+        registry.setdefault(setting.name, functools.partial(envs.raw, setting))
 
 
 def _swap_class(cumem: ModuleType, ours: type) -> None:
