@@ -100,6 +100,11 @@ class Op:
     disk_ratio: float
     floor_seconds: float
     floor_ratio: float  # floor / seconds: 1.0 means at the floor
+    # The allocator's own figures, where the time went: the whole operation in the core, its driver maps
+    # (wake) or releases (sleep), and its waits for the device copies.
+    core_seconds: float = 0.0
+    driver_seconds: float = 0.0
+    copy_wait_seconds: float = 0.0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -161,8 +166,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                         ("wake", w, wake_s, h2d_limit, probe.read_gbps)):
             disk_gbps = stats.disk_bytes / max(stats.disk_seconds, 1e-9) / 1e9
             floor = (stats.bytes_copied - stats.disk_bytes) / (pinned * 1e9) + stats.disk_bytes / (disk_limit * 1e9)
+            driver = stats.map_seconds if name == "wake" else stats.release_seconds
             ops.append(Op(cycle, name, secs, stats.bytes_copied, stats.disk_bytes, stats.disk_seconds, disk_gbps,
-                          disk_limit, disk_gbps / disk_limit, floor, floor / secs))
+                          disk_limit, disk_gbps / disk_limit, floor, floor / secs, stats.seconds, driver,
+                          stats.copy_wait_seconds))
         print(f"cycle {cycle}: sleep {sleep_s:.3f} s, wake {wake_s:.3f} s, data {'intact' if good else 'CORRUPT'}",
               flush=True)
     alloc.host_memory_limit = 0
@@ -180,6 +187,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"| {o.cycle} | {o.op} | {o.seconds:.3f} | {o.bytes / o.seconds / 1e9:.1f} | {o.disk_bytes / GiB:.2f} | "
               f"{o.disk_seconds:.3f} | {o.disk_gbps:.2f} | {o.disk_limit_gbps:.2f} | {o.disk_ratio:.2f} | "
               f"{o.floor_seconds:.3f} | {o.floor_ratio:.2f} |")
+    print()
+    print("Where the time goes (the allocator's own figures): | cycle | op | core s | disk s | driver maps (wake) or "
+          "releases (sleep) s | waiting for device copies s | rest s |")
+    for o in ops:
+        rest = o.core_seconds - o.disk_seconds - o.driver_seconds - o.copy_wait_seconds
+        print(f"| {o.cycle} | {o.op} | {o.core_seconds:.3f} | {o.disk_seconds:.3f} | {o.driver_seconds:.3f} | "
+              f"{o.copy_wait_seconds:.3f} | {rest:.3f} |")
     warm = [o for o in ops if o.cycle == ops[-1].cycle]
     passed = ok and all(o.disk_ratio >= TARGET for o in warm)
     print(f"DISKTIER {'PASS' if passed else 'FAIL'}: last cycle disk part sleep "
