@@ -4,8 +4,8 @@ Allocator::wake) mapped the segments with backups and enqueued each one's host-t
 its map, then created and mapped the rest while the copies ran. In vLLM (Llama-3-8B shape, H200) 15.5 GiB came
 back in 0.45 s (37 GB/s) with 0.25 s of driver map calls, against 0.30 s at the limit. Variants a-f (run
 2026-12-03, RESULTS.md section 15) showed that one large map beside the copies costs nothing; g and h compare
-many maps between the copies (the old order) with all maps first (the core's order since then); run on
-2026-12-03 (section 16), mapping first was 17 ms slower, and both far from the 150 ms of driver time of the warm
+many maps between the copies (the core's order) with all maps first (tried on 2026-12-03); run that day
+(section 16), mapping first was 17 ms slower (so the core went back to g's order), and both far from the 150 ms of driver time of the warm
 wakes in vLLM, which come right after their sleep. i and j repeat g and h right after the same memory was
 written and released, as a wake that follows its sleep at once: does re-creating just-freed memory cost more?
 
@@ -22,7 +22,8 @@ default 96, capped at free memory - B - --headroom-gib) are created, mapped and 
   f  K's calls on a second thread while the first enqueues the copies
   g  the copies' destination in --segments separately created and mapped segments (vLLM's 8B weights: 118),
      each segment's copies enqueued right after its map, then K (the core's wake order until 2026-12-03)
-  h  every segment and K created and mapped first, then every copy (the core's order since then)
+  h  every segment and K created and mapped first, then every copy (the core's order on 2026-12-03 only:
+     measured slower, section 16, and reverted)
   i  as g, right after the same segments and K were created, mapped, written (cuMemsetD8Async) and released,
      with no pause: a wake that follows its sleep at once (the release's seconds are recorded, not counted)
   j  as h, right after the same release

@@ -491,12 +491,11 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     }
   };
 
-  // Map every run first, then start the copies; undo all of it if any step fails. Mapping beside
-  // copies in flight is what costs: in vLLM 0.33 (8B shape, H200) the same 119 mappings took 8.5 + 4.2 ms
-  // with no copy running and 181-263 ms interleaved with the copies of 15.5 GiB (benchmarks/RESULTS.md
-  // section 15), while one large map beside the copies did not slow them (probe_wake_overlap.py).
-  // A wake that waits for memory keeps interleaving (each segment's copies start as soon as it is
-  // mapped), so that memory another process frees is used as it comes. Segments with backups go first.
+  // Each segment's copies start as soon as it is mapped, segments with backups first, so every copy is
+  // enqueued before memory with nothing to copy back (a KV cache) is mapped; undo all of it if any step
+  // fails. A wake that waits for memory uses what another process frees as it comes. Mapping every run
+  // before the first copy was tried and measured slower (benchmarks/RESULTS.md section 16: in vLLM 0.33
+  // 0.456-0.472 s against 0.446-0.454 s; probe_wake_overlap.py, 118 segments: 0.355 s against 0.338 s).
   std::vector<size_t> order;
   for (int with_backup = 1; with_backup >= 0; --with_backup)
     for (size_t k = 0; k < segments.size(); ++k) {
@@ -513,7 +512,6 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
     for (const auto& run : mapped)
       warn_on_failure("undoing a failed wake", [&] { run.first->release(run.second); });
   };
-  const bool map_all_first = wait_seconds == 0;
   try {
     std::vector<CopySpan> spans;
     auto map_segment = [&](size_t k) {
@@ -562,14 +560,9 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
         if (!spans.empty()) backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
       }
     };
-    if (map_all_first) {
-      for (size_t k : order) map_segment(k);
-      for (size_t k : order) start_copies(k);
-    } else {
-      for (size_t k : order) {
-        map_segment(k);
-        start_copies(k);
-      }
+    for (size_t k : order) {
+      map_segment(k);
+      start_copies(k);
     }
     timed(stats.copy_wait_seconds, [&] {
       for (auto& [device, u] : unpack) u->finish();
