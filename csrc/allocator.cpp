@@ -514,15 +514,13 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
   };
   try {
     std::vector<CopySpan> spans;
-    auto map_segment = [&](size_t k) {
+    for (size_t k : order) {
       Segment& s = *segments[k].segment;
       for (const ByteRange& run : cover[k].ranges()) {
         map_run(s, run);
         mapped.emplace_back(&s, run.begin);
         stats.bytes_device += run.size();
       }
-    };
-    auto start_copies = [&](size_t k) {
       for (size_t i : segments[k].members) {
         Allocation& a = *rows[i];
         if (options_.fill_unrestored) {
@@ -559,10 +557,6 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
         copying.insert(a.device());
         if (!spans.empty()) backend_->enqueue_copies(a.device(), CopyDirection::ToDevice, spans);
       }
-    };
-    for (size_t k : order) {
-      map_segment(k);
-      start_copies(k);
     }
     timed(stats.copy_wait_seconds, [&] {
       for (auto& [device, u] : unpack) u->finish();

@@ -63,9 +63,8 @@
 // except that a driver call failing between two runs of a sparsely woken segment leaves the rows of
 // the runs released so far asleep, each row still true to its memory); wake maps, per segment, only the runs its rows cover (adjacent rows are one run, so a dense
 // slab is still one handle, and a lone row left in a slab costs its own size, not the slab's) before
-// their backups are copied back (every run mapped before the first copy starts, since mapping beside
-// copies in flight was measured slow; a wake that waits for memory starts each segment's copies once it
-// is mapped, segments with backups first), and a failed wake releases them again. New rows go only into mapped
+// their backups are copied back (segments with backups first, so the copies start at once and the
+// memory with nothing to restore is mapped while they run), and a failed wake releases them again. New rows go only into mapped
 // runs, so after a sparse wake they go to another awake segment or a new one; when a new slab cannot
 // be had (device full), the row gets its own memory, as rows over the threshold do. The price, while
 // awake: the free part of the mapped runs is physical memory too (one partly filled slab per (device,

@@ -340,13 +340,19 @@ def test_a_second_thread_that_fails_before_the_start_does_not_hang_the_probe():
     p.close()
 
 
-@pytest.mark.parametrize("variant", ["g", "h"])
-def test_many_segments_mapped_between_the_copies_or_before_them(variant):
+def segments_probe():
+    """A probe whose copies' destination is in 3 segments (g to j), its driver log empty."""
     drv = FakeDriver()
     p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB - 6, piece_bytes=64 * MiB, event_every=128 * MiB,
                     k_bytes=1000 * MiB, split_bytes=384 * MiB, segments=3)
-    assert p.seg_sizes == [86 * MiB, 86 * MiB, 84 * MiB]
     drv.log.clear()
+    return drv, p
+
+
+@pytest.mark.parametrize("variant", ["g", "h"])
+def test_many_segments_mapped_between_the_copies_or_before_them(variant):
+    drv, p = segments_probe()
+    assert p.seg_sizes == [86 * MiB, 86 * MiB, 84 * MiB]
     r = p.run(variant)
     names = [e[0] for e in drv.log]
     copies = [i for i, n in enumerate(names) if n == "copy"]
@@ -380,15 +386,10 @@ def test_many_maps_line_compares_g_and_h():
 
 @pytest.mark.parametrize("variant,like", [("i", "g"), ("j", "h")])
 def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_before(variant, like):
-    def made(v):
-        drv = FakeDriver()
-        p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB - 6, piece_bytes=64 * MiB,
-                        event_every=128 * MiB, k_bytes=1000 * MiB, split_bytes=384 * MiB, segments=3)
-        drv.log.clear()
-        return drv, p, p.run(v)
-
-    drv, p, r = made(variant)
-    _, _, plain = made(like)
+    drv, p = segments_probe()
+    r = p.run(variant)
+    drv_like, p_like = segments_probe()
+    plain = p_like.run(like)
     names = [e[0] for e in drv.log]
     first_copy = names.index("copy")
     prime = names[:names.index("memset")]
@@ -397,21 +398,12 @@ def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_b
     assert sum(memsets) == 256 * MiB + 1000 * MiB  # every byte of what the run then maps again was written
     run_part = names[len(prime) + len(memsets):]
     assert names.index("memset") < first_copy and "memset" not in run_part
-    assert run_part == [e[0] for e in _log_of(like)]  # then exactly g's or h's sequence
+    assert run_part == [e[0] for e in drv_like.log]  # then exactly g's or h's sequence
     assert [c[0] for c in r["calls"]] == [c[0] for c in plain["calls"]]  # the priming's calls are not the run's
     assert r["release_s"] >= 0 and "release_s" not in plain
     p.release_k()
     p.close()
     assert not drv.handles and not drv.mapped and not drv.reserved
-
-
-def _log_of(variant):
-    drv = FakeDriver()
-    p = probe.Probe(drv, host_ptr=1 << 40, copy_bytes=256 * MiB - 6, piece_bytes=64 * MiB, event_every=128 * MiB,
-                    k_bytes=1000 * MiB, split_bytes=384 * MiB, segments=3)
-    drv.log.clear()
-    p.run(variant)
-    return drv.log
 
 
 def test_just_released_lines_compare_i_with_g_and_j_with_h():
