@@ -8,6 +8,10 @@ many maps between the copies (the core's order) with all maps first (tried on 20
 (section 16), mapping first was 17 ms slower (so the core went back to g's order), and both far from the 150 ms of driver time of the warm
 wakes in vLLM, which come right after their sleep. i and j repeat g and h right after the same memory was
 written and released, as a wake that follows its sleep at once: does re-creating just-freed memory cost more?
+(Run that evening, section 17: yes, 0.22-0.25 s more for 112 GiB, cuMemCreate 0.26-0.48 s against 0.03 s, and g
+still 1.09 x the copies alone after a pause.) k to n look for an order of the many segments' calls that costs
+nothing beside the copies: all mapped first with K behind the copies (k; l right after a release), the calls on a
+second thread (m), the handles created first (n).
 
 On one GPU, with the libcuda calls made through ctypes (benchmarks/cuvmm.py), B bytes (--copy-gib, default 16)
 are copied from pinned host memory into a VMM-mapped destination as --piece-mib copies on a non-blocking
@@ -27,8 +31,15 @@ default 96, capped at free memory - B - --headroom-gib) are created, mapped and 
   i  as g, right after the same segments and K were created, mapped, written (cuMemsetD8Async) and released,
      with no pause: a wake that follows its sleep at once (the release's seconds are recorded, not counted)
   j  as h, right after the same release
+  k  every segment created and mapped, then every copy, then K's calls while the copies run (what h would be if
+     K waited for the copies, as in c): are many maps between the copies (g) what costs?
+  l  as k, right after the same release
+  m  as g with each segment's create, map and access on a second thread running ahead; the first thread
+     enqueues a segment's copies once it is mapped (is the cost the calling thread's, or the device's?)
+  n  every segment's handle created first, then each mapped and given access just before its copies (is it
+     cuMemCreate or cuMemMap/cuMemSetAccess between the copies that costs?)
 
-Each variant --reps times (rounds a..j interleaved, K released and a --pause-s pause between runs), after one
+Each variant --reps times (rounds a..n interleaved, K released and a --pause-s pause between runs), after one
 unmeasured a and b; medians. Times are seconds from the variant's first call; the copies' completion comes
 from their events (their origin is the host time of the start event's record, on an idle stream). The table
 shows each variant's total, when the copies were done and how long they took from their enqueue, when the
@@ -47,6 +58,7 @@ import argparse
 import itertools
 import json
 import os
+import queue
 import statistics
 import sys
 import threading
@@ -70,7 +82,18 @@ VARIANTS = {
     "h": "N segments and K mapped, then the copies",
     "i": "as g, right after releasing the same",
     "j": "as h, right after releasing the same",
+    "k": "N segments mapped, their copies, then K",
+    "l": "as k, right after releasing the same",
+    "m": "as g, segments mapped on a 2nd thread",
+    "n": "N segments created first, then as g",
 }
+# How each segments variant orders its work (Probe._segments_run): "interleave" maps a segment and enqueues its
+# copies at once, then the next; "all_first" maps every segment and K before the first copy; "segments_first"
+# maps every segment, enqueues every copy, then K; "creates_first" creates every segment's handle, then maps
+# each and enqueues its copies; "thread" as interleave with the creates and maps on a second thread.
+SEGMENT_ORDERS = {"g": "interleave", "h": "all_first", "i": "interleave", "j": "all_first", "k": "segments_first",
+                  "l": "segments_first", "m": "thread", "n": "creates_first"}
+JUST_RELEASED = {"i": "g", "j": "h", "l": "k"}  # run right after a release -> the same order after a pause
 OVERLAP_TOLERANCE = 1.05  # total <= this x max(a, b) counts as overlapped
 CALLS = ("create", "map", "access")
 
@@ -158,11 +181,31 @@ def many_maps(summary: dict[str, Any]) -> list[str]:
                "mapping first is slower" if h["total_s"] > 1.03 * g["total_s"] else "the two orders cost the same")]
 
 
+def segment_orders(summary: dict[str, Any]) -> list[str]:
+    """k, m and n against g: which order of the many segments' calls beside their copies costs least?"""
+    v = summary["variants"]
+    if "g" not in v:
+        return []
+    g, a = v["g"], v["a"]
+    what = {"k": "every segment mapped before the copies, K after them", "m": "the calls on a second thread",
+            "n": "every handle created first"}
+    lines = []
+    for k in ("k", "m", "n"):
+        if k not in v:
+            continue
+        r = v[k]
+        verdict = ("faster" if r["total_s"] < 0.97 * g["total_s"] else
+                   "slower" if r["total_s"] > 1.03 * g["total_s"] else "the same")
+        lines.append(f"segments, {what[k]} ({k}): {r['total_s']:.3f} s (driver {r['driver_s']:.3f} s, "
+                     f"{r['total_s'] / a['total_s']:.2f} x the copies alone) against g {g['total_s']:.3f} s: {verdict}")
+    return lines
+
+
 def just_released(summary: dict[str, Any]) -> list[str]:
-    """i and j against g and h: does re-creating memory released just before cost more than after a pause?"""
+    """i, j and l against g, h and k: does re-creating memory released just before cost more than after a pause?"""
     v = summary["variants"]
     lines = []
-    for after, before in (("i", "g"), ("j", "h")):
+    for after, before in JUST_RELEASED.items():
         if after not in v or before not in v:
             continue
         a, b = v[after], v[before]
@@ -178,7 +221,7 @@ def diagnose(summary: dict[str, Any], tolerance: float = OVERLAP_TOLERANCE) -> l
     """What the medians say: does the core's order (c) overlap, what collides if not, which variant fixes it;
     g against h (many maps between the copies or before them); i and j against g and h (memory just released)."""
     lines = _diagnose_k(summary, tolerance)
-    return lines + many_maps(summary) + just_released(summary)
+    return lines + many_maps(summary) + segment_orders(summary) + just_released(summary)
 
 
 def _diagnose_k(summary: dict[str, Any], tolerance: float) -> list[str]:
@@ -346,47 +389,95 @@ class Probe:
             self._map_one(calls, t0, at, size, self.k_handles[-1])
             at += size
 
-    def _segments_run(self, calls: list, t0: float, interleave: bool) -> dict[str, Any]:
-        """g (interleave) and h: each segment created, mapped and given access; its copies enqueued right after
-        it (g) or once every segment and K are mapped (h); K after the segments."""
+    def _segments_run(self, calls: list, t0: float, order: str) -> dict[str, Any]:
+        """g to n: the copies' destination in separately created, mapped and accessed segments, and K, in the
+        order SEGMENT_ORDERS names; each segment's copies as the core copies one allocation."""
         drv, start_ev, end_ev = self.drv, *self.seg_events
         info: dict[str, Any] = {}
 
-        def start() -> None:
-            info["copy_start_s"] = time.perf_counter() - t0
-            drv.record(start_ev, self.stream)
+        def enqueue(at: int, size: int) -> None:
+            if not info:
+                info["copy_start_s"] = time.perf_counter() - t0
+                drv.record(start_ev, self.stream)
+            lo, hi = at, min(at + size, self.copy_bytes)
+            for piece in chunk_sizes(hi - lo, self.piece_bytes) if hi > lo else []:
+                drv.copy_h2d(self.seg_base + lo, self.host_ptr + lo, piece, self.stream)
+                lo += piece
 
-        def enqueue(lo: int, hi: int) -> None:
-            for size in chunk_sizes(hi - lo, self.piece_bytes) if hi > lo else []:
-                drv.copy_h2d(self.seg_base + lo, self.host_ptr + lo, size, self.stream)
-                lo += size
+        def create(size: int) -> int:
+            self.k_handles.append(self._timed(calls, t0, "create", drv.create, size))
+            return self.k_handles[-1]
+
+        def k_calls() -> None:
+            self._create_k(calls, t0)
+            self._map_k(calls, t0)
 
         segments = list(zip(itertools.accumulate(self.seg_sizes, initial=0), self.seg_sizes))  # (offset, size)
-        for at, size in segments:
-            self.k_handles.append(self._timed(calls, t0, "create", drv.create, size))
-            self._map_one(calls, t0, self.seg_base + at, size, self.k_handles[-1])
-            if interleave:
-                if not info:
-                    start()
-                enqueue(at, min(at + size, self.copy_bytes))
-        if not interleave:
-            self._create_k(calls, t0)
-            self._map_k(calls, t0)
-            start()
-            for at, size in segments:  # per segment, as the core copies per allocation
-                enqueue(at, min(at + size, self.copy_bytes))
+        if order == "thread":
+            return self._segments_two_threads(calls, t0, segments, info, enqueue, create, k_calls)
+        handles = [create(size) for _, size in segments] if order == "creates_first" else []
+        for i, (at, size) in enumerate(segments):
+            self._map_one(calls, t0, self.seg_base + at, size, handles[i] if handles else create(size))
+            if order in ("interleave", "creates_first"):
+                enqueue(at, size)
+        if order == "all_first":
+            k_calls()
+        if order in ("all_first", "segments_first"):
+            for at, size in segments:
+                enqueue(at, size)
         enqueued = time.perf_counter() - t0
         drv.record(end_ev, self.stream)
-        if interleave:
-            self._create_k(calls, t0)
-            self._map_k(calls, t0)
+        if order != "all_first":
+            k_calls()
+        return self._segments_done(info, enqueued)
+
+    def _segments_done(self, info: dict[str, Any], enqueued: float) -> dict[str, Any]:
+        drv, start_ev, end_ev = self.drv, *self.seg_events
         drv.sync(self.stream)
         info.update(enqueue_s=enqueued - info["copy_start_s"], copy_sizes=[self.copy_bytes],
                     copy_ends_s=[info["copy_start_s"] + drv.elapsed_s(start_ev, end_ev)])
         return info
 
+    def _segments_two_threads(self, calls: list, t0: float, segments: list, info: dict[str, Any], enqueue, create,
+                              k_calls) -> dict[str, Any]:
+        """m: a second thread creates, maps and gives access to each segment in turn, then K; this thread
+        enqueues each segment's copies as soon as the other says it is mapped."""
+        ctx = self.drv.current_context()
+        ready: "queue.Queue[Optional[int]]" = queue.Queue()  # index of a mapped segment; None: the other failed
+        box: dict[str, Any] = {}
+
+        def mapper() -> None:
+            try:
+                self.drv.set_current(ctx)
+                for i, (at, size) in enumerate(segments):
+                    self._map_one(calls, t0, self.seg_base + at, size, create(size))
+                    ready.put(i)
+                k_calls()
+            except BaseException as e:  # noqa: BLE001 (re-raised on this thread)
+                box["error"] = e
+                ready.put(None)
+
+        worker = threading.Thread(target=mapper, name="probe-segment-calls")
+        worker.start()
+        enqueued = 0.0
+        try:
+            for _ in segments:
+                i = ready.get()
+                if i is None:
+                    break
+                enqueue(*segments[i])  # its first call records the start event
+            else:
+                enqueued = time.perf_counter() - t0
+                self.drv.record(self.seg_events[1], self.stream)
+        finally:
+            worker.join()
+        if "error" in box:
+            self.drv.sync(self.stream)  # nothing may still write into memory release_k unmaps
+            raise RuntimeError(f"variant m: the second thread's driver calls failed: {box['error']}") from box["error"]
+        return self._segments_done(info, enqueued)
+
     def _release_what_a_sleep_held(self) -> float:
-        """i and j's start: the segments and K created, mapped, written and released, as a sleep leaves them;
+        """i, j and l's start: the segments and K created, mapped, written and released, as a sleep leaves them;
         the release's seconds (not part of the run)."""
         calls: list = []  # not the run's
         t0 = time.perf_counter()
@@ -438,12 +529,12 @@ class Probe:
         elif variant == "f":
             info = self._run_two_threads(calls)
             t0 = info.pop("t0")
-        elif variant in ("g", "h"):
-            info = self._segments_run(calls, t0, interleave=variant == "g")
-        elif variant in ("i", "j"):
+        elif variant in JUST_RELEASED:
             released_s = self._release_what_a_sleep_held()
             t0 = time.perf_counter()  # the run starts right after the release
-            info = {"release_s": released_s, **self._segments_run(calls, t0, interleave=variant == "i")}
+            info = {"release_s": released_s, **self._segments_run(calls, t0, SEGMENT_ORDERS[variant])}
+        elif variant in SEGMENT_ORDERS:
+            info = self._segments_run(calls, t0, SEGMENT_ORDERS[variant])
         else:
             raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
         return {"variant": variant, "total_s": time.perf_counter() - t0, "calls": calls, **info}

@@ -372,6 +372,82 @@ def test_many_segments_mapped_between_the_copies_or_before_them(variant):
     assert not drv.handles and not drv.mapped and not drv.reserved
 
 
+@pytest.mark.parametrize("variant", ["k", "n"])
+def test_segments_mapped_first_or_created_first_keep_k_behind_the_copies(variant):
+    drv, p = segments_probe()
+    r = p.run(variant)
+    names = [e[0] for e in drv.log]
+    copies = [i for i, n in enumerate(names) if n == "copy"]
+    creates = [i for i, n in enumerate(names) if n == "create"]
+    maps = [i for i, n in enumerate(names) if n == "map"]
+    assert len(creates) == 4 and len(maps) == 4
+    assert sum(e[2] for e in drv.log if e[0] == "copy") == 256 * MiB - 6
+    assert creates[-1] > copies[-1] and maps[-1] > copies[-1]  # K's calls after every copy was enqueued
+    if variant == "k":  # every segment mapped before the first copy
+        assert maps[2] < copies[0]
+        assert [c[0] for c in r["calls"]] == ["create", "map", "access"] * 4
+    else:  # every segment's handle created first, each mapped just before its copies
+        assert creates[2] < maps[0] < copies[0] < maps[1] < maps[2] < copies[-1]
+        assert [c[0] for c in r["calls"]] == ["create"] * 3 + ["map", "access"] * 3 + ["create", "map", "access"]
+    assert r["copy_ends_s"][0] == pytest.approx(r["copy_start_s"] + (256 * MiB - 6) / 50e9)
+    p.release_k()
+    p.close()
+    assert not drv.handles and not drv.mapped and not drv.reserved
+
+
+def test_segments_mapped_on_a_second_thread_are_copied_in_order_once_mapped():
+    drv, p = segments_probe()
+    r = p.run("m")
+    calls = [e for e in drv.log if e[0] != "copy"]
+    copies = [e for e in drv.log if e[0] == "copy"]
+    assert {e[1] for e in calls} == {"probe-segment-calls"} and {e[1] for e in copies} == {"MainThread"}
+    assert [e[0] for e in calls] == ["create", "map", "access"] * 4
+    assert sum(e[2] for e in copies) == 256 * MiB - 6
+    # a segment's copies only after its access: the n-th copy group follows the n-th access in the log
+    log = [e[0] for e in drv.log]
+    accesses = [i for i, n in enumerate(log) if n == "access"]
+    first_copy = log.index("copy")
+    assert accesses[0] < first_copy
+    assert r["copy_ends_s"][0] == pytest.approx(r["copy_start_s"] + (256 * MiB - 6) / 50e9)
+    assert r["total_s"] >= max(c[2] for c in r["calls"])
+    p.release_k()
+    p.close()
+    assert not drv.handles and not drv.mapped and not drv.reserved
+
+
+def test_a_second_thread_that_fails_to_map_a_segment_is_reported_and_cleaned_up():
+    drv, p = segments_probe()
+    made = []
+    real_create = drv.create
+
+    def create(size):
+        if len(made) == 2:
+            raise RuntimeError("cuMemCreate failed: CUresult 2 (CUDA_ERROR_OUT_OF_MEMORY)")
+        made.append(size)
+        return real_create(size)
+
+    drv.create = create
+    with pytest.raises(RuntimeError, match="variant m: the second thread's driver calls failed: cuMemCreate failed"):
+        p.run("m")
+    p.release_k()
+    p.close()
+    assert not drv.mapped and not drv.reserved
+
+
+def test_segment_order_lines_compare_k_m_and_n_with_g():
+    def variant(total, driver):
+        return {"total_s": total, "driver_s": driver}
+    v = {"a": variant(0.311, 0.0), "g": variant(0.340, 0.040), "k": variant(0.320, 0.045),
+         "m": variant(0.341, 0.041), "n": variant(0.360, 0.040)}
+    lines = probe.segment_orders({"variants": v})
+    assert lines[0] == ("segments, every segment mapped before the copies, K after them (k): 0.320 s (driver 0.045 s, "
+                        "1.03 x the copies alone) against g 0.340 s: faster")
+    assert lines[1].startswith("segments, the calls on a second thread (m)") and lines[1].endswith(": the same")
+    assert lines[2].startswith("segments, every handle created first (n)") and lines[2].endswith(": slower")
+    del v["g"]
+    assert probe.segment_orders({"variants": v}) == []
+
+
 def test_many_maps_line_compares_g_and_h():
     def variant(total, driver):
         return {"total_s": total, "driver_s": driver}
@@ -384,7 +460,7 @@ def test_many_maps_line_compares_g_and_h():
     assert probe.many_maps(summary) == []
 
 
-@pytest.mark.parametrize("variant,like", [("i", "g"), ("j", "h")])
+@pytest.mark.parametrize("variant,like", [("i", "g"), ("j", "h"), ("l", "k")])
 def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_before(variant, like):
     drv, p = segments_probe()
     r = p.run(variant)
@@ -416,7 +492,10 @@ def test_just_released_lines_compare_i_with_g_and_j_with_h():
     assert lines[0].startswith("just released: g's order 0.338 s (driver 0.039 s) after a pause, 0.470 s (driver 0.160 s)")
     assert lines[0].endswith("re-creating just-freed memory costs 0.132 s more")
     assert lines[1].endswith("re-creating just-freed memory costs nothing more")
-    del v["i"], v["j"]
+    v["k"], v["l"] = variant(0.320, 0.045), variant(0.560, 0.250)
+    [*_, line] = probe.just_released({"variants": v})
+    assert line.startswith("just released: k's order 0.320 s") and line.endswith("costs 0.240 s more")
+    del v["i"], v["j"], v["k"], v["l"]
     assert probe.just_released({"variants": v}) == []
     slow = run(0.50, calls=K_ALONE["calls"], copy=(0.0, 0.01, [0.08, 0.16, 0.235, 0.31]))
     lines = probe.diagnose(probe.summarize(scenario(g=CREATED_FIRST, h=CREATED_FIRST, i=slow, j=CREATED_FIRST)))
