@@ -26,6 +26,20 @@ struct CodecPiece {
   uint64_t packed_bytes = 0;  // decompress: what was stored
 };
 
+// Where one codec call works: device scratch (temp_bytes(count, ...) of it), the device array it writes each
+// piece's size to, and pinned host memory (kCodecHostWords words per piece) for the pointer and size arrays it
+// sends to the device on the stream. Pinned, because an asynchronous copy from pageable memory may wait for
+// the stream it is ordered on (the CUDA driver's API synchronization rules), and the codec stream waits for
+// the copy queue: the thread that feeds the copy engine would stall until the copies drain. The caller
+// writes host_words again only once the stream has passed the call.
+constexpr uint64_t kCodecHostWords = 4;
+struct CodecScratch {
+  uintptr_t temp = 0;
+  uint64_t temp_bytes = 0;
+  uintptr_t sizes = 0;
+  uint64_t* host_words = nullptr;
+};
+
 // A device's queue for codec work, beside the backend's copy queue, and the order between the two.
 // The backend owns it (DeviceBackend::codec_stream).
 class CodecStream {
@@ -72,12 +86,10 @@ class Codec {
   virtual uint64_t max_packed_bytes(uint64_t plain_bytes) const = 0;
   // Device scratch memory for a batch of `count` pieces of at most `piece_bytes` (compress or decompress).
   virtual uint64_t temp_bytes(size_t count, uint64_t piece_bytes) = 0;
-  // Writes each piece's packed size, as uint64, to sizes[i] (device memory).
-  virtual void compress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes, uintptr_t sizes,
-                        CodecStream& stream) = 0;
-  // Writes each piece's decoded size to sizes[i] (device memory): plain_bytes when it decoded, else not.
-  virtual void decompress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes,
-                          uintptr_t sizes, CodecStream& stream) = 0;
+  // Writes each piece's packed size, as uint64, to scratch.sizes[i] (device memory).
+  virtual void compress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) = 0;
+  // Writes each piece's decoded size to scratch.sizes[i] (device memory): plain_bytes when it decoded, else not.
+  virtual void decompress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) = 0;
 };
 
 // The codec for a backend: the reference codec on the host backends, nvCOMP on CUDA. nullptr when none

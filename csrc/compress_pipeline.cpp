@@ -110,7 +110,7 @@ Staging::Staging(DeviceBackend& b, CodecStream& s, Codec& c, int d, const Compre
   slot_bytes_ = l.slot_bytes;
   temp_at_ = l.temp_at;
   temp_bytes_ = l.temp_bytes;
-  const uint64_t host_bytes = align_up(8ull * options.chunk_pieces * options.slots, 4096);
+  const uint64_t host_bytes = align_up(8ull * options.chunk_pieces * options.slots * (1 + kCodecHostWords), 4096);
   host_sizes_ = static_cast<uint64_t*>(std::aligned_alloc(4096, host_bytes));
   if (!host_sizes_) throw HostOutOfMemory("cannot allocate " + format_bytes(host_bytes) + " for compressed sizes");
   std::memset(host_sizes_, 0, host_bytes);
@@ -121,6 +121,12 @@ Staging::Staging(DeviceBackend& b, CodecStream& s, Codec& c, int d, const Compre
     std::free(host_sizes_);
     throw;
   }
+}
+
+CodecScratch Staging::scratch(unsigned slot) const {
+  const uint64_t words = uint64_t{options_.chunk_pieces} * options_.slots;  // past the sizes
+  return {memory_.address() + temp_at_, temp_bytes_, sizes(slot),
+          host_sizes_ + words + uint64_t{slot} * options_.chunk_pieces * kCodecHostWords};
 }
 
 void Staging::drain() noexcept {
@@ -181,7 +187,7 @@ void CompressedSleep::compress_chunk(size_t chunk) {
   staging_.stream.after_copies();  // the slot's last copies out, and the pending work on this memory
   {
     CodecScope scope(staging_.stream);
-    staging_.codec.compress(batch, staging_.temp(), staging_.temp_bytes(), staging_.sizes(slot), staging_.stream);
+    staging_.codec.compress(batch, staging_.scratch(slot), staging_.stream);
   }
   staging_.stream.to_host(staging_.sizes(slot), staging_.host_sizes(slot), 8 * batch.size());
   staging_.marks[chunk] = staging_.stream.record();
@@ -383,7 +389,7 @@ void CompressedWake::flush() {
   st.marks.push_back(0);
   {
     CodecScope scope(st.stream);
-    st.codec.decompress(batch, st.temp(), st.temp_bytes(), st.sizes(slot), st.stream);
+    st.codec.decompress(batch, st.scratch(slot), st.stream);
   }
   st.stream.to_host(st.sizes(slot), st.host_sizes(slot), 8 * n);
   st.marks[chunk] = st.stream.record();

@@ -131,7 +131,8 @@ class DeviceScratch {
 };
 
 // The staging of one operation on one device: slots of packed bytes, their sizes (device and pinned
-// host), the codec's scratch.
+// host), the codec's scratch; per slot, pinned host words for the codec's arrays (CodecScratch), written
+// again only after the slot's mark was waited for.
 class Staging {
  public:
   Staging(DeviceBackend& backend, CodecStream& stream, Codec& codec, int device, const CompressOptions& options);
@@ -144,8 +145,8 @@ class Staging {
   uintptr_t packed(unsigned slot, size_t piece) const { return memory_.address() + slot * slot_bytes_ + piece * stride_; }
   uintptr_t sizes(unsigned slot) const { return memory_.address() + slot * slot_bytes_ + sizes_at_; }
   uint64_t* host_sizes(unsigned slot) const { return host_sizes_ + slot * options_.chunk_pieces; }
-  uintptr_t temp() const { return memory_.address() + temp_at_; }
-  uint64_t temp_bytes() const { return temp_bytes_; }
+  // What a codec call for `slot` works in.
+  CodecScratch scratch(unsigned slot) const;
   uint64_t bytes() const { return memory_.bytes(); }
   // Codec work is finished and its marks released: nothing writes into staging any more.
   void drain() noexcept;
@@ -164,7 +165,8 @@ class Staging {
   const CompressOptions options_;
   uint64_t stride_, sizes_at_, slot_bytes_, temp_at_, temp_bytes_;
   DeviceScratch memory_;
-  uint64_t* host_sizes_ = nullptr;  // slots x chunk_pieces, pinned
+  // Pinned: slots x chunk_pieces sizes, then slots x chunk_pieces x kCodecHostWords codec words.
+  uint64_t* host_sizes_ = nullptr;
   bool pinned_ = false;
 };
 

@@ -73,58 +73,56 @@ class NvcompCodec final : public Codec {
           "nvcompBatchedANSDecompressGetTempSize");
     return align_up(std::max(c, d), 256) + arrays_bytes(count);
   }
-  void compress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes, uintptr_t sizes,
-                CodecStream& stream) override {
+  void compress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) override {
     const size_t n = pieces.size();
-    std::vector<uint64_t> host(4 * n, 0);
+    uint64_t* host = scratch.host_words;
     uint64_t largest = 0;
     for (size_t i = 0; i < n; ++i) {
       host[i] = pieces[i].plain_address;
       host[n + i] = pieces[i].plain_bytes;
       host[2 * n + i] = pieces[i].packed_address;
+      host[3 * n + i] = 0;
       largest = std::max(largest, pieces[i].plain_bytes);
     }
-    const uintptr_t arrays = send_arrays(host, temp, temp_bytes, n, stream);
+    const uintptr_t arrays = send_arrays(scratch, n, stream);
     auto* a = reinterpret_cast<uint64_t*>(arrays);
     check(compress_(reinterpret_cast<const void* const*>(a), reinterpret_cast<const size_t*>(a + n), largest, n,
-                    reinterpret_cast<void*>(temp), temp_bytes - arrays_bytes(n),
-                    reinterpret_cast<void* const*>(a + 2 * n), reinterpret_cast<size_t*>(sizes), copts_,
+                    reinterpret_cast<void*>(scratch.temp), scratch.temp_bytes - arrays_bytes(n),
+                    reinterpret_cast<void* const*>(a + 2 * n), reinterpret_cast<size_t*>(scratch.sizes), copts_,
                     reinterpret_cast<nvcompStatus*>(a + 4 * n), stream.handle()),
           "nvcompBatchedANSCompressAsync");
   }
-  void decompress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes, uintptr_t sizes,
-                  CodecStream& stream) override {
+  void decompress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) override {
     const size_t n = pieces.size();
-    std::vector<uint64_t> host(4 * n, 0);
+    uint64_t* host = scratch.host_words;
     for (size_t i = 0; i < n; ++i) {
       host[i] = pieces[i].packed_address;
       host[n + i] = pieces[i].packed_bytes;
       host[2 * n + i] = pieces[i].plain_bytes;
       host[3 * n + i] = pieces[i].plain_address;
     }
-    const uintptr_t arrays = send_arrays(host, temp, temp_bytes, n, stream);
+    const uintptr_t arrays = send_arrays(scratch, n, stream);
     auto* a = reinterpret_cast<uint64_t*>(arrays);
     check(decompress_(reinterpret_cast<const void* const*>(a), reinterpret_cast<const size_t*>(a + n),
-                      reinterpret_cast<const size_t*>(a + 2 * n), reinterpret_cast<size_t*>(sizes), n,
-                      reinterpret_cast<void*>(temp), temp_bytes - arrays_bytes(n),
+                      reinterpret_cast<const size_t*>(a + 2 * n), reinterpret_cast<size_t*>(scratch.sizes), n,
+                      reinterpret_cast<void*>(scratch.temp), scratch.temp_bytes - arrays_bytes(n),
                       reinterpret_cast<void* const*>(a + 3 * n), dopts_, reinterpret_cast<nvcompStatus*>(a + 4 * n),
                       stream.handle()),
           "nvcompBatchedANSDecompressAsync");
   }
 
  private:
-  static uint64_t arrays_bytes(size_t count) { return align_up(5 * 8 * count, 256); }
+  static uint64_t arrays_bytes(size_t count) { return align_up((kCodecHostWords + 1) * 8 * count, 256); }
   static void check(nvcompStatus status, const char* call) {
     if (status != kSuccess) throw Error(std::string(call) + " failed with nvcompStatus_t " + std::to_string(status));
   }
-  // The batch's pointer and size arrays go to the tail of `temp` on the codec stream. From pageable
-  // memory, the driver stages the bytes before it returns, so `host` may go right after.
-  static uintptr_t send_arrays(const std::vector<uint64_t>& host, uintptr_t temp, uint64_t temp_bytes, size_t n,
-                               CodecStream& stream) {
-    const uintptr_t arrays = temp + temp_bytes - arrays_bytes(n);
+  // The batch's pointer and size arrays (kCodecHostWords per piece, from the caller's pinned words) go to the
+  // tail of `temp` on the codec stream, followed there by nvCOMP's statuses.
+  static uintptr_t send_arrays(const CodecScratch& scratch, size_t n, CodecStream& stream) {
+    const uintptr_t arrays = scratch.temp + scratch.temp_bytes - arrays_bytes(n);
     const CudaDriver& d = cuda_driver();
     check_cuda(d,
-               d.cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(arrays), host.data(), host.size() * 8,
+               d.cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(arrays), scratch.host_words, kCodecHostWords * 8 * n,
                                    static_cast<CUstream>(stream.handle())),
                "cuMemcpyHtoDAsync (nvCOMP batch arrays)");
     return arrays;

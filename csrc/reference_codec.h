@@ -17,10 +17,8 @@ class ReferenceCodec final : public Codec {
   bool accepts(uintptr_t, uint64_t bytes) const override { return bytes > 0; }
   uint64_t max_packed_bytes(uint64_t plain_bytes) const override;
   uint64_t temp_bytes(size_t, uint64_t) override { return 0; }
-  void compress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes, uintptr_t sizes,
-                CodecStream& stream) override;
-  void decompress(const std::vector<CodecPiece>& pieces, uintptr_t temp, uint64_t temp_bytes, uintptr_t sizes,
-                  CodecStream& stream) override;
+  void compress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) override;
+  void decompress(const std::vector<CodecPiece>& pieces, const CodecScratch& scratch, CodecStream& stream) override;
 
   // One piece; encode returns the packed size, decode the plain size it produced (0 for a corrupt stream).
   static uint64_t encode(const uint8_t* plain, uint64_t plain_bytes, uint8_t* packed);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "allocator.h"
+#include "compress_pipeline.h"
 #include "async_host_backend.h"
 #include "errors.h"
 #include "host_backend.h"
@@ -368,6 +369,40 @@ void test_reference_codec_round_trips_and_rejects_corrupt_streams() {
   }
 }
 
+// Each slot's codec words (the batch arrays a device codec sends from pinned memory) hold a full chunk, apart
+// from the sizes and from every other slot's, so a chunk's arrays are never rewritten while an earlier chunk's
+// copy of them may still be queued; the codec gets the words of the slot it works for.
+void test_each_slot_has_its_own_codec_words() {
+  vse::HostBackend backend(64 * MiB);
+  vse::ReferenceCodec codec;
+  vse::CompressOptions o;
+  o.mode = vse::CompressMode::On;
+  o.piece_bytes = 64 * KiB;
+  o.chunk_pieces = 3;
+  o.slots = 3;
+  vse::Staging staging(backend, *backend.codec_stream(0), codec, 0, o);
+  const auto* sizes_begin = staging.host_sizes(0);
+  const auto* sizes_end = staging.host_sizes(o.slots - 1) + o.chunk_pieces;
+  for (unsigned a = 0; a < o.slots; ++a) {
+    const uint64_t* words = staging.scratch(a).host_words;
+    const uint64_t* end = words + o.chunk_pieces * vse::kCodecHostWords;
+    CHECK(end <= sizes_begin || words >= sizes_end);
+    for (unsigned b = a + 1; b < o.slots; ++b) {
+      const uint64_t* other = staging.scratch(b).host_words;
+      CHECK(end <= other || other + o.chunk_pieces * vse::kCodecHostWords <= words);
+    }
+    CHECK(staging.scratch(a).sizes == staging.sizes(a));
+  }
+  std::vector<uint8_t> plain(3 * 64 * KiB, 7);
+  std::vector<vse::CodecPiece> batch;
+  for (size_t i = 0; i < 3; ++i)
+    batch.push_back({reinterpret_cast<uintptr_t>(plain.data() + i * 64 * KiB), 64 * KiB, staging.packed(1, i), 0});
+  codec.compress(batch, staging.scratch(1), *backend.codec_stream(0));
+  const uint64_t* words = staging.scratch(1).host_words;
+  CHECK(words[0] == batch[0].plain_address && words[3 + 2] == 64 * KiB && words[6 + 1] == staging.packed(1, 1));
+  CHECK(staging.host_sizes(0)[0] == 0 && staging.scratch(0).host_words[0] == 0);  // other slots untouched
+}
+
 void test_bad_compress_options_are_rejected() {
   Allocator a(std::make_unique<vse::HostBackend>(64 * MiB));
   CHECK_THROWS(a.update_options([](vse::AllocatorOptions& o) { o.compress.piece_bytes = 100; }), vse::InvalidArgument);
@@ -405,6 +440,7 @@ int main(int argc, char** argv) {
       {"short_chunk_packed_host", test_short_chunk_packed_host},
       {"short_chunk_packed_async", test_short_chunk_packed_async},
       {"reference_codec", test_reference_codec_round_trips_and_rejects_corrupt_streams},
+      {"each_slot_has_its_own_codec_words", test_each_slot_has_its_own_codec_words},
       {"bad_options", test_bad_compress_options_are_rejected},
   };
   return vse_test::run_tests(tests, argc, argv);
