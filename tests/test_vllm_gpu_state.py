@@ -355,3 +355,17 @@ def test_e2e_timing_times_wakes_at_once_and_after_a_while_asleep(monkeypatch, wo
     assert r["level1_rested_asleep_s"] == 2.0 and r["level1_rested_wake_s"] >= 0
     assert set(r["checks"]) >= {"level1_warm", "level1_rested", "level2_rlhf"} and all(r["checks"].values())
     assert "wake after 2 s asleep" in capsys.readouterr().out
+
+
+def test_e2e_host_pages_reads_anonymous_huge_and_locked_memory(tmp_path) -> None:
+    import e2e
+
+    rollup = tmp_path / "smaps_rollup"
+    rollup.write_text("55d0c0a00000-7ffd0e1f2000 ---p 00000000 00:00 0  [rollup]\n"
+                      "Rss:            70254080 kB\nAnonymous:      65011712 kB\nAnonHugePages:  62914560 kB\n"
+                      "Locked:         65011712 kB\n")
+    assert e2e.host_pages(rollup=str(rollup)) == {"anon_gib": 62.0, "anon_huge_gib": 60.0, "locked_gib": 62.0}
+    assert e2e.host_pages(rollup=str(tmp_path / "missing")) == {}
+    here = e2e.host_pages()  # this process, where the kernel has the file
+    if os.path.exists("/proc/self/smaps_rollup"):
+        assert here["anon_gib"] > 0 and 0 <= here["anon_huge_gib"] <= here["anon_gib"]

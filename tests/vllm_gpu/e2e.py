@@ -269,6 +269,24 @@ def host_state(worker) -> dict:
     return {"pinned_gib": round(core.host_pinned_bytes() / GiB, 2), "rate": int(core.host_prepare_rate)}
 
 
+def host_pages(worker=None, rollup: str = "/proc/self/smaps_rollup") -> dict:
+    """The process's anonymous memory, how much of it is on transparent huge pages, and how much is locked
+    (pinned), in GiB. Ours keeps its backups in one anonymous arena advised for huge pages: if the copies' host
+    side is on 4 KiB pages the device translates 512 x more of them, a suspect for a wake slower than its
+    sleep. Stock's pinned memory is the driver's, not anonymous. {} where the kernel has no smaps_rollup."""
+    fields = {"Anonymous": "anon_gib", "AnonHugePages": "anon_huge_gib", "Locked": "locked_gib"}
+    out = {}
+    try:
+        with open(rollup) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = round(int(rest.split()[0]) * 1024 / GiB, 2)  # the file counts kB
+    except OSError:
+        return {}
+    return out
+
+
 def last_sleep_stats(worker) -> dict:
     """Ours: where the last sleep's time went (pinning and faulting host memory in included); stock: {}."""
     from vllm.device_allocator.cumem import CuMemAllocator
@@ -517,6 +535,8 @@ def cmd_timing(run: Run) -> None:
         print(f"live scope of the weights pool: {r['live_scope']}", flush=True)
         decode_during_prepare(run)
     first = run.level1(overwrite=True)
+    r["host_pages_after_first_sleep"] = run.rpc(host_pages)
+    print(f"worker's host memory after the first sleep: {r['host_pages_after_first_sleep']}", flush=True)
     run.check("level1_first")
     warm = [run.level1(overwrite=False) for _ in range(3)]
     run.check("level1_warm")
@@ -609,6 +629,8 @@ def cmd_first(run: Run) -> None:
     r["host_before_first_sleep"] = run.rpc(host_state)
     first = run.level1(overwrite=True)
     r["first_sleep_stats"] = run.rpc(last_sleep_stats)
+    r["host_pages_after_first_sleep"] = run.rpc(host_pages)
+    print(f"worker's host memory after the first sleep: {r['host_pages_after_first_sleep']}", flush=True)
     run.check("level1_first")
     warm = run.level1(overwrite=True)
     run.check("level1_warm")
