@@ -477,18 +477,11 @@ class Probe:
         return self._segments_done(info, enqueued)
 
     def _release_what_a_sleep_held(self) -> float:
-        """i, j and l's start: the segments and K created, mapped, written and released, as a sleep leaves them;
-        the release's seconds (not part of the run)."""
-        calls: list = []  # not the run's
-        t0 = time.perf_counter()
-        at = self.seg_base
-        for size in self.seg_sizes:
-            self.k_handles.append(self._timed(calls, t0, "create", self.drv.create, size))
-            self._map_one(calls, t0, at, size, self.k_handles[-1])
-            at += size
-        self._create_k(calls, t0)
-        self._map_k(calls, t0)
-        for ptr, size in self.k_maps:  # every page written, as an engine's memory is
+        """i, j and l's start: the segments and K created, mapped, written (the copies, then a memset of every
+        page, as an engine's memory is) and released, as a sleep leaves them; the release's seconds (not part of
+        the run)."""
+        self._segments_run([], time.perf_counter(), "all_first")  # its calls are not the run's
+        for ptr, size in self.k_maps:
             self.drv.memset_d8(ptr, 0x5A, size, self.stream)
         self.drv.sync(self.stream)
         start = time.perf_counter()

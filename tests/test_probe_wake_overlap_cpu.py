@@ -467,14 +467,13 @@ def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_b
     drv_like, p_like = segments_probe()
     plain = p_like.run(like)
     names = [e[0] for e in drv.log]
-    first_copy = names.index("copy")
     prime = names[:names.index("memset")]
-    assert prime == ["create", "map", "access"] * 4  # three segments and K, as the run maps them
+    assert [n for n in prime if n != "copy"] == ["create", "map", "access"] * 4  # three segments and K
     memsets = [e[2] for e in drv.log if e[0] == "memset"]
     assert sum(memsets) == 256 * MiB + 1000 * MiB  # every byte of what the run then maps again was written
     run_part = names[len(prime) + len(memsets):]
-    assert names.index("memset") < first_copy and "memset" not in run_part
-    assert run_part == [e[0] for e in drv_like.log]  # then exactly g's or h's sequence
+    assert "memset" not in run_part
+    assert run_part == [e[0] for e in drv_like.log]  # then exactly g's, h's or k's sequence
     assert [c[0] for c in r["calls"]] == [c[0] for c in plain["calls"]]  # the priming's calls are not the run's
     assert r["release_s"] >= 0 and "release_s" not in plain
     p.release_k()
