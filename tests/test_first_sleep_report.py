@@ -67,7 +67,8 @@ def test_e2e_first_flow_records_what_the_report_reads(monkeypatch) -> None:
 
     answers = {"pool_bytes": [{"weights": 65 * GB, "kv_cache": 50 * GB}], "host_state": [{"pinned_gib": 61.0, "rate": 0}],
                "last_sleep_stats": [{"seconds": 1.3}], "host_pinned_gib": [3.0], "wait_host": [61.0],
-               "restart_host_prepare_as_configured": [0.0]}
+               "restart_host_prepare_as_configured": [0.0],
+               "host_pages": [{"anon_gib": 62.5, "anon_huge_gib": 61.0, "locked_gib": 62.0}]}
     run = types.SimpleNamespace(
         llm=FakeLLM(), args=types.SimpleNamespace(first_sleep_after=0.05, tp=1), result={"checks": {}},
         workers=[{"allocator": "vllm_sleep_ext.allocator.CuMemAllocator"}], ready_at=e2e.time.perf_counter(),
@@ -82,6 +83,7 @@ def test_e2e_first_flow_records_what_the_report_reads(monkeypatch) -> None:
     assert checked == ["level1_first", "level1_warm", "after_prepare_again"]
     assert r["level1_offload_bytes"] == 65 * GB and r["first_sleep_after_ready_s"] >= 0.05
     assert r["level1_first_sleep_gbps"] == 50.0 and r["decode_during_serving_prepare"]["ratio"] == 1.0
+    assert r["host_pages_after_first_sleep"] == [{"anon_gib": 62.5, "anon_huge_gib": 61.0, "locked_gib": 62.0}]
     lines, verdicts = report.build({"ours": r}, {"d2h_gbps": 55.0})
     assert verdicts["first_sleep_vs_limit"]["value"] == 0.909
 
@@ -101,6 +103,24 @@ def test_level2_table_against_the_floor_and_stock(tmp_path, capsys) -> None:
     assert "| ours | 0.064 s | 0.100 s | 0.120 s | 0.284 s | 0.260 s (0.087 + 0.173; 120 handles) | 1.09 |" in out
     assert "LEVEL2 level2_vs_floor: 1.092 (target <= 1.1) MET" in out
     assert "LEVEL2 level2_vs_stock: 0.453 (target <= 0.5) MET" in out
+    assert "level2_core_vs_floor" not in out  # a run without the allocator's own seconds
+
+
+def test_level2_by_the_allocators_own_seconds_against_the_same_floor(tmp_path, capsys) -> None:
+    # Section 17's figures: llm calls 0.158 s in all (1.28 x the floor), the allocator's own 0.122-0.132 s.
+    r = {"command": "timing", "level2_sleep_s": 0.089, "level2_wake_weights_s": 0.061, "level2_wake_kv_s": 0.008,
+         "level2_driver_floor": [{"total_s": 0.123, "release_s": 0.082, "create_map_s": 0.041, "handles": 118,
+                                  "bytes": 125 << 30}],
+         "level2_core_s": [[0.072, 0.046, 0.006], [0.064, 0.054, 0.004], [0.077, 0.050, 0.005]],
+         "level2_core_total_s": 0.124}
+    results = tmp_path / "vllm-results.jsonl"
+    results.write_text(json.dumps({"kit": "0.33", "who": "ours", "rc": 0, "r": r}) + "\n")
+    assert report.main([str(results), str(tmp_path / "none.json"), "--timing"]) == 1  # stock's run is missing
+    out = capsys.readouterr().out
+    assert "| ours | 0.089 s | 0.061 s | 0.008 s | 0.158 s | 0.123 s (0.082 + 0.041; 118 handles) | 1.28 |" in out
+    assert "| ours, in the allocator (its own seconds) | 0.072 s | 0.046 s | 0.006 s | 0.124 s | (the same) | 1.01 |" in out
+    assert "LEVEL2 level2_vs_floor: 1.285 (target <= 1.1) NOT MET" in out
+    assert "LEVEL2 level2_core_vs_floor: 1.008 (target <= 1.1) MET" in out
 
 
 def test_warm_wakes_against_the_h2d_limit_at_once_and_after_a_while_asleep(tmp_path, capsys) -> None:

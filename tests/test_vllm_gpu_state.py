@@ -369,3 +369,25 @@ def test_e2e_host_pages_reads_anonymous_huge_and_locked_memory(tmp_path) -> None
     here = e2e.host_pages()  # this process, where the kernel has the file
     if os.path.exists("/proc/self/smaps_rollup"):
         assert here["anon_gib"] > 0 and 0 <= here["anon_huge_gib"] <= here["anon_gib"]
+
+
+def test_e2e_level2_collects_the_allocators_own_seconds_of_each_step(monkeypatch, worker) -> None:
+    import e2e
+
+    events: list[str] = []
+    own = iter([{"sleep": 0.072}, {"sleep": 0.072, "wake": 0.046}, {"sleep": 0.072, "wake": 0.006}])
+
+    def core_seconds(w) -> dict:
+        events.append("core_seconds")
+        return next(own)
+
+    monkeypatch.setattr(e2e, "core_seconds", core_seconds)
+    run = make_run(monkeypatch, worker, RecordingEngine(worker, events), ours=True)
+    core: list = []
+    run.level2(overwrite=False, core=core)
+    assert core == [(0.072, 0.046, 0.006)]
+    # read after each step, never inside a timed call
+    assert events == ["sleep2", "core_seconds", "wake", "core_seconds", "wake", "core_seconds"]
+    before = len(events)
+    run.level2(overwrite=False)
+    assert "core_seconds" not in events[before:]  # without `core`, nothing is asked

@@ -300,6 +300,17 @@ def last_sleep_stats(worker) -> dict:
     return {k: getattr(stats, k) for k in keys}
 
 
+def core_seconds(worker) -> dict:
+    """Ours: the allocator's own seconds for its last sleep and last wake (in the worker, without vLLM's RPC
+    and bookkeeping around llm.sleep()/wake_up()); stock: {}."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    core = getattr(CuMemAllocator.get_instance(), "_core", None)
+    if core is None:
+        return {}
+    return {op: stats.seconds for op, stats in (("sleep", core.last_sleep), ("wake", core.last_wake)) if stats}
+
+
 def host_pinned_gib(worker) -> float:
     from vllm.device_allocator.cumem import CuMemAllocator
 
@@ -483,18 +494,27 @@ class Run:
         self.compare("level1")
         return s, w
 
-    def level2(self, overwrite: bool = True, pause: float = 0.0, asleep=None) -> tuple[float, float, float]:
-        """The RLHF flow (sleep, [asleep()], [overwrite], wake weights, reload, wake kv_cache), compared."""
+    def level2(self, overwrite: bool = True, pause: float = 0.0, asleep=None,
+               core: list | None = None) -> tuple[float, float, float]:
+        """The RLHF flow (sleep, [asleep()], [overwrite], wake weights, reload, wake kv_cache), compared.
+        `core`: ours, appends the allocator's own seconds of the three steps, slowest worker's each."""
+        def own(op: str) -> float:
+            return max(w.get(op, 0.0) for w in self.rpc(core_seconds))
+
         self.capture()
         s = self.timed(self.llm.sleep, level=2)
+        own_s = own("sleep") if core is not None else None
         if asleep:
             asleep()
         if overwrite:
             scribble(self.args.tp)
         time.sleep(pause)
         ww = self.timed(self.llm.wake_up, tags=["weights"])
+        own_ww = own("wake") if core is not None else None
         self.rpc(load_params)
         wk = self.timed(self.llm.wake_up, tags=["kv_cache"])
+        if core is not None:
+            core.append((own_s, own_ww, own("wake")))
         self.compare("level2")
         return s, ww, wk
 
@@ -544,7 +564,8 @@ def cmd_timing(run: Run) -> None:
     # and then the driver's map time follows how recently the sleep released memory (RESULTS.md section 16).
     rested = [run.level1(overwrite=False, asleep=lambda: time.sleep(run.args.asleep_s)) for _ in range(3)]
     run.check("level1_rested")
-    l2 = [run.level2(overwrite=(i == 0), pause=1.0) for i in range(3)]
+    own_l2: list | None = [] if run.ours else None  # the allocator's own seconds of each step
+    l2 = [run.level2(overwrite=(i == 0), pause=1.0, core=own_l2) for i in range(3)]
     run.check("level2_rlhf")
 
     def used_mib() -> int:  # device memory in use (every process on the GPU: this driver's scribble context too)
@@ -581,6 +602,11 @@ def cmd_timing(run: Run) -> None:
     level2 = r["level2_sleep_s"] + r["level2_wake_weights_s"] + r["level2_wake_kv_s"]
     floor = max(f["total_s"] for f in r["level2_driver_floor"])
     r["level2_total_s"], r["level2_over_floor"] = level2, level2 / floor
+    if own_l2:  # the allocator's part alone: what the driver floor, measured in the worker too, compares with
+        r["level2_core_s"] = [list(x) for x in own_l2]
+        r["level2_core_total_s"] = sorted(sum(x) for x in own_l2)[1]
+        print(f"level 2 in the allocator (its own seconds; sleep, wake weights, wake kv per cycle {r['level2_core_s']}): "
+              f"{r['level2_core_total_s']:.3f} s, {r['level2_core_total_s'] / floor:.2f} x the driver floor", flush=True)
     print(f"level 2 sleep + wake {level2:.3f} s; driver floor {floor:.3f} s (release + create/map of "
           f"{r['level2_driver_floor'][0]['handles']} handles, {r['level2_driver_floor'][0]['bytes'] / GiB:.1f} GiB): "
           f"{level2 / floor:.2f} x", flush=True)
