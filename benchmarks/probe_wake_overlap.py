@@ -169,6 +169,11 @@ FIXES = {
 }
 
 
+def _against(total: float, ref: float) -> str:
+    """One order's total against another's: beyond 3 % either way it is faster or slower."""
+    return "faster" if total < 0.97 * ref else "slower" if total > 1.03 * ref else "the same"
+
+
 def many_maps(summary: dict[str, Any]) -> list[str]:
     """g against h: do many maps made while copies are in flight cost what mapping them first costs?"""
     v = summary["variants"]
@@ -177,8 +182,8 @@ def many_maps(summary: dict[str, Any]) -> list[str]:
     g, h, a = v["g"], v["h"], v["a"]
     return [f"many segments: mapped between the copies (g) {g['total_s']:.3f} s (driver {g['driver_s']:.3f} s), mapped "
             f"before them (h) {h['total_s']:.3f} s (driver {h['driver_s']:.3f} s); copies alone {a['total_s']:.3f} s: "
-            + ("mapping first is faster" if h["total_s"] < 0.97 * g["total_s"] else
-               "mapping first is slower" if h["total_s"] > 1.03 * g["total_s"] else "the two orders cost the same")]
+            + (f"mapping first is {verdict}" if (verdict := _against(h["total_s"], g["total_s"])) != "the same"
+               else "the two orders cost the same")]
 
 
 def segment_orders(summary: dict[str, Any]) -> list[str]:
@@ -194,10 +199,9 @@ def segment_orders(summary: dict[str, Any]) -> list[str]:
         if k not in v:
             continue
         r = v[k]
-        verdict = ("faster" if r["total_s"] < 0.97 * g["total_s"] else
-                   "slower" if r["total_s"] > 1.03 * g["total_s"] else "the same")
         lines.append(f"segments, {what[k]} ({k}): {r['total_s']:.3f} s (driver {r['driver_s']:.3f} s, "
-                     f"{r['total_s'] / a['total_s']:.2f} x the copies alone) against g {g['total_s']:.3f} s: {verdict}")
+                     f"{r['total_s'] / a['total_s']:.2f} x the copies alone) against g {g['total_s']:.3f} s: "
+                     f"{_against(r['total_s'], g['total_s'])}")
     return lines
 
 

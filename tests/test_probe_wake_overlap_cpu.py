@@ -434,9 +434,12 @@ def test_a_second_thread_that_fails_to_map_a_segment_is_reported_and_cleaned_up(
     assert not drv.mapped and not drv.reserved
 
 
+def variant(total, driver):
+    """A variant's medians, as far as the comparison lines read them."""
+    return {"total_s": total, "driver_s": driver}
+
+
 def test_segment_order_lines_compare_k_m_and_n_with_g():
-    def variant(total, driver):
-        return {"total_s": total, "driver_s": driver}
     v = {"a": variant(0.311, 0.0), "g": variant(0.340, 0.040), "k": variant(0.320, 0.045),
          "m": variant(0.341, 0.041), "n": variant(0.360, 0.040)}
     lines = probe.segment_orders({"variants": v})
@@ -449,8 +452,6 @@ def test_segment_order_lines_compare_k_m_and_n_with_g():
 
 
 def test_many_maps_line_compares_g_and_h():
-    def variant(total, driver):
-        return {"total_s": total, "driver_s": driver}
     summary = {"variants": {"a": variant(0.30, 0.0), "g": variant(0.45, 0.25), "h": variant(0.31, 0.013)}}
     [line] = probe.many_maps(summary)
     assert "(g) 0.450 s (driver 0.250 s)" in line and "(h) 0.310 s" in line and line.endswith("mapping first is faster")
@@ -482,8 +483,6 @@ def test_right_after_a_release_runs_g_or_h_on_memory_written_and_released_just_b
 
 
 def test_just_released_lines_compare_i_with_g_and_j_with_h():
-    def variant(total, driver):
-        return {"total_s": total, "driver_s": driver}
     v = {"a": variant(0.31, 0.0), "g": variant(0.338, 0.039), "h": variant(0.355, 0.042),
          "i": variant(0.470, 0.160), "j": variant(0.360, 0.045)}
     lines = probe.just_released({"variants": v})

@@ -136,13 +136,12 @@ def build_level2(runs: dict[str, dict]) -> tuple[list[str], dict]:
                      f"{r['level2_wake_kv_s']:.3f} s | {total:.3f} s | {detail} | "
                      f"{f'{total / floor:.2f}' if floor else '-'} |")
         totals[f"{who}_floor"] = floor
-        own = r.get("level2_core_total_s")
-        if own:  # the allocator's own seconds, in the worker as the floor is: no vLLM RPC around them
-            cycles = r.get("level2_core_s") or []
-            mid = sorted(cycles, key=sum)[len(cycles) // 2] if cycles else None
-            parts = (f"{mid[0]:.3f} s | {mid[1]:.3f} s | {mid[2]:.3f} s" if mid else "- | - | -")
-            lines.append(f"| {who}, in the allocator (its own seconds) | {parts} | {own:.3f} s | (the same) | "
-                         f"{f'{own / floor:.2f}' if floor else '-'} |")
+        cycles = r.get("level2_core_s")
+        if cycles:  # the allocator's own seconds, in the worker as the floor is: no vLLM RPC around them
+            mid = sorted(cycles, key=sum)[len(cycles) // 2]  # the median cycle by its total
+            own = sum(mid)
+            lines.append(f"| {who}, in the allocator (its own seconds) | {mid[0]:.3f} s | {mid[1]:.3f} s | "
+                         f"{mid[2]:.3f} s | {own:.3f} s | (the same) | {f'{own / floor:.2f}' if floor else '-'} |")
             totals[f"{who}_core"] = own
     verdicts: dict = {}
     if totals.get("ours_core") and totals.get("ours_floor"):
