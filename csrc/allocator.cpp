@@ -78,7 +78,12 @@ void Allocator::synchronize_devices(const std::vector<SegmentRows>& segments) {
 }
 
 Allocator::Allocator(std::unique_ptr<DeviceBackend> backend)
-    : backend_(std::move(backend)), disk_(*backend_), host_(*backend_) {
+    : backend_(std::move(backend)),
+      disk_(*backend_),
+      primer_(
+          backend_->prime_delays(), [this](int device) { backend_->prime(device); },
+          [this] { return std::unique_lock<std::mutex>(mutex_, std::try_to_lock).owns_lock(); }),
+      host_(*backend_) {
   host_.set_prepare_rate(options_.host_prepare_rate);
 }
 
@@ -386,6 +391,9 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   std::unique_ptr<BackupCopies> copies = copy_backups(plan, arena, stats);  // after `arena`: waits for copies into it
   release_slept(plan, copies.get(), stats);
   copies.reset();
+  std::set<int> released_on;
+  for (const SegmentRows& g : plan.segments) released_on.insert(g.segment->device());
+  primer_.released(released_on);
   stats.bytes_copied = plan.backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
@@ -400,6 +408,7 @@ OpStats Allocator::wake(const std::optional<std::vector<std::string>>& tags, dou
   const auto deadline = start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                     std::chrono::duration<double>(wait_seconds));
   std::lock_guard<std::mutex> lock(mutex_);
+  primer_.cancel();  // this wake's creates take what the driver left
   settle_locked();
 
   std::vector<Allocation*> rows;
@@ -593,8 +602,12 @@ void Allocator::discard(const std::vector<std::string>& tags) {
   synchronize_devices(segments);
   // A segment's rows all have its tag, so they go together, with its memory.
   OpStats ignored;
-  for (const SegmentRows& g : segments)
+  std::set<int> released_on;
+  for (const SegmentRows& g : segments) {
     release_runs(g, ignored, [&](size_t i) { mapped[i]->state = State::Discarded; });
+    released_on.insert(g.segment->device());
+  }
+  primer_.released(released_on);
   for (auto& [address, a] : table_) {
     if (a.state == State::BackedUp && contains(tags, a.tag())) {
       a.backup.reset();

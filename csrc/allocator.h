@@ -104,6 +104,7 @@
 #include "backend.h"
 #include "disk_tier.h"
 #include "compress_pipeline.h"
+#include "create_primer.h"
 #include "host_arena.h"
 #include "host_cache.h"
 #include "range_set.h"
@@ -243,6 +244,8 @@ class Allocator {
   std::map<std::string, TagStats> tag_stats() const;
   std::optional<OpStats> last_sleep() const;
   std::optional<OpStats> last_wake() const;
+  // What the background primes after releases did (Note [Priming the next create]).
+  PrimeStats prime_stats() const { return primer_.stats(); }
 
   uint64_t host_bytes() const;  // host memory held for backups, cached arenas included
   void release_host_cache();
@@ -300,6 +303,9 @@ class Allocator {
   std::optional<OpStats> last_wake_;
   DiskTier disk_;
   CodecCache codecs_;  // the backend's codec, loaded at the first compressed sleep or wake
+  // Primes the driver's next create after a sleep or discard releases memory (Note [Priming the next
+  // create]); after backend_ and mutex_, which its thread uses, so it ends before they go.
+  CreatePrimer primer_;
   // Host memory for backups. Called only under mutex_ (its thread-safety contract, host_cache.h);
   // last, so its background work (which holds arenas) ends before the rest goes.
   HostCache host_;

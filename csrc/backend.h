@@ -64,6 +64,12 @@ class DeviceBackend {
   virtual void wait_mark(int device, uint64_t mark) = 0;
   virtual void release_mark(int device, uint64_t mark) noexcept = 0;
 
+  // After a release: seconds at which to prime(device), creating and releasing one granule so that
+  // work the driver left for the next create is not done on a wake's path (Note [Priming the next
+  // create], create_primer.h). Empty (the default): nothing to prime.
+  virtual std::vector<double> prime_delays() const { return {}; }
+  virtual void prime(int /*device*/) {}
+
   // The device's queue for codec work (compressed backups, compress_pipeline.h), owned by the backend;
   // nullptr where the backend has none.
   virtual CodecStream* codec_stream(int /*device*/) { return nullptr; }

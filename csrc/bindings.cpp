@@ -104,6 +104,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("pieces_plain", [](const vse::OpStats& s) { return s.compress.pieces_plain; })
       .def_property_readonly("staging_device_bytes", [](const vse::OpStats& s) { return s.compress.staging_bytes; });
 
+  py::class_<vse::PrimeStats>(m, "PrimeStats")
+      .def_readonly("rounds", &vse::PrimeStats::rounds)
+      .def_readonly("skipped", &vse::PrimeStats::skipped)
+      .def_readonly("failures", &vse::PrimeStats::failures)
+      .def_readonly("last_seconds", &vse::PrimeStats::last_seconds)
+      .def_readonly("longest_seconds", &vse::PrimeStats::longest_seconds)
+      .def_readonly("last_error", &vse::PrimeStats::last_error);
+
   // Options and read-only views release the GIL while they wait for the core's lock, which a long
   // sleep holds; each setter changes its option in one locked step (update_options).
   using Release = py::call_guard<py::gil_scoped_release>;
@@ -167,6 +175,7 @@ PYBIND11_MODULE(_core, m) {
       .def("tag_stats", &vse::Allocator::tag_stats, Release())
       .def_property_readonly("last_sleep", py::cpp_function(&vse::Allocator::last_sleep, Release()))
       .def_property_readonly("last_wake", py::cpp_function(&vse::Allocator::last_wake, Release()))
+      .def_property_readonly("prime_stats", py::cpp_function(&vse::Allocator::prime_stats, Release()))
       .def("host_bytes", &vse::Allocator::host_bytes, Release())
       .def("release_host_cache", &vse::Allocator::release_host_cache, Release())
       .def_property("keep_host_backups", keep_host_backups.first,

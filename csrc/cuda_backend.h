@@ -46,6 +46,8 @@ class CudaBackend final : public DeviceBackend {
   void wait_mark(int device, uint64_t mark) override;
   void release_mark(int device, uint64_t mark) noexcept override;
   CodecStream* codec_stream(int device) override;  // cuda_codec_stream.cpp
+  std::vector<double> prime_delays() const override;
+  void prime(int device) override;
 
   // Whether `stream` is capturing a CUDA graph: asked in relaxed capture mode, so that asking never
   // breaks another thread's capture. Any error (no driver, an implicit capture of the legacy stream)

@@ -7,6 +7,7 @@ physical pages often come back with their old contents and would hide a lost byt
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 import torch
@@ -81,6 +82,29 @@ def test_level1_round_trip_keeps_every_byte(alloc: CuMemAllocator) -> None:
     alloc.wake_up()
     for t, e in zip(weights, expected):
         assert torch.equal(t.cpu(), e)
+
+
+def test_sleep_primes_the_driver_in_the_background_and_the_wake_keeps_every_byte(alloc: CuMemAllocator) -> None:
+    """After a sleep releases memory a background thread creates and releases one granule at each of the CUDA
+    backend's delays (csrc/create_primer.h), so that the wake's first cuMemCreate finds no driver work left."""
+    weights = make_tensors("weights", alloc, seed=9)
+    expected = [t.cpu() for t in weights]
+    with alloc.use_memory_pool(tag="kv_cache"):
+        kv = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")
+    before = alloc.stats().primes
+    alloc.sleep(offload_tags=("weights",))
+    deadline = time.monotonic() + 10
+    while alloc.stats().primes.rounds < before.rounds + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = alloc.stats().primes
+    assert after.rounds == before.rounds + 3, "one prime at each of 0.3, 1 and 3 s after the sleep, on one device"
+    assert after.failures == before.failures and after.skipped == before.skipped, after.last_error
+    assert after.longest_seconds > 0
+    overwrite_free_gpu_memory()
+    alloc.wake_up()
+    for t, e in zip(weights, expected):
+        assert torch.equal(t.cpu(), e)
+    del kv
 
 
 def test_level2_discards_what_is_not_preserved(alloc: CuMemAllocator) -> None:

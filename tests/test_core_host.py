@@ -337,6 +337,9 @@ def test_stats_views_carry_the_core_numbers():
     assert stats_tuple(a) == {"weights": (1, 0, MiB + 5, MiB + 5, 0), "kv_cache": (1, 0, 2 * MiB, 300, 300)}
     assert (info(a, w).backup_bytes, info(a, kv).preserved_bytes) == (MiB + 5, 300)
     assert a.wake(None).bytes_copied == MiB + 5 + 300 and a.last_wake.allocations == 2
+    # The host backend leaves the driver no work to prime (csrc/create_primer.h): no rounds, ever.
+    p = a.prime_stats
+    assert (p.rounds, p.skipped, p.failures, p.last_seconds, p.longest_seconds, p.last_error) == (0, 0, 0, 0, 0, "")
 
 
 def test_option_properties_round_trip_and_reject_bad_values():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU job, for one call of a lent GPU machine: build, the cuda tests, the demo, the benchmarks.
-# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|wakeprobe|multi|vllm|all]...   Logs go to $OUT (default ./gpu-out).
+# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|wakeprobe|firstcreate|multi|vllm|all]...   Logs go to $OUT (default ./gpu-out).
 # The vllm stage needs vLLM 0.26.0 unpacked at /tmp/vsite (../shared/vllm-gpu); VLLM_SCENARIOS picks its
 # scenarios (tests/vllm_gpu/run.sh). `all` leaves vllm out (it needs the two calls that send vLLM first).
 set -uo pipefail
@@ -29,4 +29,6 @@ want probe && step probe_level2 python3 benchmarks/probe_level2.py
 # Issue 17 item 1: do creating/mapping a KV-sized allocation and the wake's copies overlap? ~1 min, 16 GiB pinned.
 # Alone: OUT=$OUT bash tools/gpu_job.sh wakeprobe (carry nothing; ~2-3 min with the build). WAKEPROBE_ARGS: e.g. "--kv-gib 64".
 want wakeprobe && step wakeprobe python3 benchmarks/probe_wake_overlap.py --out "$OUT" ${WAKEPROBE_ARGS:-}
+# Alone: OUT=$OUT bash tools/gpu_job.sh firstcreate (~1.5 min): the first cuMemCreate after a pause (issue 17 item 1).
+want firstcreate && step firstcreate python3 benchmarks/probe_first_create.py --out "$OUT"
 exit $status

@@ -120,12 +120,25 @@ class PreservedRanges:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrimeStats:
+    """The background primes of the driver after releases (csrc/create_primer.h), since the allocator was made."""
+
+    rounds: int  # one granule created and released on one device
+    skipped: int  # rounds skipped because a sleep or wake was running
+    failures: int  # rounds that failed (a full device); harmless, last_error says why
+    last_seconds: float
+    longest_seconds: float  # the most driver work a prime took off a wake's path
+    last_error: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AllocatorStats:
     tags: dict[str, TagStats]
     last_sleep: Optional[OpStats]
     last_wake: Optional[OpStats]
     host_bytes: int  # host memory held for backups, the kept cache included
     quarantined_bytes: int = 0  # device memory freed while mapped, held until the device is known done with it
+    primes: Optional[PrimeStats] = None
 
 
 def describe(allocator: Optional["CuMemAllocator"] = None) -> str:
@@ -413,11 +426,14 @@ class CuMemAllocator:
             wanted |= {t for t in known if t not in SEPARATELY_WOKEN_TAGS}
             stats = self._core.wake(sorted(wanted), wait)
         waited = f"; waited {stats.wait_seconds:.3f} s for memory" if stats.wait_seconds > 0 else ""
+        primes = self._core.prime_stats
+        primed = (f"; driver primed {primes.rounds}x since start, last {primes.last_seconds * 1e3:.1f} ms, longest "
+                  f"{primes.longest_seconds * 1e3:.1f} ms" if primes.rounds else "")
         logger.info(
             "wake_up: mapped %.2f GiB in %d allocations (%d mappings); %.2f GiB from host in %.3f s (%.1f GB/s; "
-            "driver map %.1f ms%s)",
+            "driver map %.1f ms%s%s)",
             stats.bytes_device / GiB, stats.allocations, stats.mappings, stats.bytes_copied / GiB, stats.seconds,
-            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited,
+            stats.bytes_copied / max(stats.seconds, 1e-9) / 1e9, stats.map_seconds * 1e3, waited, primed,
         )
         self._log_disk("wake_up", "from", stats)
         self._log_compressed("wake_up", stats)
@@ -708,6 +724,7 @@ class CuMemAllocator:
             last_wake=op(self._core.last_wake),
             host_bytes=self._core.host_bytes(),
             quarantined_bytes=self._core.quarantined_bytes(),
+            primes=PrimeStats(**_fields(self._core.prime_stats, PrimeStats)),
         )
 
     # -- host backend ------------------------------------------------------------------------------

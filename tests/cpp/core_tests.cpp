@@ -6,6 +6,7 @@
 // Usage: core_tests [substring]   -- runs only the tests whose name contains the substring.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cinttypes>
 #include <cstdint>
 #include <cstdio>
@@ -126,6 +127,8 @@ class FaultyBackend final : public vse::DeviceBackend {
   Fault create_fault, map_fault, unmap_fault, release_fault, pin_fault, synchronize_fault, to_host_fault,
       to_device_fault, wait_fault, wait_mark_fault;
   bool lie_about_free_memory = false;  // report lots of free memory, so only create() can say "full"
+  std::vector<double> prime_at;        // prime_delays(): none by default, as the host backend
+  Fault prime_fault;
 
   const char* name() const override { return "faulty-host"; }
   int device_count() override { return inner_.device_count(); }
@@ -193,13 +196,22 @@ class FaultyBackend final : public vse::DeviceBackend {
     inner_.release_mark(device, mark);
   }
 
+  std::vector<double> prime_delays() const override { return prime_at; }
+  void prime(int device) override {
+    if (prime_fault.fire()) throw vse::DeviceOutOfMemory("injected: prime");
+    inner_.release(device, inner_.create(device, inner_.granularity(device)));
+    ++primes_;
+  }
+
   long pinned() const { return pinned_.load(); }
+  long primes() const { return primes_.load(); }
   // Every mark must be released once, waited for or not.
   bool marks_balanced() const { return marks_recorded_.load() == marks_released_.load(); }
 
  private:
   vse::HostBackend inner_;
   std::atomic<long> pinned_{0};
+  std::atomic<long> primes_{0};
   std::atomic<long> marks_recorded_{0}, marks_released_{0};
 };
 
@@ -1249,6 +1261,110 @@ bool all_bytes(uintptr_t address, uint64_t bytes, uint8_t value) {
   return true;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Priming the driver's next create after a release (Note [Priming the next create])
+
+// The backend's delays are read when the allocator is made.
+std::unique_ptr<Allocator> priming_allocator(std::vector<double> delays, FaultyBackend** backend) {
+  auto b = std::make_unique<FaultyBackend>(64 * MiB);
+  b->prime_at = std::move(delays);
+  *backend = b.get();
+  auto a = std::make_unique<Allocator>(std::move(b));
+  a->set_options(small_pieces());
+  return a;
+}
+
+bool eventually(const std::function<bool()>& done, double seconds = 5) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return true;
+}
+
+// A sleep primes each device it released memory on at every delay, a discard too; the granule goes
+// back each time, and nothing is primed where nothing was released.
+void test_sleep_and_discard_prime_the_next_create() {
+  FaultyBackend* b = nullptr;
+  auto a = priming_allocator({0.01, 0.03}, &b);
+  uintptr_t w = a->allocate(4 * MiB, 0, "weights");
+  a->allocate(8 * MiB, 0, "kv");
+  fill(w, 4 * MiB, 7);
+  const uint64_t free_awake = b->real_free();
+  a->sleep({"weights"}, {}, {});
+  CHECK(eventually([&] { return a->prime_stats().rounds == 2; }));
+  CHECK(b->primes() == 2 && a->prime_stats().failures == 0 && a->prime_stats().skipped == 0);
+  CHECK(b->real_free() == free_awake + 12 * MiB);  // every granule primed went back
+  a->wake(std::nullopt);
+  CHECK(matches(w, 4 * MiB, 7));
+  a->discard({"kv"});
+  CHECK(eventually([&] { return a->prime_stats().rounds == 4; }));
+  a->discard({"kv"});  // nothing mapped with that tag: nothing released, nothing primed
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));
+  CHECK(a->prime_stats().rounds == 4 && b->primes() == 4);
+}
+
+// A wake drops the primes still to come: its own creates take the driver's work.
+void test_wake_cancels_the_primes_to_come() {
+  FaultyBackend* b = nullptr;
+  auto a = priming_allocator({0.15}, &b);
+  uintptr_t w = a->allocate(4 * MiB, 0, "weights");
+  fill(w, 4 * MiB, 3);
+  a->sleep({"weights"}, {}, {});
+  a->wake(std::nullopt);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(b->primes() == 0 && a->prime_stats().rounds == 0);
+  CHECK(matches(w, 4 * MiB, 3));
+}
+
+// A prime that fails (a device a trainer has filled) is counted with its error and harms nothing:
+// the next wake works, and a later sleep primes again.
+void test_a_failed_prime_is_counted_not_raised() {
+  FaultyBackend* b = nullptr;
+  auto a = priming_allocator({0.01}, &b);
+  b->prime_fault.arm(0);
+  uintptr_t w = a->allocate(4 * MiB, 0, "weights");
+  fill(w, 4 * MiB, 5);
+  a->sleep({"weights"}, {}, {});
+  CHECK(eventually([&] { return a->prime_stats().rounds == 1; }));
+  vse::PrimeStats s = a->prime_stats();
+  CHECK(s.failures == 1 && s.last_error.find("injected: prime") != std::string::npos);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 4 * MiB, 5));
+  a->sleep({"weights"}, {}, {});
+  CHECK(eventually([&] { return a->prime_stats().rounds == 2; }));
+  CHECK(a->prime_stats().failures == 1 && b->primes() == 1);
+  a->wake(std::nullopt);
+}
+
+// The primer on its own: a round is skipped while an operation runs; a destructor with rounds far
+// off returns at once; without delays no thread is started and nothing happens.
+void test_primer_skips_busy_rounds_and_stops_at_once() {
+  std::atomic<int> primed{0};
+  std::atomic<bool> busy{true};
+  {
+    vse::CreatePrimer p({0.01, 0.02}, [&](int) { ++primed; }, [&] { return !busy.load(); });
+    p.released({0, 1});
+    CHECK(eventually([&] { return p.stats().skipped == 2; }));
+    CHECK(primed == 0 && p.stats().rounds == 0);
+    busy = false;
+    p.released({1});  // devices gathered since the last round ran: 0 and 1 again, then 1
+    CHECK(eventually([&] { return p.stats().rounds == 2; }));
+    CHECK(primed == 2);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  {
+    vse::CreatePrimer p({30.0}, [&](int) { ++primed; }, [] { return true; });
+    p.released({0});
+  }
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));
+  vse::CreatePrimer none({}, [&](int) { ++primed; }, [] { return true; });
+  none.released({0});
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(primed == 2 && none.stats().rounds == 0 && none.stats().skipped == 0);
+}
+
 void test_fill_unrestored_makes_discarded_bytes_loud() {
   for (bool async : {false, true}) {
     std::unique_ptr<vse::DeviceBackend> backend;
@@ -1421,6 +1537,8 @@ std::vector<CUstreamCaptureMode> queried_in_mode;                    // mode at 
 const CUstream capturing_stream = reinterpret_cast<CUstream>(uintptr_t(0x51));
 const CUstream broken_stream = reinterpret_cast<CUstream>(uintptr_t(0x52));  // the query fails
 unsigned char last_memset_value = 0;
+std::vector<size_t> created;                       // size of each cuMemCreate
+std::vector<CUmemGenericAllocationHandle> released;  // each cuMemRelease
 
 vse::CudaDriver table() {
   vse::CudaDriver d;
@@ -1447,9 +1565,14 @@ vse::CudaDriver table() {
     *g = 2 << 20;
     return CUDA_SUCCESS;
   };
-  d.cuMemCreate = [](CUmemGenericAllocationHandle* h, size_t, const CUmemAllocationProp* p, unsigned long long) {
+  d.cuMemCreate = [](CUmemGenericAllocationHandle* h, size_t size, const CUmemAllocationProp* p, unsigned long long) {
     last_prop = *p;
+    created.push_back(size);
     *h = 42;
+    return CUDA_SUCCESS;
+  };
+  d.cuMemRelease = [](CUmemGenericAllocationHandle h) {
+    released.push_back(h);
     return CUDA_SUCCESS;
   };
   d.cuMemMap = [](CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) { return CUDA_SUCCESS; };
@@ -1515,6 +1638,21 @@ void test_cuda_backend_asks_for_rdma_and_peer_access() {
   b.fill(1, 0x10000000, 100, 0xFF);
   CHECK(fake_cuda::last_memset_value == 0xFF);
   CHECK(fake_cuda::last_memset_stream == reinterpret_cast<CUstream>(uintptr_t(0x2000)));  // the copy stream
+}
+
+// The CUDA backend primes the driver with one granule, created and released, at delays that start
+// within the 0.3 s the H200 needed to leave its work (Note [Priming the next create]).
+void test_cuda_prime_creates_and_releases_one_granule() {
+  const vse::CudaDriver driver = fake_cuda::table();
+  vse::CudaBackend b(driver);
+  fake_cuda::created.clear();
+  fake_cuda::released.clear();
+  b.prime(1);
+  CHECK(fake_cuda::created == std::vector<size_t>{2 << 20});
+  CHECK(fake_cuda::released == std::vector<CUmemGenericAllocationHandle>{42});
+  CHECK(fake_cuda::last_prop.location.id == 1);
+  const std::vector<double> delays = b.prime_delays();
+  CHECK(!delays.empty() && delays.front() <= 0.3 && std::is_sorted(delays.begin(), delays.end()));
 }
 
 // cuMemHostRegister out of memory is about host memory: HostOutOfMemory, naming the call and the code.
@@ -1590,6 +1728,11 @@ const Test kTests[] = {
      test_sleep_releases_each_allocation_only_after_its_own_copies},
     {"fences_release_themselves_and_wait_for_their_prefix", test_fences_release_themselves_and_wait_for_their_prefix},
     {"fill_unrestored_makes_discarded_bytes_loud", test_fill_unrestored_makes_discarded_bytes_loud},
+    {"sleep_and_discard_prime_the_next_create", test_sleep_and_discard_prime_the_next_create},
+    {"wake_cancels_the_primes_to_come", test_wake_cancels_the_primes_to_come},
+    {"a_failed_prime_is_counted_not_raised", test_a_failed_prime_is_counted_not_raised},
+    {"primer_skips_busy_rounds_and_stops_at_once", test_primer_skips_busy_rounds_and_stops_at_once},
+    {"cuda_prime_creates_and_releases_one_granule", test_cuda_prime_creates_and_releases_one_granule},
     {"host_arena_is_not_inherited_by_fork", test_host_arena_is_not_inherited_by_fork},
     {"staging_piece_bytes_at_the_limits", test_staging_piece_bytes_at_the_limits},
     {"staging_threads_that_cannot_start_are_no_failure", test_staging_threads_that_cannot_start_are_no_failure},
