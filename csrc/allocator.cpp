@@ -393,7 +393,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   copies.reset();
   std::set<int> released_on;
   for (const SegmentRows& g : plan.segments) released_on.insert(g.segment->device());
-  primer_.released(released_on);
+  if (options_.prime_after_release) primer_.released(released_on);
   stats.bytes_copied = plan.backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
@@ -607,7 +607,7 @@ void Allocator::discard(const std::vector<std::string>& tags) {
     release_runs(g, ignored, [&](size_t i) { mapped[i]->state = State::Discarded; });
     released_on.insert(g.segment->device());
   }
-  primer_.released(released_on);
+  if (options_.prime_after_release) primer_.released(released_on);
   for (auto& [address, a] : table_) {
     if (a.state == State::BackedUp && contains(tags, a.tag())) {
       a.backup.reset();

@@ -198,6 +198,7 @@ struct AllocatorOptions {
   uint64_t host_memory_limit = 0;  // 0: no limit beyond what the host has
   StagingOptions staging;
   bool fill_unrestored = false;  // wake sets bytes no backup restored to 0xFF (NaN in fp16/bf16/fp32)
+  bool prime_after_release = true;  // Note [Priming the next create]; off for measuring what it saves
   uint64_t slab_bytes = 0;        // rows of at most half this share slabs of this size (0: off)
   DiskOptions disk;               // backups past host_memory_limit go to disk there (Note [Disk tier])
   CompressOptions compress;       // level-1 backups compressed on the device (compress_pipeline.h)

@@ -138,6 +138,7 @@ PYBIND11_MODULE(_core, m) {
   auto fill_unrestored = option([](auto& o) -> auto& { return o.fill_unrestored; });
   auto host_prepare_rate = option([](auto& o) -> auto& { return o.host_prepare_rate; });
   auto slab_bytes = option([](auto& o) -> auto& { return o.slab_bytes; });
+  auto prime_after_release = option([](auto& o) -> auto& { return o.prime_after_release; });
   auto reclaimable_pinned_share = option([](auto& o) -> auto& { return o.reclaimable_pinned_share; });
   auto disk_dir = option([](auto& o) -> auto& { return o.disk.dir; });
   auto disk_threads = option([](auto& o) -> auto& { return o.disk.threads; });
@@ -214,6 +215,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property("staging_piece_bytes", staging_piece_bytes.first, staging_piece_bytes.second)
       .def_property("fill_unrestored", fill_unrestored.first, fill_unrestored.second)
       .def_property("slab_bytes", slab_bytes.first, slab_bytes.second)
+      .def_property("prime_after_release", prime_after_release.first, prime_after_release.second)
       .def_property("reclaimable_pinned_share", reclaimable_pinned_share.first, reclaimable_pinned_share.second)
       .def_property("disk_dir", disk_dir.first, disk_dir.second)
       .def_property("disk_threads", disk_threads.first, disk_threads.second)

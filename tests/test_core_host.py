@@ -345,11 +345,13 @@ def test_stats_views_carry_the_core_numbers():
 def test_option_properties_round_trip_and_reject_bad_values():
     a = make()
     for name, value in [("keep_host_backups", False), ("host_memory_limit", 3 * MiB), ("staging_threads", 3),
-                        ("staging_piece_bytes", 8 * MiB), ("fill_unrestored", True), ("slab_bytes", 8 * MiB)]:
+                        ("staging_piece_bytes", 8 * MiB), ("fill_unrestored", True), ("slab_bytes", 8 * MiB),
+                        ("prime_after_release", False)]:
         setattr(a, name, value)
         assert getattr(a, name) == value
     assert core.Allocator("host").fill_unrestored is False  # off by default
     assert core.Allocator("host").slab_bytes == 64 * MiB  # on by default
+    assert core.Allocator("host").prime_after_release is True
     with pytest.raises(ValueError):
         a.slab_bytes = 2**64 - 1
     with pytest.raises(ValueError):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU job, for one call of a lent GPU machine: build, the cuda tests, the demo, the benchmarks.
-# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|wakeprobe|firstcreate|multi|vllm|all]...   Logs go to $OUT (default ./gpu-out).
+# Usage: tools/gpu_job.sh [build|tests|demo|bench|soak|probe|wakeprobe|firstcreate|wakerested|multi|vllm|all]...   Logs go to $OUT (default ./gpu-out).
 # The vllm stage needs vLLM 0.26.0 unpacked at /tmp/vsite (../shared/vllm-gpu); VLLM_SCENARIOS picks its
 # scenarios (tests/vllm_gpu/run.sh). `all` leaves vllm out (it needs the two calls that send vLLM first).
 set -uo pipefail
@@ -31,4 +31,6 @@ want probe && step probe_level2 python3 benchmarks/probe_level2.py
 want wakeprobe && step wakeprobe python3 benchmarks/probe_wake_overlap.py --out "$OUT" ${WAKEPROBE_ARGS:-}
 # Alone: OUT=$OUT bash tools/gpu_job.sh firstcreate (~1.5 min): the first cuMemCreate after a pause (issue 17 item 1).
 want firstcreate && step firstcreate python3 benchmarks/probe_first_create.py --out "$OUT"
+# Alone: OUT=$OUT bash tools/gpu_job.sh build wakerested (~1.5 min): the wake after a rest, primed and not (issue 17 item 1).
+want wakerested && step wakerested python3 benchmarks/bench_wake_rested.py --out "$OUT" ${WAKERESTED_ARGS:-}
 exit $status

@@ -1316,6 +1316,13 @@ void test_wake_cancels_the_primes_to_come() {
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   CHECK(b->primes() == 0 && a->prime_stats().rounds == 0);
   CHECK(matches(w, 4 * MiB, 3));
+  // Option prime_after_release off: a sleep schedules nothing.
+  a->update_options([](vse::AllocatorOptions& o) { o.prime_after_release = false; });
+  a->sleep({"weights"}, {}, {});
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(b->primes() == 0 && a->prime_stats().rounds == 0);
+  a->wake(std::nullopt);
+  CHECK(matches(w, 4 * MiB, 3));
 }
 
 // A prime that fails (a device a trainer has filled) is counted with its error and harms nothing:
