@@ -89,6 +89,13 @@ def test_prepare_host_false_words_turn_it_off(monkeypatch, word):
     assert make(monkeypatch, PREPARE_HOST="yes").prepare_host is True
 
 
+def test_prime_reaches_the_core_option(monkeypatch):
+    assert make(monkeypatch)._core.prime_after_release is True  # on by default
+    assert make(monkeypatch, PRIME="off")._core.prime_after_release is False
+    with pytest.raises(envs.EnvError, match="VLLM_SLEEP_EXT_PRIME='maybe'"):
+        make(monkeypatch, PRIME="maybe")
+
+
 def test_slab_bytes_takes_a_suffix(monkeypatch):
     assert make(monkeypatch, SLAB_BYTES="32M")._core.slab_bytes == 32 * MiB
     assert make(monkeypatch, SLAB_BYTES="0")._core.slab_bytes == 0

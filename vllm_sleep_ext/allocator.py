@@ -264,6 +264,7 @@ class CuMemAllocator:
         envs.set_from(envs.HOST_POLICY, self, "host_policy")  # after KEEP_HOST: the policy wins
         envs.set_from(envs.RECLAIMABLE_PINNED_SHARE, self, "reclaimable_pinned_share")
         envs.set_from(envs.SLAB_BYTES, self._core, "slab_bytes")
+        envs.set_from(envs.PRIME, self._core, "prime_after_release")
         envs.set_from(envs.WAKE_WAIT_S, self, "wake_wait_seconds")
         envs.set_from(envs.HOST_LIMIT, self, "host_memory_limit")
         envs.set_from(envs.DISK_DIR, self, "disk_dir")

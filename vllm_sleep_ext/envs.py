@@ -180,8 +180,12 @@ COMPRESS = _one_of("VLLM_SLEEP_EXT_COMPRESS", ("off", "auto", "on"), "off",
                    "only where it saves 5 %, on wherever it is smaller; both need libnvcomp.so.6 "
                    "(nvidia-libnvcomp-cu13), on fails without it, auto copies plain")
 
+PRIME = _bool("VLLM_SLEEP_EXT_PRIME", True,
+              "after a sleep releases memory, create and release one granule in the background at 0.3, 1 and 3 s, "
+              "so the wake's first cuMemCreate finds none of the driver's deferred work (`prime_after_release`)")
+
 SETTINGS = (DISABLE, PRESERVE, PRESERVE_TAGS, FILL_UNRESTORED, KEEP_HOST, HOST_POLICY, RECLAIMABLE_PINNED_SHARE,
-            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS, HOST_LIMIT, DISK_DIR, COMPRESS)
+            PREPARE_HOST, SLAB_BYTES, WAKE_WAIT_S, RECORD_ALLOCATIONS, HOST_LIMIT, DISK_DIR, COMPRESS, PRIME)
 
 
 # -- reading ---------------------------------------------------------------------------------------
