@@ -65,13 +65,9 @@ def diagnose(s: dict[str, dict[str, float]], big_gib: float) -> list[str]:
     driver call of any kind, and do a warm-up or a busy GPU take it away?"""
     lines: list[str] = []
 
-    def first(case: str, r: float, p: float = 1.0) -> Optional[float]:
+    def first(case: str, r: float, p: float = 1.0, call: str = "create1_s") -> Optional[float]:
         v = s.get(f"{case} R={r:g} GiB P={p:g} s")
-        return None if v is None else v.get("create1_s")
-
-    def second(case: str, r: float, p: float = 1.0) -> Optional[float]:
-        v = s.get(f"{case} R={r:g} GiB P={p:g} s")
-        return None if v is None else v.get("create2_s")
+        return None if v is None else v.get(call)
 
     slow = 5.0  # ms: a first create above this is the delay the wake probe saw
     for r in (0.0, 16.0, big_gib):
@@ -79,7 +75,7 @@ def diagnose(s: dict[str, dict[str, float]], big_gib: float) -> list[str]:
         if all(v is not None for _, v in row):
             lines.append(f"first create after releasing {r:g} GiB: " +
                          ", ".join(f"{v:.1f} ms at {p:g} s" for p, v in row) +
-                         f" (second {second('plain', r):.2f} ms at 1 s)")
+                         f" (second {first('plain', r, call='create2_s'):.2f} ms at 1 s)")
     idle, rel = first("plain", 0.0), first("plain", big_gib)
     if idle is not None and rel is not None:
         if idle > slow:

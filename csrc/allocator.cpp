@@ -209,6 +209,13 @@ void Allocator::release_runs(const SegmentRows& rows, OpStats& stats, const std:
   }
 }
 
+void Allocator::prime_after(const std::vector<SegmentRows>& released) {
+  if (!options_.prime_after_release) return;
+  std::set<int> devices;
+  for (const SegmentRows& g : released) devices.insert(g.segment->device());
+  primer_.released(devices);
+}
+
 // What a sleep will do: the Mapped rows, the bytes of each that go to the host, by segment.
 struct Allocator::SleepPlan {
   struct Step {
@@ -391,9 +398,7 @@ OpStats Allocator::sleep(const std::vector<std::string>& offload_tags, const std
   std::unique_ptr<BackupCopies> copies = copy_backups(plan, arena, stats);  // after `arena`: waits for copies into it
   release_slept(plan, copies.get(), stats);
   copies.reset();
-  std::set<int> released_on;
-  for (const SegmentRows& g : plan.segments) released_on.insert(g.segment->device());
-  if (options_.prime_after_release) primer_.released(released_on);
+  prime_after(plan.segments);
   stats.bytes_copied = plan.backup_bytes;
   stats.seconds = seconds_since(start);
   last_sleep_ = stats;
@@ -602,12 +607,9 @@ void Allocator::discard(const std::vector<std::string>& tags) {
   synchronize_devices(segments);
   // A segment's rows all have its tag, so they go together, with its memory.
   OpStats ignored;
-  std::set<int> released_on;
-  for (const SegmentRows& g : segments) {
+  for (const SegmentRows& g : segments)
     release_runs(g, ignored, [&](size_t i) { mapped[i]->state = State::Discarded; });
-    released_on.insert(g.segment->device());
-  }
-  if (options_.prime_after_release) primer_.released(released_on);
+  prime_after(segments);
   for (auto& [address, a] : table_) {
     if (a.state == State::BackedUp && contains(tags, a.tag())) {
       a.backup.reset();

@@ -293,6 +293,8 @@ class Allocator {
   void release_slept(SleepPlan& plan, BackupCopies* copies, OpStats& stats);
   // Unmaps each mapped run of a segment, calls `asleep(member)` for its rows in it, then releases it.
   void release_runs(const SegmentRows& rows, OpStats& stats, const std::function<void(size_t)>& asleep);
+  // After `released` went back to the driver: the primer's rounds on their devices (Note [Priming the next create]).
+  void prime_after(const std::vector<SegmentRows>& released);
   uint64_t quarantined_bytes_locked() const;
 
   std::unique_ptr<DeviceBackend> backend_;

@@ -5,9 +5,17 @@
 #include <system_error>
 
 namespace vse {
+namespace {
+
+std::vector<double> ascending(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+}  // namespace
 
 CreatePrimer::CreatePrimer(std::vector<double> delays, std::function<void(int)> prime, std::function<bool()> idle)
-    : delays_(std::move(delays)),
+    : delays_(ascending(std::move(delays))),
       prime_(std::move(prime)),
       idle_(std::move(idle)),
       state_(std::make_unique<State>()),
@@ -42,9 +50,8 @@ void CreatePrimer::released(const std::set<int>& devices) {
   }
   const Clock::time_point now = Clock::now();
   s.due.clear();
-  for (double d : delays_)
+  for (double d : delays_)  // ascending: sorted when made
     s.due.push_back(now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(d)));
-  std::sort(s.due.begin(), s.due.end());
   s.devices.insert(devices.begin(), devices.end());
   s.changed.notify_all();
 }

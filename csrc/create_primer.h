@@ -69,7 +69,7 @@ class CreatePrimer {
   };
   void run(State& s);
 
-  const std::vector<double> delays_;
+  const std::vector<double> delays_;  // ascending
   const std::function<void(int)> prime_;
   const std::function<bool()> idle_;
   std::unique_ptr<State> state_;  // on the heap: a forked child leaves the parent's as it is
